@@ -1,0 +1,107 @@
+"""Albumentations pipelines for training (multi-scale, flip, colour jitter) and testing (one size).
+
+The resize is detectron2's ResizeShortestEdge, so recipes carried over from detectron2/DyHead give the
+same image sizes: shorter side = s, unless the longer side would then exceed ``max_size``, in which case
+the longer side = ``max_size``. Boxes are pascal_voc (x1, y1, x2, y2 in pixels) with a ``labels`` field;
+boxes that become degenerate are dropped with their labels.
+
+A pipeline is called as ``t(image=HxWx3 uint8, bboxes=(N, 4) float, labels=(N,) int)`` and returns a
+dict with the same keys.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from dyhead_cli.errors import DyheadError
+
+MIN_BOX_SIDE = 1e-3  # px; narrower boxes after a transform carry no signal and break box encodings
+
+
+def shortest_edge_size(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
+    """(new_h, new_w) for resizing the shorter side to ``short`` with the longer side capped at ``max_size``.
+
+    Same arithmetic (and rounding) as detectron2's ``ResizeShortestEdge.get_output_shape``.
+    """
+    scale = short / min(height, width)
+    new_h, new_w = height * scale, width * scale
+    if max(new_h, new_w) > max_size:
+        cap = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * cap, new_w * cap
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
+
+
+class ResizeShortestEdge(A.DualTransform):
+    """Resize so the shorter side is one of ``min_sizes`` (drawn per image), the longer side <= ``max_size``."""
+
+    def __init__(self, min_sizes: Sequence[int], max_size: int, interpolation: int = cv2.INTER_LINEAR, p: float = 1.0):
+        super().__init__(p=p)
+        self.min_sizes = [int(s) for s in min_sizes]
+        self.max_size = int(max_size)
+        self.interpolation = interpolation
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        short = self.min_sizes[0] if len(self.min_sizes) == 1 else self.py_random.choice(self.min_sizes)
+        new_h, new_w = shortest_edge_size(height, width, short, self.max_size)
+        return {"new_h": new_h, "new_w": new_w}
+
+    def apply(self, img: np.ndarray, new_h: int, new_w: int, **params: Any) -> np.ndarray:
+        if img.shape[:2] == (new_h, new_w):
+            return img
+        return cv2.resize(img, (new_w, new_h), interpolation=self.interpolation)
+
+    def apply_to_mask(self, mask: np.ndarray, new_h: int, new_w: int, **params: Any) -> np.ndarray:
+        return cv2.resize(mask, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+
+    def apply_to_bboxes(self, bboxes: np.ndarray, **params: Any) -> np.ndarray:
+        return bboxes  # albumentations keeps boxes normalised to the image size, so a resize leaves them be
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("min_sizes", "max_size", "interpolation")
+
+
+def _check_sizes(min_sizes: Sequence[int], max_size: int) -> None:
+    if not min_sizes or any(int(s) < 1 for s in min_sizes):
+        raise DyheadError(f"data.min_sizes must be a non-empty list of positive sizes, got {list(min_sizes)}")
+    if max_size < 1:
+        raise DyheadError(f"data.max_size must be positive, got {max_size}")
+
+
+def _bbox_params() -> A.BboxParams:
+    # clip + filter_invalid: boxes a hair outside the image are clipped instead of raising inside albumentations
+    return A.BboxParams(
+        format="pascal_voc",
+        label_fields=["labels"],
+        min_width=MIN_BOX_SIDE,
+        min_height=MIN_BOX_SIDE,
+        clip=True,
+        filter_invalid_bboxes=True,
+    )
+
+
+def train_transform(
+    min_sizes: Sequence[int], max_size: int, hflip_prob: float, color_jitter: float, seed: int | None = None
+) -> A.Compose:
+    """Multi-scale resize, horizontal flip with ``hflip_prob``, colour jitter of strength ``color_jitter``.
+
+    ``seed`` fixes the augmentation stream in this process; DataLoader workers reseed it (see coco.py).
+    """
+    _check_sizes(min_sizes, max_size)
+    steps: list[Any] = [ResizeShortestEdge(min_sizes, max_size)]
+    if hflip_prob > 0:
+        steps.append(A.HorizontalFlip(p=hflip_prob))
+    if color_jitter > 0:
+        j = float(color_jitter)
+        steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=1.0))
+    return A.Compose(steps, bbox_params=_bbox_params(), seed=seed)
+
+
+def test_transform(min_size: int, max_size: int) -> A.Compose:
+    """The deterministic evaluation resize (one short-side size)."""
+    _check_sizes([min_size], max_size)
+    return A.Compose([ResizeShortestEdge([min_size], max_size)], bbox_params=_bbox_params(), seed=0)

@@ -1,0 +1,20 @@
+"""One exception type for every mistake a user can make; the CLI prints it as one line."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class DyheadError(Exception):
+    """A problem with the user's input (recipe, data, weights, command line).
+
+    The CLI catches it and prints ``error: <message>`` with exit code 1, never a traceback.
+    """
+
+
+def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest choices, or ``""`` when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(f"'{c}'" for c in close) + "?)"

@@ -1,0 +1,109 @@
+"""Any timm model as a detection backbone: its stride 8/16/32 features (C3, C4, C5), channels first."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from dyhead_cli.errors import DyheadError, suggest
+
+STRIDES = (8, 16, 32)
+
+
+def check_model_name(name: str) -> None:
+    """A one-line error with close names when timm does not know ``name``."""
+    if not timm.is_model(name):
+        raise DyheadError(f"unknown timm model '{name}'{suggest(name, timm.list_models(), n=3)}")
+
+
+def create_features_model(name: str, pretrained: bool, pretrained_file: str, img_size: list[int]) -> nn.Module:
+    check_model_name(name)
+    kwargs: dict = {"features_only": True, "pretrained": pretrained or bool(pretrained_file)}
+    if pretrained_file:
+        if not Path(pretrained_file).is_file():
+            raise DyheadError(f"backbone.pretrained_file not found: {pretrained_file}")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
+    if img_size:
+        kwargs["img_size"] = tuple(img_size)
+    try:
+        try:
+            # Transformers (Swin, ViT-style) take any input size with dynamic_img_size; CNNs reject the keyword.
+            return timm.create_model(name, dynamic_img_size=True, **kwargs)
+        except TypeError:
+            return timm.create_model(name, **kwargs)
+    except RuntimeError as e:
+        if "features_only" in str(e) or "feature" in str(e):
+            raise DyheadError(f"timm model '{name}' cannot be used with features_only: {e}") from None
+        raise DyheadError(f"could not create timm model '{name}': {str(e).splitlines()[0]}") from None
+    except OSError as e:  # no network / missing cache for pretrained=True
+        raise DyheadError(f"could not load pretrained weights for '{name}': {str(e).splitlines()[0]}") from None
+
+
+class TimmBackbone(nn.Module):
+    """Wraps ``timm.create_model(name, features_only=True)`` and returns [C3, C4, C5] in NCHW."""
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: bool = False,
+        pretrained_file: str = "",
+        img_size: list[int] | None = None,
+        frozen_stages: int = 0,
+        norm_eval: bool = False,
+    ) -> None:
+        super().__init__()
+        self.body = create_features_model(name, pretrained, pretrained_file, list(img_size or []))
+        info = self.body.feature_info
+        reductions = info.reduction()
+        missing = [s for s in STRIDES if s not in reductions]
+        if missing:
+            raise DyheadError(
+                f"timm model '{name}' has feature strides {reductions}; a detector needs 8, 16 and 32"
+            )
+        self.indices = [reductions.index(s) for s in STRIDES]
+        self.out_channels = [info.channels()[i] for i in self.indices]
+        self.channels_last_output = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
+        self.norm_eval = norm_eval
+        self.freeze(frozen_stages)
+
+    def freeze(self, frozen_stages: int) -> None:
+        """Freeze the parameters up to and including the ``frozen_stages``-th feature stage (stem counts).
+
+        For ResNets, 2 freezes the stem and ``layer1`` (detectron2's FREEZE_AT = 2).
+        """
+        if frozen_stages <= 0:
+            return
+        names = self.body.feature_info.module_name()
+        stop = names[frozen_stages] if frozen_stages < len(names) else None
+        prefixes = () if stop is None else (stop + ".", stop.replace(".", "_") + ".")
+        for name, param in self.body.named_parameters():
+            if prefixes and name.startswith(prefixes):
+                break
+            param.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "TimmBackbone":
+        super().train(mode)
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        feats = self.body(x)
+        feats = [feats[i] for i in self.indices]
+        if self.channels_last_output:
+            feats = [f.permute(0, 3, 1, 2) for f in feats]  # (B, H, W, C) -> (B, C, H, W)
+        return feats
+
+
+def load_state_file(path: str | Path) -> dict[str, Tensor]:
+    """Read weights without executing pickles: safetensors, or torch files with weights_only=True."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)

@@ -1,0 +1,180 @@
+"""The Dynamic Head tower (Dai et al., CVPR 2021), faithful to the official code.
+
+One block applies, per pyramid level l (P3 first, the largest map):
+  spatial-aware:  three modulated deformable 3x3 convs (DCNv2) + GroupNorm(16), sharing one offset/mask
+                  map computed from level l: on x[l] (mid), on x[l-1] with stride 2 (low), on x[l+1]
+                  then bilinear upsampling with align_corners=True (high);
+  scale-aware:    each of those maps f is weighted by hsig(ReLU(conv1x1(avgpool(f)))), then averaged;
+  task-aware:     DyReLU-B (K=2): max(x * a1 + b1, x * a2 + b2) with per-channel coefficients.
+
+The official code, its hard sigmoid (ReLU6(x + 3) / 6) and its quirks win over the paper where they
+differ; see docs/dyhead-design.md. The "high" conv's offsets come from level l's larger map and must be
+fitted to level l+1's output size: ``offset_mode`` says how (each set of published weights needs its own).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import deform_conv2d
+
+OFFSET_MODES = ("official", "mmdet", "aligned")
+
+
+def hard_sigmoid(x: Tensor) -> Tensor:
+    """The official code's h_sigmoid: ReLU6(x + 3) / 6 (the paper's (x + 1) / 2 is not what was trained)."""
+    return F.relu6(x + 3.0) / 6.0
+
+
+def fit_offset_to_output(offset: Tensor, mask: Tensor, size: tuple[int, int], mode: str) -> tuple[Tensor, Tensor]:
+    """Fit an offset (B, 18, H, W) and mask (B, 9, H, W) to a convolution's output size (h, w) <= (H, W).
+
+    official: the official CUDA kernel reads offset[b] as a flat buffer laid out for (h, w), so it uses the
+              first 18*h*w values of each image's map (microsoft/DynamicHead issue #25).
+    mmdet:    the top-left (h, w) corner (mmdetection PR #11150).
+    aligned:  the map resampled to (h, w), offsets rescaled to the coarser grid (what the paper describes).
+    """
+    b, _, big_h, big_w = offset.shape
+    h, w = size
+    if (big_h, big_w) == (h, w):
+        return offset, mask
+    if mode == "official":
+        # (B, 18, H, W) -> (B, 18*H*W) -> first 18*h*w values -> (B, 18, h, w)
+        offset = offset.reshape(b, -1)[:, : 18 * h * w].reshape(b, 18, h, w)
+        mask = mask.reshape(b, -1)[:, : 9 * h * w].reshape(b, 9, h, w)
+    elif mode == "mmdet":
+        offset = offset[:, :, :h, :w]
+        mask = mask[:, :, :h, :w]
+    elif mode == "aligned":
+        offset = F.interpolate(offset, size=(h, w), mode="bilinear", align_corners=False)
+        # (B, 18, h, w) -> (B, 9, 2, h, w): (dy, dx) per tap, each in the coarser grid's pixels
+        scale = offset.new_tensor([h / big_h, w / big_w]).view(1, 1, 2, 1, 1)
+        offset = (offset.view(b, 9, 2, h, w) * scale).view(b, 18, h, w)
+        mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
+    else:
+        raise ValueError(f"offset_mode must be one of {OFFSET_MODES}, got {mode!r}")
+    return offset.contiguous(), mask.contiguous()
+
+
+class DeformConvNorm(nn.Module):
+    """Modulated deformable 3x3 conv (DCNv2, torchvision's op) followed by GroupNorm(16)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.stride = stride
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.norm = nn.GroupNorm(16, out_channels)
+        nn.init.normal_(self.weight, 0.0, 0.01)
+
+    def output_size(self, x: Tensor) -> tuple[int, int]:
+        h, w = x.shape[-2:]
+        return (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
+
+    def forward(self, x: Tensor, offset: Tensor, mask: Tensor, offset_mode: str) -> Tensor:
+        offset, mask = fit_offset_to_output(offset, mask, self.output_size(x), offset_mode)
+        y = deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride, padding=1, mask=mask)
+        return self.norm(y)
+
+
+def make_divisible(v: float, divisor: int = 4) -> int:
+    """The official DyReLU's rounding of its squeeze width (MobileNet's _make_divisible)."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+class DyReLU(nn.Module):
+    """Task-aware attention, DyReLU-B with K=2: two per-channel linear pieces, take the max."""
+
+    def __init__(self, channels: int, squeeze: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.fc1 = nn.Linear(channels, squeeze)
+        self.fc2 = nn.Linear(squeeze, 4 * channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.mean(dim=(2, 3))  # (B, C): pooled per image and per level
+        y = hard_sigmoid(self.fc2(F.relu(self.fc1(y))))
+        a1, b1, a2, b2 = y[:, :, None, None].split(self.channels, dim=1)
+        a1 = (a1 - 0.5) * 2.0 + 1.0
+        a2 = (a2 - 0.5) * 2.0
+        b1 = b1 - 0.5
+        b2 = b2 - 0.5
+        return torch.maximum(x * a1 + b1, x * a2 + b2)
+
+
+class DyHeadBlock(nn.Module):
+    """One block: spatial-, scale- and task-aware attention over a list of levels (largest first)."""
+
+    def __init__(self, in_channels: int, channels: int, offset_mode: str = "official", zero_init_offset: bool = False) -> None:
+        super().__init__()
+        if offset_mode not in OFFSET_MODES:
+            raise ValueError(f"offset_mode must be one of {OFFSET_MODES}, got {offset_mode!r}")
+        self.offset_mode = offset_mode
+        self.offset = nn.Conv2d(in_channels, 27, 3, padding=1)
+        self.spatial_high = DeformConvNorm(in_channels, channels, stride=1)
+        self.spatial_mid = DeformConvNorm(in_channels, channels, stride=1)
+        self.spatial_low = DeformConvNorm(in_channels, channels, stride=2)
+        self.scale_attn = nn.Conv2d(channels, 1, 1)
+        # The official DyReLU rounds C/4 to a multiple of 4, MMDetection takes int(C/4): the same for every
+        # C that GroupNorm(16) allows.
+        self.task_attn = DyReLU(channels, make_divisible(channels // 4, 4))
+        nn.init.normal_(self.scale_attn.weight, 0.0, 0.01)
+        nn.init.zeros_(self.scale_attn.bias)
+        if zero_init_offset:
+            nn.init.zeros_(self.offset.weight)
+            nn.init.zeros_(self.offset.bias)
+
+    def scale_weight(self, f: Tensor) -> Tensor:
+        """pi_L(f) = hsig(ReLU(conv1x1(avgpool(f)))): (B, C, H, W) -> (B, 1, 1, 1)."""
+        return hard_sigmoid(F.relu(self.scale_attn(f.mean(dim=(2, 3), keepdim=True))))
+
+    def offset_and_mask(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        om = self.offset(x)  # (B, 27, H, W): 9 (dy, dx) pairs, then 9 mask logits
+        return om[:, :18], om[:, 18:].sigmoid()
+
+    def forward(self, features: list[Tensor]) -> list[Tensor]:
+        outs = []
+        for level, x in enumerate(features):
+            offset, mask = self.offset_and_mask(x)
+            maps = [self.spatial_mid(x, offset, mask, self.offset_mode)]
+            if level > 0:
+                maps.append(self.spatial_low(features[level - 1], offset, mask, self.offset_mode))
+            if level < len(features) - 1:
+                high = self.spatial_high(features[level + 1], offset, mask, self.offset_mode)
+                maps.append(F.interpolate(high, size=x.shape[-2:], mode="bilinear", align_corners=True))
+            fused = torch.stack([f * self.scale_weight(f) for f in maps]).mean(dim=0)
+            outs.append(self.task_attn(fused))
+        return outs
+
+
+class DyHead(nn.Module):
+    """A tower of ``num_blocks`` DyHead blocks; takes and returns a list of levels (largest first).
+
+    ``num_blocks = 0`` is the identity, which gives the paper's "without DyHead" baseline.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_blocks: int,
+        offset_mode: str = "official",
+        in_channels: int | None = None,
+        zero_init_offset: bool = False,
+    ) -> None:
+        super().__init__()
+        in_channels = channels if in_channels is None else in_channels
+        self.channels = channels
+        self.offset_mode = offset_mode
+        self.blocks = nn.ModuleList(
+            DyHeadBlock(in_channels if i == 0 else channels, channels, offset_mode, zero_init_offset)
+            for i in range(num_blocks)
+        )
+
+    def forward(self, features: list[Tensor]) -> list[Tensor]:
+        features = list(features)
+        for block in self.blocks:
+            features = block(features)
+        return features

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from dyhead_cli.errors import DyheadError
+from dyhead_cli.models.backbone import TimmBackbone, check_model_name
+from dyhead_cli.models.fpn import FPN
+
+H, W = 192, 256  # non-square, divisible by 32
+
+
+@pytest.mark.parametrize(
+    "name, img_size",
+    [
+        ("resnet50", None),
+        ("resnext50_32x4d", None),
+        ("swin_tiny_patch4_window7_224", [H, W]),
+        ("convnext_tiny", None),
+    ],
+)
+def test_backbone_and_fpn_shapes(name, img_size):
+    backbone = TimmBackbone(name, pretrained=False, img_size=img_size).eval()
+    x = torch.randn(1, 3, H, W)
+    with torch.no_grad():
+        feats = backbone(x)
+        assert [f.shape[1] for f in feats] == backbone.out_channels
+        assert [tuple(f.shape[-2:]) for f in feats] == [(H // s, W // s) for s in (8, 16, 32)]
+        levels = FPN(backbone.out_channels, 64)(feats)
+    expected = [(H // 8, W // 8), (H // 16, W // 16), (H // 32, W // 32), (3, 4), (2, 2)]
+    assert [tuple(p.shape) for p in levels] == [(1, 64, h, w) for h, w in expected]
+
+
+def test_swin_without_img_size_takes_other_sizes():
+    backbone = TimmBackbone("swin_tiny_patch4_window7_224").eval()
+    with torch.no_grad():
+        feats = backbone(torch.randn(1, 3, 128, 224))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(16, 28), (8, 14), (4, 7)]
+
+
+def test_unknown_model_name_suggests_close_names():
+    with pytest.raises(DyheadError, match=r"unknown timm model 'resnet5O'.*resnet50"):
+        check_model_name("resnet5O")
+
+
+def test_model_without_stride_32_is_refused():
+    with pytest.raises(DyheadError, match="needs 8, 16 and 32"):
+        TimmBackbone("test_vit")
+
+
+def test_frozen_stages_freeze_stem_and_first_stage_only():
+    backbone = TimmBackbone("resnet18", frozen_stages=2)
+    frozen = {n.split(".")[1] for n, p in backbone.named_parameters() if not p.requires_grad}
+    trainable = {n.split(".")[1] for n, p in backbone.named_parameters() if p.requires_grad}
+    assert frozen == {"conv1", "bn1", "layer1"}
+    assert trainable == {"layer2", "layer3", "layer4"}
+
+
+def test_norm_eval_keeps_batchnorm_statistics():
+    backbone = TimmBackbone("resnet18", norm_eval=True).train()
+    before = backbone.body.bn1.running_mean.clone()
+    backbone(torch.randn(2, 3, 64, 64))
+    assert torch.equal(before, backbone.body.bn1.running_mean)
+    assert not backbone.body.bn1.training
+
+
+def test_pretrained_file_loads_local_weights(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    src = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    backbone = TimmBackbone("resnet18", pretrained_file=str(path))
+    assert torch.equal(backbone.body.layer3[0].conv1.weight, src.layer3[0].conv1.weight)
+
+
+def test_missing_pretrained_file_is_a_clear_error(tmp_path):
+    with pytest.raises(DyheadError, match="pretrained_file not found"):
+        TimmBackbone("resnet18", pretrained_file=str(tmp_path / "nope.safetensors"))
+
+
+def test_fpn_p6_from_c5_for_retinanet():
+    fpn = FPN([32, 64, 128], 64, extra_from="c5")
+    assert fpn.fpn.extra_blocks.p6.in_channels == 128
+    levels = fpn([torch.randn(1, 32, 16, 16), torch.randn(1, 64, 8, 8), torch.randn(1, 128, 4, 4)])
+    assert [p.shape[-1] for p in levels] == [16, 8, 4, 2, 1]

@@ -1,0 +1,59 @@
+import tomllib
+
+import pytest
+
+from dyhead_cli.errors import DyheadError
+from dyhead_cli.recipe import Recipe, dump_toml, load_recipe, recipe_from_dict, save_recipe, to_dict
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    return path
+
+
+def test_recipe_maps_onto_dataclasses(tmp_path):
+    r = load_recipe(write(tmp_path, '[model]\nhead = "fcos"\nnum_classes = 3\n[model.dyhead]\nnum_blocks = 2\n[train]\nlr = 1\n'))
+    assert r.name == "r" and r.model.head == "fcos" and r.model.dyhead.num_blocks == 2
+    assert r.train.lr == 1.0 and isinstance(r.train.lr, float)
+    assert r.model.backbone.name == "resnet50"  # defaults fill the rest
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path):
+    with pytest.raises(DyheadError, match=r"unknown recipe key 'train\.lrr' \(did you mean 'lr'\?\)"):
+        load_recipe(write(tmp_path, "[train]\nlrr = 0.1\n"))
+    with pytest.raises(DyheadError, match=r"'model\.dyhead\.num_block'.*'num_blocks'"):
+        load_recipe(write(tmp_path, "[model.dyhead]\nnum_block = 3\n"))
+
+
+def test_wrong_types_and_choices(tmp_path):
+    with pytest.raises(DyheadError, match="train.epochs' must be of type int"):
+        load_recipe(write(tmp_path, '[train]\nepochs = "ten"\n'))
+    with pytest.raises(DyheadError, match=r"model.head' = 'atts' is not one of .*did you mean 'atss'"):
+        load_recipe(write(tmp_path, '[model]\nhead = "atts"\n'))
+
+
+def test_dotted_overrides(tmp_path):
+    path = write(tmp_path, "[train]\nlr = 0.01\n")
+    r = load_recipe(path, ["train.lr=0.02", "model.dyhead.num_blocks=0", "model.backbone.name=resnet18", "data.min_sizes=[320, 352]"])
+    assert r.train.lr == 0.02 and r.model.dyhead.num_blocks == 0
+    assert r.model.backbone.name == "resnet18" and r.data.min_sizes == [320, 352]
+    with pytest.raises(DyheadError, match="unknown recipe key 'train.lrate'"):
+        load_recipe(path, ["train.lrate=1"])
+    with pytest.raises(DyheadError, match="section.key=value"):
+        load_recipe(path, ["train.lr"])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(DyheadError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.toml")
+    with pytest.raises(DyheadError, match="not valid TOML"):
+        load_recipe(write(tmp_path, "[train\n"))
+
+
+def test_round_trip_through_toml(tmp_path):
+    r = recipe_from_dict({"name": "x", "model": {"class_names": ["a", "b"], "num_classes": 2}, "train": {"lr_steps": [0.5]}})
+    save_recipe(r, tmp_path / "out.toml")
+    again = load_recipe(tmp_path / "out.toml")
+    assert again == r
+    assert tomllib.loads(dump_toml(to_dict(Recipe())))["model"]["dyhead"]["offset_mode"] == "official"
