@@ -43,7 +43,9 @@ def run_guarded(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except DyheadError as e:
-        fail(str(e))
+        # Errors raised in DataLoader workers come back with the worker's traceback in front: keep the message.
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        fail(lines[-1] if lines else type(e).__name__)
     except KeyboardInterrupt:
         fail("interrupted", 130)
 

@@ -105,3 +105,6 @@ def test_transform(min_size: int, max_size: int) -> A.Compose:
     """The deterministic evaluation resize (one short-side size)."""
     _check_sizes([min_size], max_size)
     return A.Compose([ResizeShortestEdge([min_size], max_size)], bbox_params=_bbox_params(), seed=0)
+
+
+test_transform.__test__ = False  # type: ignore[attr-defined]  # not a pytest test when a test module imports it
