@@ -82,12 +82,25 @@ def evaluate(
 
 @app.command()
 def predict(
-    paths: list[Path] = typer.Argument(..., help="Images, folders (recursive) or a COCO annotation file."),
-    weights: Path = typer.Option(..., "--weights", help="Checkpoint (.safetensors)."),
-    out: Path = typer.Option(Path("preds.json"), "--out", help="COCO results JSON to write."),
+    paths: list[Path] = typer.Argument(..., help="Images, folders (recursive) or one COCO annotation file (its image list)."),
+    weights: Path = typer.Option(..., "--weights", help="Checkpoint (.safetensors); its metadata carries the recipe."),
+    out: Path = typer.Option(Path("preds.json"), "--out", help="COCO results JSON to write (the image list goes to <stem>.images.json)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Use this recipe instead of the checkpoint's."),
+    images_dir: Optional[Path] = typer.Option(None, "--images", help="With an annotation file: the folder its file_names are relative to."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch (default: the recipe's eval.batch_size)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (default: the recipe's data.num_workers)."),
+    score_thr: Optional[float] = typer.Option(None, "--score-thr", help="Drop detections scoring below this (default: keep all the model gives)."),
+    half: bool = typer.Option(False, "--half", help="float16 autocast (CUDA)."),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast (CPU or CUDA)."),
+    overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Run a detector on images and write COCO-format results."""
-    not_built("dyhead predict")
+    from dyhead_cli.predict import predict_from_cli
+
+    run_guarded(
+        predict_from_cli, paths, weights, out, recipe, overrides or [], images_dir, device, batch_size, workers, score_thr, half, bf16
+    )
 
 
 @app.command()

@@ -1,0 +1,158 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dyhead_cli.engine.checkpoint import load_weights
+from dyhead_cli.engine.train import EpochSampler, lr_factor, train
+from dyhead_cli.errors import DyheadError
+from dyhead_cli.recipe import TrainConfig, load_recipe
+
+from helpers_train import write_tiny_recipe
+
+DYHEAD = [sys.executable, "-m", "dyhead_cli.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["event"] == kind]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic")
+
+
+def test_train_writes_run_directory(tmp_path, data_root):
+    recipe = load_recipe(write_tiny_recipe(tmp_path, data_root), ["train.max_steps=4", "train.epochs=1"])
+    torch.set_num_threads(1)
+    metrics = train(recipe, tmp_path / "run")
+    run = tmp_path / "run"
+    assert {"metrics.jsonl", "recipe.toml", "last.safetensors", "best.safetensors", "state.safetensors"} <= {p.name for p in run.iterdir()}
+    assert not any(p.suffix in (".bin", ".pkl", ".pt", ".pth") for p in run.rglob("*"))
+    train_rows = events(run, "train")
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in train_rows)
+    (ev,) = events(run, "eval")
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "step", "epoch"} <= set(ev) and ev["step"] == 4
+    assert 0.0 <= metrics["AP"] <= 100.0
+    again = load_recipe(run / "recipe.toml")
+    assert again.model.class_names == ["circle", "square", "triangle", "cross"] and again.model.num_classes == 4
+    state, meta = load_weights(run / "last.safetensors")
+    assert meta["recipe"]["model"]["dyhead"]["offset_mode"] == "official" and meta["step"] == 4
+
+
+def run_cli(args, **kw):
+    return subprocess.run(DYHEAD + args, env=ENV, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, data_root):
+    recipe = write_tiny_recipe(tmp_path, data_root)
+    steps = ["--set", "train.max_steps=8", "--set", "train.eval_every=0"]
+    full = run_cli(["train", str(recipe), "--out", str(tmp_path / "full")] + steps)
+    assert full.returncode == 0, full.stderr
+    reference = {r["step"]: r["loss"] for r in events(tmp_path / "full", "train")}
+    assert sorted(reference) == list(range(1, 9))
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(DYHEAD + ["train", str(recipe), "--out", str(killed_dir)] + steps, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(e["step"] >= 3 for e in events(killed_dir, "checkpoint")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoints = events(killed_dir, "checkpoint")
+    assert checkpoints, "the run never wrote a checkpoint"
+    saved_step = checkpoints[-1]["step"]
+    assert saved_step < 8, "the run finished before it was killed"
+
+    resumed = run_cli(["train", str(recipe), "--out", str(killed_dir), "--resume", str(killed_dir)] + steps)
+    assert resumed.returncode == 0, resumed.stderr
+    (resume_event,) = events(killed_dir, "resume")
+    assert resume_event["step"] == saved_step
+    rows = [json.loads(x) for x in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    after = [r for r in rows[rows.index(next(r for r in rows if r["event"] == "resume")) :] if r["event"] == "train"]
+    assert [r["step"] for r in after] == list(range(saved_step + 1, 9))
+    for r in after:
+        assert r["loss"] == pytest.approx(reference[r["step"]], rel=1e-4, abs=1e-5)
+
+
+def test_resume_without_checkpoint_is_clear(tmp_path, data_root):
+    recipe = write_tiny_recipe(tmp_path, data_root)
+    result = run_cli(["train", str(recipe), "--resume", str(tmp_path / "nothing")])
+    assert result.returncode == 1 and "no state.safetensors" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path, data_root, monkeypatch):
+    recipe = load_recipe(write_tiny_recipe(tmp_path, data_root), ["train.max_steps=6", "train.checkpoint_every=2", "train.eval_every=0"])
+    import dyhead_cli.engine.train as engine
+
+    real = engine.forward_losses
+    calls = {"n": 0}
+
+    def poisoned(model, batch, accelerator):
+        calls["n"] += 1
+        losses = real(model, batch, accelerator)
+        if calls["n"] == 3:
+            losses["loss_cls"] = losses["loss_cls"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(engine, "forward_losses", poisoned)
+    with pytest.raises(DyheadError, match=r"non-finite at step 3 .*last good checkpoint"):
+        train(recipe, tmp_path / "run")
+    ckpt = [e for e in events(tmp_path / "run", "checkpoint")]
+    assert [e["step"] for e in ckpt] == [2]
+    assert load_weights(tmp_path / "run" / "last.safetensors")[1]["step"] == 2
+
+
+def test_two_processes_with_gloo_end_with_identical_weights(tmp_path, data_root):
+    recipe = write_tiny_recipe(tmp_path, data_root)
+    run_dir = tmp_path / "ddp"
+    # torchrun starts the processes; Accelerate sees WORLD_SIZE=2 on CPU and sets up DDP over gloo
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dyhead_cli.cli",
+           "train", str(recipe), "--out", str(run_dir), "--set", "train.max_steps=3", "--set", "train.eval_every=0",
+           "--set", "train.checkpoint_every=0", "--set", "model.dyhead.num_blocks=1"]
+    env = {**ENV, "DYHEAD_SAVE_EVERY_RANK": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = sorted(run_dir.glob("rank*.safetensors"))
+    assert [f.name for f in files] == ["rank0.safetensors", "rank1.safetensors"]
+    with safe_open(str(files[0]), "pt") as a, safe_open(str(files[1]), "pt") as b:
+        assert a.keys() == b.keys() and len(a.keys()) > 50
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+    rows = events(run_dir, "train")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_sampler_shards_and_skips():
+    a = EpochSampler(20, 2, seed=1, epoch=0, rank=0, world=2)
+    b = EpochSampler(20, 2, seed=1, epoch=0, rank=1, world=2)
+    seen = [i for batch in list(a) + list(b) for i in batch]
+    assert sorted(seen) == list(range(20))
+    assert list(EpochSampler(20, 2, seed=1, epoch=0, rank=0, world=2, skip=2)) == list(a)[2:]
+    assert list(EpochSampler(20, 2, seed=1, epoch=1)) != list(EpochSampler(20, 2, seed=1, epoch=0))
+    with pytest.raises(DyheadError, match="too few"):
+        EpochSampler(3, 2, seed=0, epoch=0, world=2)
+
+
+def test_lr_schedule_warmup_steps_and_cosine():
+    cfg = TrainConfig(warmup_steps=10, warmup_factor=0.1, lr_steps=[0.5, 0.75], lr_gamma=0.1)
+    assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(5, 100, cfg) == pytest.approx(0.55)
+    assert lr_factor(20, 100, cfg) == 1.0 and lr_factor(50, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(80, 100, cfg) == pytest.approx(0.01)
+    cos = TrainConfig(warmup_steps=0, schedule="cosine")
+    assert lr_factor(50, 100, cos) == pytest.approx(0.5) and lr_factor(100, 100, cos) == pytest.approx(0.0)
