@@ -154,7 +154,10 @@ def data_synth(
     from dyhead_cli.data.synthetic import make_synthetic_coco
 
     summary = run_guarded(make_synthetic_coco, out, num_train, num_val, image_size=image_size, seed=seed)
-    console.print(f"wrote synthetic data set to {out}: {summary}")
+    console.print(
+        f"wrote {summary['num_train']} train and {summary['num_val']} val images "
+        f"({', '.join(summary['categories'])}) to {out}: annotations in {summary['train_ann']} and {summary['val_ann']}"
+    )
 
 
 @data_app.command("check")
