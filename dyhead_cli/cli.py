@@ -105,31 +105,61 @@ def predict(
 
 @app.command()
 def benchmark(
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Benchmark the model of this recipe."),
-    model: Optional[str] = typer.Option(None, "--model", help="A timm backbone name (ATSS + DyHead on top)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Benchmark the model of this recipe (pretrained weights are not loaded)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A timm backbone name, with ATSS + 6-block DyHead on top (default resnet50)."),
     gpu: bool = typer.Option(False, "--gpu", help="Run on the CUDA device."),
+    batch_sizes: str = typer.Option("1", "--batch-sizes", help="Comma-separated batch sizes, e.g. 1,8."),
+    size: str = typer.Option("800x1333", "--size", help="Input HxW (or one number for a square)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 (autocast)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Model and inputs in channels-last memory format."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the backbone, FPN, DyHead and head."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Timed iterations (default 10 on CPU, 50 on GPU)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Untimed warm-up iterations (default 2 on CPU, 10 on GPU)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report (machine, command, settings, figures) as JSON."),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the report as Markdown."),
+    compare: bool = typer.Option(False, "--compare", help="Also measure the model without DyHead (4-conv towers) and torchvision FCOS-R50."),
+    impl: Optional[str] = typer.Option(None, "--impl", help="DyHead deformable convs: fast | reference (default: the model's)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
 ) -> None:
-    """Latency report for a detector (CPU, or GPU with --gpu)."""
-    if model is not None:
-        from dyhead_cli.models.backbone import check_model_name
+    """Latency, throughput, memory, parameters and FLOPs of a detector, stage by stage (CPU, or GPU with --gpu)."""
+    from dyhead_cli.benchmark import benchmark_from_cli, render_table
 
-        run_guarded(check_model_name, model)
-    if gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            fail("--gpu: no CUDA device is available on this machine")
-    not_built("dyhead benchmark")
+    report = run_guarded(
+        benchmark_from_cli, recipe=recipe, model=model, gpu=gpu, batch_sizes=batch_sizes, size=size, precision=precision,
+        channels_last=channels_last, compile=compile, iters=iters, warmup=warmup, json_out=json_out,
+        markdown_out=markdown_out, compare=compare, impl=impl, threads=threads,
+        log=lambda message: err_console.print(message, style="dim", highlight=False),
+    )
+    console.print(render_table(report))
 
 
 @app.command()
 def visualize(
-    images: list[Path] = typer.Argument(..., help="Images to draw on."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint for predictions."),
+    images: Optional[list[Path]] = typer.Argument(None, help="Images or folders to draw on (default: the --ann / --preds image list)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint: draw its predictions (or, with --attention, its attention)."),
+    preds: Optional[Path] = typer.Option(None, "--preds", help="COCO results from 'dyhead predict' to draw (ids via its .images.json, or --ann)."),
+    ann: Optional[Path] = typer.Option(None, "--ann", help="COCO annotation file: draw its ground truth (side by side with predictions)."),
+    images_dir: Optional[Path] = typer.Option(None, "--images", help="With --ann: the folder its file_names are relative to."),
     out: Path = typer.Option(Path("vis"), "--out", help="Folder for the PNGs."),
+    score_thr: float = typer.Option(0.3, "--score-thr", help="Draw predictions scoring at least this."),
+    size: int = typer.Option(512, "--size", help="Longer side of each drawn image, in pixels."),
+    limit: int = typer.Option(0, "--limit", help="Draw at most this many images (0 = all)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    attention: bool = typer.Option(False, "--attention", help="Draw DyHead's scale/spatial attention and feature activity for one image (needs --weights)."),
+    point: Optional[str] = typer.Option(None, "--point", help="x,y in image pixels for the spatial attention (default: the top detection's centre)."),
+    level: str = typer.Option("P3", "--level", help="Pyramid level for the spatial attention and activity maps (P3..P7)."),
+    block: Optional[int] = typer.Option(None, "--block", help="DyHead block (1..N) for the spatial attention (default: all)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Use this recipe instead of the checkpoint's."),
+    overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Draw predictions / ground truth, or DyHead's attention (--attention)."""
-    not_built("dyhead visualize")
+    from dyhead_cli.visualize import visualize_from_cli
+
+    run_guarded(
+        visualize_from_cli, images=images or [], out=out, weights=weights, recipe_path=recipe, overrides=overrides or [],
+        preds=preds, ann=ann, images_dir=images_dir, score_thr=score_thr, size=size, limit=limit, device=device,
+        attention=attention, point=point, level=level, block=block,
+    )
 
 
 @app.command()
@@ -137,9 +167,31 @@ def convert(
     src: Path = typer.Argument(..., help="Reference checkpoint (.pth/.pkl/.safetensors)."),
     dst: Path = typer.Argument(..., help="Our safetensors checkpoint to write."),
     source: str = typer.Option(..., "--from", help="official | mmdet"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Convert into this recipe's model (and keep its data/train/eval) instead of the one read from the checkpoint."),
+    offset_mode: Optional[str] = typer.Option(None, "--offset-mode", help="official | mmdet | aligned: the DyHead offset behaviour the weights were trained with (default: read from the checkpoint)."),
+    resnet_style: str = typer.Option("auto", "--resnet-style", help="auto | caffe | pytorch: where the ResNet's stride sits (caffe: 1x1 conv, BGR input) when the checkpoint does not say."),
+    approximate: bool = typer.Option(False, "--approximate", help="Convert even where our model cannot express the reference architecture (listed); for fine-tuning, not for the published AP."),
+    recipe_out: Optional[Path] = typer.Option(None, "--recipe-out", help="Where to write the recipe TOML (default: DST with .toml)."),
+    overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Convert an official (detectron2) or MMDetection DyHead checkpoint."""
-    not_built("dyhead convert")
+    from dyhead_cli.models.convert_detector import convert_checkpoint
+
+    summary = run_guarded(
+        convert_checkpoint, src, dst, source, recipe, offset_mode, resnet_style, approximate, overrides or [], recipe_out
+    )
+    console.print(
+        f"converted {summary.num_source_keys} source tensors into {summary.num_tensors} ({summary.backbone}, "
+        f"offset_mode {summary.offset_mode}): wrote {summary.dst} and {summary.recipe_toml}",
+        highlight=False,
+    )
+    for reason, keys in summary.dropped.items():
+        console.print(f"  dropped {len(keys)}: {reason}", highlight=False)
+    for gap in summary.gaps:
+        console.print(f"[yellow]approximation[/] {gap.describe()}", highlight=False)
+    for note in summary.notes:
+        console.print(f"  note: {note}", highlight=False)
+    console.print(f"evaluate with: dyhead eval {summary.recipe_toml} --weights {summary.dst}", highlight=False)
 
 
 @data_app.command("synth")

@@ -131,11 +131,12 @@ def eval_from_cli(recipe_path: Path, weights: Path, json_out: Path | None, overr
     loader, dataset = build_val_loader(recipe)
     if not recipe.model.class_names:
         recipe.model.class_names = list(dataset.class_names)
+        recipe.model.num_classes = len(dataset.class_names)
     model = build_model(recipe.model)
     load_model_weights(model, state, source=str(weights))
     device = choose_device(recipe.train.device)
     model.to(device)
-    results = predict_coco(model, loader, device, list(dataset.cat_of_label))
+    results = predict_coco(model, loader, device, list(dataset.cat_ids))
     metrics = coco_evaluate(dataset.coco, results)
     print_metrics(metrics, console)
     if json_out is not None:

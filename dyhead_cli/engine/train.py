@@ -240,6 +240,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, console=None) -> 
     if main:
         save_recipe(recipe, run_dir / "recipe.toml")
     recipe_dict = to_dict(recipe)
+    category_ids = list(dataset.cat_ids)  # label i <-> the data set's category id, for predict
 
     model = build_model(recipe.model)
     optimizer = build_optimizer(t, model)
@@ -270,7 +271,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, console=None) -> 
         inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the real one
         save_train_state(run_dir / STATE_FILE, inner, vars(state), ema.shadow if ema else None, model=raw.state_dict())
         export = raw if ema is None else _with_weights(raw, ema.shadow)
-        save_weights(run_dir / "last.safetensors", export, recipe_dict, {"step": state.step, "epoch": state.epoch})
+        save_weights(run_dir / "last.safetensors", export, recipe_dict, {"step": state.step, "epoch": state.epoch, "category_ids": category_ids})
         log.write("checkpoint", step=state.step, epoch=state.epoch, path=str(run_dir / "last.safetensors"))
 
     def evaluate_now() -> dict[str, Any]:
@@ -279,7 +280,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, console=None) -> 
             val_loader, val_dataset = build_val_loader(recipe)
         raw = accelerator.unwrap_model(model)
         net = raw if ema is None else _with_weights(build_model(recipe.model), ema.shadow).to(accelerator.device)
-        results = predict_coco(net, val_loader, accelerator.device, list(val_dataset.cat_of_label))
+        results = predict_coco(net, val_loader, accelerator.device, list(val_dataset.cat_ids))
         raw.train()
         return coco_evaluate(val_dataset.coco, results)
 
@@ -351,7 +352,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, console=None) -> 
                     if metrics["AP"] > state.best_ap:
                         state.best_ap = metrics["AP"]
                         raw = accelerator.unwrap_model(model)
-                        save_weights(run_dir / "best.safetensors", raw if ema is None else _with_weights(raw, ema.shadow), recipe_dict, {"step": state.step, "AP": metrics["AP"]})
+                        save_weights(run_dir / "best.safetensors", raw if ema is None else _with_weights(raw, ema.shadow), recipe_dict, {"step": state.step, "AP": metrics["AP"], "category_ids": category_ids})
             checkpoint()
             accelerator.wait_for_everyone()
     if world > 1:
