@@ -5,12 +5,11 @@ import contextlib
 import io
 import time
 
-import numpy as np
 import torch
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
+from dyhead_cli.engine.evaluate import coco_evaluate
 from dyhead_cli.models.build import build_model
 from dyhead_cli.recipe import BackboneConfig, DyHeadConfig, FPNConfig, HeadOptions, ModelConfig
 
@@ -57,31 +56,25 @@ def _intersection(a: Tensor, b: Tensor) -> float:
 
 
 def coco_ap50(targets: list[dict[str, Tensor]], detections: list[dict[str, Tensor]], num_classes: int) -> float:
-    """AP at IoU 0.5 from pycocotools' COCOeval, with GT and results built in memory."""
+    """AP at IoU 0.5 (0..1) from pycocotools' COCOeval (through the engine's ``coco_evaluate``), all in memory."""
     images, annotations, results = [], [], []
     for image_id, (t, d) in enumerate(zip(targets, detections), start=1):
         images.append({"id": image_id, "width": 1000, "height": 1000})
-        for box, label in zip(t["boxes"].tolist(), t["labels"].tolist()):
-            x0, y0, x1, y1 = box
+        for (x0, y0, x1, y1), label in zip(t["boxes"].tolist(), t["labels"].tolist()):
             annotations.append(
                 {"id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
                  "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
             )
-        for box, score, label in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist()):
-            x0, y0, x1, y1 = box
-            results.append({"image_id": image_id, "category_id": label + 1, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
-    if not results:
-        return 0.0
+        for (x0, y0, x1, y1), score, label in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist()):
+            results.append(
+                {"image_id": image_id, "category_id": label + 1, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score}
+            )
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
         gt.dataset = {"images": images, "annotations": annotations,
                       "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)]}
         gt.createIndex()
-        evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return float(evaluator.stats[1])
+    return coco_evaluate(gt, results)["AP50"] / 100.0
 
 
 def tiny_config(head: str, num_blocks: int, num_classes: int = 3, channels: int = 32, **head_options) -> ModelConfig:
@@ -96,40 +89,52 @@ def tiny_config(head: str, num_blocks: int, num_classes: int = 3, channels: int 
     )
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with ``n`` intra-op threads. On 2 cores shared with other jobs, 1 thread trains these tiny
+    models 5-10x faster than 2 (measured: 0.35 s vs 3-4 s per step at load 5-7; idle threads spin-wait)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def overfit(
     cfg: ModelConfig,
     images: Tensor,
     targets: list[dict[str, Tensor]],
     max_steps: int,
-    lr: float = 2e-3,
+    lr: float = 4e-3,
     target_ap50: float = 0.9,
-    eval_every: int = 10,
+    eval_every: int = 5,
     seed: int = 0,
+    threads: int = 1,
 ) -> tuple[int, float, float]:
-    """Train on the same batch until AP50 (eval mode, same images) >= ``target_ap50`` or ``max_steps``.
+    """Train on one fixed batch with AdamW until AP50 on the same images (eval mode) reaches ``target_ap50``.
 
-    Returns (steps, AP50, seconds).
+    Returns (steps, AP50, seconds); stops at ``max_steps`` when the target is not reached.
     """
     torch.manual_seed(seed)
-    np.random.seed(seed)
     model = build_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sizes = [tuple(images.shape[-2:])] * len(images)
     start, ap50, step = time.perf_counter(), 0.0, 0
-    while step < max_steps:
-        model.train()
-        losses = model(images, sizes, targets)
-        loss = sum(losses.values())
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        optimizer.step()
-        step += 1
-        if step % eval_every == 0 or step == max_steps:
-            model.eval()
-            with torch.no_grad():
-                detections = model(images, sizes)
-            ap50 = coco_ap50(targets, detections, cfg.num_classes)
-            if ap50 >= target_ap50:
-                break
+    with torch_threads(threads):
+        while step < max_steps:
+            model.train()
+            loss = sum(model(images, sizes, targets).values())
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            optimizer.step()
+            step += 1
+            if step % eval_every == 0 or step == max_steps:
+                model.eval()
+                with torch.no_grad():
+                    detections = model(images, sizes)
+                ap50 = coco_ap50(targets, detections, cfg.num_classes)
+                if ap50 >= target_ap50:
+                    break
     return step, ap50, time.perf_counter() - start

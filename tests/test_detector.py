@@ -22,7 +22,9 @@ def test_state_dict_is_four_named_parts_without_pixel_statistics():
     assert "pixel_mean" not in model.state_dict() and model.pixel_mean.shape == (1, 3, 1, 1)
 
 
-@pytest.mark.parametrize("head, names", [("atss", {"loss_cls", "loss_box", "loss_centerness"}), ("retinanet", {"loss_cls", "loss_box"})])
+@pytest.mark.parametrize(
+    "head, names", [("atss", {"loss_cls", "loss_box", "loss_centerness"}), ("retinanet", {"loss_cls", "loss_box"})]
+)
 def test_training_mode_returns_named_finite_losses(head, names):
     model = detector(head).train()
     images, targets = synthetic_batch(2)

@@ -77,18 +77,36 @@ def test_assign_needs_the_anchor_centre_inside_the_gt():
     assert matched[0] == 0 and (matched[1:] == -1).all()
 
 
-def test_loss_with_constant_predictions_matches_hand_computation():
+def test_threshold_uses_the_unbiased_std_like_the_reference():
+    # One level whose anchors are all candidates: two concentric with the GT [0, 0, 10, 10] (sides 10 and 12:
+    # IoU 1 and 100/144) and one far away (IoU 0). mean 0.565; unbiased std 0.512 -> threshold 1.077, so even
+    # the exact anchor fails (the biased std, 0.418, would give 0.983 and take it).
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [-1.0, -1.0, 11.0, 11.0], [50.0, 50.0, 60.0, 60.0]])
+    assert (atss_assign(anchors, [3], gt, topk=3) == -1).all()
+    # A fourth candidate with IoU 0: mean 0.424, std 0.505 -> threshold 0.928: the exact anchor passes.
+    anchors = torch.cat([anchors, torch.tensor([[70.0, 70.0, 80.0, 80.0]])])
+    assert atss_assign(anchors, [4], gt, topk=4).tolist() == [0, -1, -1, -1]
+
+
+def test_loss_matches_hand_computation():
     head = tiny_head()
+    outputs = head(zero_features())
+    # Anchor 1 ([4, -4, 20, 12], P3 row 0, col 1) predicts the GT [0, 0, 28, 8] exactly: deltas
+    # (10 * 2/16, 10 * 0/16, 5 ln(28/16), 5 ln(8/16)) with the (10, 10, 5, 5) weights. Anchor 2 predicts 0.
+    outputs["bbox_reg"][0][0, :, 0, 1] = torch.tensor([1.25, 0.0, 5 * math.log(28 / 16), 5 * math.log(8 / 16)])
     targets = [{"boxes": torch.tensor([[0.0, 0.0, 28.0, 8.0]]), "labels": torch.tensor([1])}]
-    losses = head.loss(head(zero_features()), targets, [(32, 32)])
+    losses = head.loss(outputs, targets, [(32, 32)])
     # Positives: anchors 1 and 2 (class 1). p = 0.01 everywhere: focal(pos) = 0.25 * 0.99^2 * ln(100),
     # focal(neg) = 0.75 * 0.01^2 * -ln(0.99); 2 positive and 38 negative entries over 2 positives.
     pos = 0.25 * 0.99**2 * math.log(100)
     neg = 0.75 * 0.01**2 * -math.log(0.99)
     assert losses["loss_cls"].item() == pytest.approx((2 * pos + 38 * neg) / 2, rel=1e-5)
-    # Zero deltas decode to the anchors [4,-4,20,12], [12,-4,28,12]: IoU 4/11, enclosing 28 x 16 = 448,
-    # union 352 -> GIoU loss 1 - 4/11 + 96/448 for both; centerness-weighted mean, times 2 (official weight).
-    assert losses["loss_box"].item() == pytest.approx(2 * (1 - 4 / 11 + 96 / 448), rel=1e-5)
+    # GIoU loss 0 for anchor 1; anchor 2 decodes to itself, [12, -4, 28, 12]: IoU 4/11, enclosing 28 x 16 = 448,
+    # union 352 -> 1 - 4/11 + 96/448. Weighted by the centerness targets of the anchor centres (12, 4):
+    # sqrt(12/16 * 4/4), and (20, 4): sqrt(8/20), over their sum; times 2 (the official box loss weight).
+    c1, c2 = math.sqrt(12 / 16), math.sqrt(8 / 20)
+    assert losses["loss_box"].item() == pytest.approx(2 * c2 * (1 - 4 / 11 + 96 / 448) / (c1 + c2), rel=1e-5)
     # Centerness logits 0: BCE = ln 2 whatever the target; sum over 2 positives / 2.
     assert losses["loss_centerness"].item() == pytest.approx(math.log(2), rel=1e-5)
 
@@ -133,14 +151,29 @@ def test_postprocess_decodes_the_firing_anchor_with_sqrt_score():
     head = tiny_head()
     outputs = head(zero_features())
     outputs["cls_logits"][0] = torch.full((1, 2, 4, 4), -10.0)
-    outputs["cls_logits"][0][0, 1, 1, 2] = math.log(0.8 / 0.2)  # class 1 at P3 row 1, col 2: centre (20, 12)
+    outputs["cls_logits"][0][0, 1, 1, 2] = math.log(0.8 / 0.2)  # class 1 at P3 row 1, col 2: anchor [12, 4, 28, 20]
     outputs["cls_logits"][1] = torch.full((1, 2, 2, 2), -10.0)
     outputs["centerness"][0][0, 0, 1, 2] = math.log(0.5 / 0.5)
-    (result,) = head.postprocess(outputs, [(30, 26)])
-    # Zero deltas: the anchor [12, 4, 28, 20] itself, clipped to the 26 x 30 (w x h) image.
-    assert result["boxes"].tolist() == [[12.0, 4.0, 26.0, 20.0]]
+    outputs["bbox_reg"][0][0, :, 1, 2] = torch.tensor([2.5, 0.0, 0.0, 5 * math.log(0.5)])  # x + 16/4, half height
+    (result,) = head.postprocess(outputs, [(30, 36)])
+    assert result["boxes"].tolist() == [pytest.approx([16.0, 8.0, 32.0, 16.0])]
     assert result["scores"].tolist() == pytest.approx([math.sqrt(0.8 * 0.5)])
     assert result["labels"].tolist() == [1]
+    (clipped,) = head.postprocess(outputs, [(30, 26)])  # (h, w): x clipped at 26
+    assert clipped["boxes"].tolist() == [pytest.approx([16.0, 8.0, 26.0, 16.0])]
+
+
+def test_reference_variants_tower_norm_kernel_and_offset():
+    head = ATSSHead(32, 2, (8,), num_convs=2, tower_norm="none", pred_kernel_size=3, anchor_offset=0.0)
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in head.modules())
+    assert len(head.cls_tower) == 4 and head.cls_logits.weight.shape == (2, 32, 3, 3)
+    (anchors,) = head.anchors(head([torch.zeros(1, 32, 1, 1)]))
+    assert anchors.tolist() == [[-32, -32, 32, 32]]
+    gn = ATSSHead(32, 2, (8,), num_convs=2)
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in gn.modules()) == 4
+    assert gn.cls_logits.weight.shape == (2, 32, 1, 1)  # official: 1x1 predictors
+    with pytest.raises(DyheadError, match="divisible by 32"):
+        ATSSHead(48, 2, (8,), num_convs=1)
 
 
 def test_nms_same_class_suppressed_other_class_kept_and_cap():
@@ -156,6 +189,16 @@ def test_nms_same_class_suppressed_other_class_kept_and_cap():
     # Lower IoU than the threshold: both stay.
     kept = finalize_detections(boxes[:2], scores[:2], labels[:2], (100, 100), nms_thresh=0.9, detections_per_img=100)
     assert len(kept["boxes"]) == 2
+
+
+def test_nms_runs_on_unclipped_boxes_then_clips_and_drops_empty_ones():
+    # Unclipped IoU([-50, 0, 10, 10], [0, 0, 10, 10]) = 100 / 600: both stay (detectron2's order), although
+    # they are the same box once clipped; [120, 0, 130, 10] is empty inside the 100 px wide image.
+    boxes = torch.tensor([[-50, 0, 10, 10], [0, 0, 10, 10], [120, 0, 130, 10]]).float()
+    scores, labels = torch.tensor([0.9, 0.8, 0.7]), torch.zeros(3, dtype=torch.long)
+    out = finalize_detections(boxes, scores, labels, (50, 100), nms_thresh=0.6, detections_per_img=100)
+    assert out["boxes"].tolist() == [[0, 0, 10, 10], [0, 0, 10, 10]]
+    assert out["scores"].tolist() == pytest.approx([0.9, 0.8])
 
 
 def test_postprocess_dense_threshold_and_per_level_top_n():
@@ -184,7 +227,7 @@ def test_bf16_autocast_training_step_is_finite():
 
 
 def test_overfit_atss_with_dyhead():
-    images, targets = synthetic_batch(8)
+    images, targets = synthetic_batch(4)
     steps, ap50, seconds = overfit(tiny_config("atss", num_blocks=1), images, targets, max_steps=200)
     print(f"\noverfit atss dyhead=1: {steps} steps, AP50 {ap50:.3f}, {seconds:.1f} s")
     assert ap50 > 0.9
@@ -192,7 +235,7 @@ def test_overfit_atss_with_dyhead():
 
 @pytest.mark.slow
 def test_overfit_atss_without_dyhead():
-    images, targets = synthetic_batch(8)
+    images, targets = synthetic_batch(4)
     steps, ap50, seconds = overfit(tiny_config("atss", num_blocks=0, num_convs=4), images, targets, max_steps=300)
     print(f"\noverfit atss dyhead=0: {steps} steps, AP50 {ap50:.3f}, {seconds:.1f} s")
     assert ap50 > 0.9

@@ -57,6 +57,12 @@ def test_size_ranges_send_big_objects_to_coarse_levels():
     expected = torch.full((80,), -1)
     expected[[65, 66, 69, 70, 73, 74]] = 0
     assert torch.equal(matched, expected)
+    # Bounds are inclusive (official FCOS): GT [0, 0, 40, 40] has its 9 P3 points (reach <= 28) and the P4
+    # points (8, 8), (24, 8), (8, 24) whose reach is exactly 32; (24, 24) reaches 24 only.
+    matched = assign(head, [[0, 0, 40, 40]])
+    expected = torch.full((80,), -1)
+    expected[[9, 10, 11, 17, 18, 19, 25, 26, 27, 64, 65, 68]] = 0
+    assert torch.equal(matched, expected)
 
 
 def test_loss_with_constant_predictions_matches_hand_computation():

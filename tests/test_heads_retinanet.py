@@ -65,13 +65,13 @@ def test_loss_with_constant_predictions_matches_hand_computation(box_loss, expec
 
 
 def test_ignored_anchors_do_not_count_in_the_cls_loss():
-    head = one_anchor_head("giou")
+    head = RetinaNetHead(8, 2, (8,), num_convs=0, scales=(1.0,), aspect_ratios=(1.0,), prior_prob=0.5)
     # GT [-8, -16, 24, 20] vs the anchors: 768/1408 = 0.55, 1024/1152 = 0.89, 672/1504 = 0.45 (ignored),
     # 896/1280 = 0.7: 3 positives; the ignored anchor's 2 entries drop out -> 3 positive + 3 negative entries.
     targets = [{"boxes": torch.tensor([[-8.0, -16.0, 24.0, 20.0]]), "labels": torch.tensor([0])}]
     losses = head.loss(head([torch.zeros(1, 8, 2, 2)]), targets, [(16, 16)])
-    pos = 0.25 * 0.99**2 * math.log(100)
-    neg = 0.75 * 0.01**2 * -math.log(0.99)
+    # prior 0.5: logits 0, p = 0.5 -> focal(pos) = 0.25 * 0.25 * ln 2, focal(neg) = 0.75 * 0.25 * ln 2
+    pos, neg = 0.25 * 0.25 * math.log(2), 0.75 * 0.25 * math.log(2)
     assert losses["loss_cls"].item() == pytest.approx((3 * pos + 3 * neg) / 3, rel=1e-5)
 
 

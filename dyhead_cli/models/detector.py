@@ -33,8 +33,8 @@ class Detector(nn.Module):
         self.head = head
         self.input_format = input_format
         # mean/std are in the backbone's channel order (BGR for caffe models), as in detectron2.
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).float().view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).float().view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) 0..255 RGB -> the backbone's input: channel order flipped for BGR, minus mean, over std."""
@@ -63,7 +63,7 @@ class Detector(nn.Module):
         if len(image_sizes) != images.shape[0]:
             raise DyheadError(f"got {images.shape[0]} images but {len(image_sizes)} image_sizes")
         if self.training and targets is None:
-            raise DyheadError("the detector is in training mode and needs targets (boxes, labels); call .eval() to predict")
+            raise DyheadError("the detector is in training mode and needs targets (boxes, labels); call .eval() first")
         if targets is not None and len(targets) != images.shape[0]:
             raise DyheadError(f"got {images.shape[0]} images but {len(targets)} targets")
         outputs = self.head(self.features(images))
@@ -71,7 +71,7 @@ class Detector(nn.Module):
             return self.head.loss(outputs, targets, image_sizes)
         detections = self.head.postprocess(outputs, image_sizes)
         if original_sizes is not None:
-            detections = [rescale_boxes(d, size, orig) for d, size, orig in zip(detections, image_sizes, original_sizes)]
+            detections = [rescale_boxes(d, s, o) for d, s, o in zip(detections, image_sizes, original_sizes)]
         return detections
 
 

@@ -3,7 +3,8 @@
 One square anchor of ``anchor_scale * stride`` per location (centres at (i + 0.5) * stride); adaptive
 training sample selection picks positives; (dx, dy, dw, dh) deltas with weights (10, 10, 5, 5), decoded
 and trained with a centerness-weighted GIoU loss (weight 2, the official REG_LOSS_WEIGHT). Predictors
-are 1x1 convs as in the official head; with DyHead there is no extra tower (``num_convs = 0``).
+are 1x1 convs as in the official head (MMDetection's port uses 3x3: ``pred_kernel_size``); with DyHead
+there is no extra tower (``num_convs = 0``).
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from dyhead_cli.models.heads.common import (
     flatten_level,
     focal_giou_centerness_losses,
     grid_centers,
-    init_conv,
+    one_hot_targets,
     postprocess_dense,
+    predictor,
 )
 from dyhead_cli.recipe import ModelConfig
 
@@ -82,6 +84,7 @@ class ATSSHead(nn.Module):
         num_convs: int = 0,
         prior_prob: float = 0.01,
         anchor_scale: float = 8.0,
+        anchor_offset: float = 0.5,
         topk: int = 9,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
@@ -90,11 +93,13 @@ class ATSSHead(nn.Module):
         nms_thresh: float = 0.6,
         pre_nms_top_n: int = 1000,
         detections_per_img: int = 100,
+        pred_kernel_size: int = 1,
+        tower_norm: str = "gn",
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.strides = tuple(strides)
-        self.anchor_scale = anchor_scale
+        self.anchor_scale, self.anchor_offset = anchor_scale, anchor_offset
         self.topk = topk
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.box_loss_weight = box_loss_weight
@@ -102,14 +107,12 @@ class ATSSHead(nn.Module):
         self.pre_nms_top_n, self.detections_per_img = pre_nms_top_n, detections_per_img
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
 
-        self.cls_tower = conv_tower(in_channels, num_convs)
-        self.bbox_tower = conv_tower(in_channels, num_convs)
-        self.cls_logits = nn.Conv2d(in_channels, num_classes, 1)
-        self.bbox_pred = nn.Conv2d(in_channels, 4, 1)
-        self.centerness = nn.Conv2d(in_channels, 1, 1)
-        init_conv(self.cls_logits, bias=-math.log((1 - prior_prob) / prior_prob))
-        init_conv(self.bbox_pred)
-        init_conv(self.centerness)
+        self.cls_tower = conv_tower(in_channels, num_convs, tower_norm)
+        self.bbox_tower = conv_tower(in_channels, num_convs, tower_norm)
+        k = pred_kernel_size
+        self.cls_logits = predictor(in_channels, num_classes, k, bias=-math.log((1 - prior_prob) / prior_prob))
+        self.bbox_pred = predictor(in_channels, 4, k)
+        self.centerness = predictor(in_channels, 1, k)
         self.scales = nn.ModuleList(Scale() for _ in self.strides)
 
     def forward(self, features: list[Tensor]) -> dict[str, list[Tensor]]:
@@ -123,37 +126,27 @@ class ATSSHead(nn.Module):
         return out
 
     def anchors(self, outputs: dict[str, list[Tensor]]) -> list[Tensor]:
-        """Per level (H*W, 4) anchors of side ``anchor_scale * stride`` centred at ((j + .5) s, (i + .5) s)."""
+        """Per level (H*W, 4) anchors of side ``anchor_scale * stride`` centred at ((j + offset) s, (i + offset) s)."""
         anchors = []
         for x, stride in zip(outputs["cls_logits"], self.strides):
-            size = torch.full((1, 2), self.anchor_scale * stride, device=x.device)
-            anchors.append(anchors_from_centers(grid_centers(x.shape[-2:], stride, 0.5, x.device), size))
+            centers = grid_centers(x.shape[-2:], stride, self.anchor_offset, x.device)
+            anchors.append(anchors_from_centers(centers, torch.full((1, 2), self.anchor_scale * stride)))
         return anchors
 
     def loss(
         self, outputs: dict[str, list[Tensor]], targets: list[dict[str, Tensor]], image_sizes: list[tuple[int, int]]
     ) -> dict[str, Tensor]:
-        """{"loss_cls", "loss_box", "loss_centerness"}; ``image_sizes`` is unused (the official code ignores padding)."""
+        """{"loss_cls", "loss_box", "loss_centerness"}; ``image_sizes`` is unused (as in the official code)."""
         check_targets(targets, self.num_classes)
         level_anchors = self.anchors(outputs)
         anchors = torch.cat(level_anchors)  # (N, 4)
         num_per_level = [len(a) for a in level_anchors]
-        cls_logits = torch.cat([flatten_level(x, self.num_classes) for x in outputs["cls_logits"]], 1).float()  # (B, N, K)
+        cls_logits = torch.cat([flatten_level(x, self.num_classes) for x in outputs["cls_logits"]], 1).float()
         bbox_reg = torch.cat([flatten_level(x, 4) for x in outputs["bbox_reg"]], 1).float()  # (B, N, 4)
         ctr_logits = torch.cat([flatten_level(x, 1) for x in outputs["centerness"]], 1).float()[..., 0]  # (B, N)
 
-        cls_targets = torch.zeros_like(cls_logits)
-        pos_images, pos_anchors, pos_gt_boxes = [], [], []
-        for i, target in enumerate(targets):
-            gt_boxes = target["boxes"].to(anchors)
-            matched = atss_assign(anchors, num_per_level, gt_boxes, self.topk)
-            pos = (matched >= 0).nonzero().squeeze(1)
-            cls_targets[i, pos, target["labels"].to(pos.device)[matched[pos]]] = 1.0
-            pos_images.append(torch.full_like(pos, i))
-            pos_anchors.append(pos)
-            pos_gt_boxes.append(gt_boxes[matched[pos]])
-        img, idx = torch.cat(pos_images), torch.cat(pos_anchors)
-        gt = torch.cat(pos_gt_boxes)
+        matches = [atss_assign(anchors, num_per_level, t["boxes"].to(anchors), self.topk) for t in targets]
+        cls_targets, img, idx, gt = one_hot_targets(matches, targets, self.num_classes)
         anchors_pos = anchors[idx]
         return focal_giou_centerness_losses(
             cls_logits.flatten(0, 1),
@@ -168,7 +161,9 @@ class ATSSHead(nn.Module):
         )
 
     @torch.no_grad()
-    def postprocess(self, outputs: dict[str, list[Tensor]], image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    def postprocess(
+        self, outputs: dict[str, list[Tensor]], image_sizes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
         """score = sqrt(sigmoid(cls) * sigmoid(centerness)), candidates sigmoid(cls) > score_thresh."""
         scores, candidates, boxes = [], [], []
         for logits, reg, ctr, anchors in zip(
@@ -179,7 +174,8 @@ class ATSSHead(nn.Module):
             deltas = flatten_level(reg, 4)  # (B, P, 4)
             scores.append((cls * centerness).sqrt())
             candidates.append(cls > self.score_thresh)
-            boxes.append(self.box_coder.decode(deltas.flatten(0, 1), anchors.repeat(len(deltas), 1)).view_as(deltas))
+            decoded = self.box_coder.decode(deltas.flatten(0, 1), anchors.repeat(len(deltas), 1))
+            boxes.append(decoded.view_as(deltas))
         return postprocess_dense(
             scores, candidates, boxes, image_sizes, self.pre_nms_top_n, self.nms_thresh, self.detections_per_img
         )

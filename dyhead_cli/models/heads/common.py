@@ -43,7 +43,9 @@ __all__ = [
     "init_conv",
     "mean_over_processes",
     "num_positives",
+    "one_hot_targets",
     "postprocess_dense",
+    "predictor",
     "select_topk",
 ]
 
@@ -57,19 +59,29 @@ def init_conv(conv: nn.Conv2d, bias: float = 0.0) -> None:
     nn.init.constant_(conv.bias, bias)
 
 
-def conv_tower(channels: int, num_convs: int) -> nn.Sequential:
-    """``num_convs`` x [3x3 conv, GroupNorm(32), ReLU]; empty (the identity) when ``num_convs`` is 0.
+def conv_tower(channels: int, num_convs: int, norm: str = "gn") -> nn.Sequential:
+    """``num_convs`` x [3x3 conv, GroupNorm(32) (``norm="gn"``; ``"none"`` for detectron2's RetinaNet), ReLU].
 
-    With DyHead the official ATSS uses no tower (the DyHead blocks are the tower); the plain detectors use 4.
+    Empty (the identity) when ``num_convs`` is 0: with DyHead the official ATSS has no tower, the DyHead
+    blocks are the tower; the plain detectors use 4.
     """
-    if num_convs > 0 and channels % 32 != 0:
-        raise DyheadError(f"head_options.num_convs > 0 needs fpn.channels divisible by 32 (GroupNorm(32)), got {channels}")
+    if norm not in ("gn", "none"):
+        raise DyheadError(f"head tower norm must be 'gn' or 'none', got {norm!r}")
+    if num_convs > 0 and norm == "gn" and channels % 32 != 0:
+        raise DyheadError(f"head_options.num_convs > 0 needs fpn.channels divisible by 32 (GroupNorm), got {channels}")
     layers: list[nn.Module] = []
     for _ in range(num_convs):
         conv = nn.Conv2d(channels, channels, 3, padding=1)
         init_conv(conv)
-        layers += [conv, nn.GroupNorm(32, channels), nn.ReLU()]
+        layers += [conv, nn.GroupNorm(32, channels), nn.ReLU()] if norm == "gn" else [conv, nn.ReLU()]
     return nn.Sequential(*layers)
+
+
+def predictor(in_channels: int, out_channels: int, kernel_size: int, bias: float = 0.0) -> nn.Conv2d:
+    """A prediction conv (1x1 in the official ATSS/DyHead head, 3x3 elsewhere), N(0, 0.01) init."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+    init_conv(conv, bias)
+    return conv
 
 
 class Scale(nn.Module):
@@ -205,6 +217,27 @@ def check_targets(targets: list[dict[str, Tensor]], num_classes: int) -> None:
             raise DyheadError(f"target boxes must be (N, 4) with N = len(labels), got {tuple(t['boxes'].shape)}")
 
 
+def one_hot_targets(
+    matches: list[Tensor], targets: list[dict[str, Tensor]], num_classes: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Turn per-image assignments into loss targets.
+
+    matches[i]: (N,) matched GT index per anchor/point of image i (>= 0 positive, < 0 background/ignored).
+    Returns one-hot class targets (B, N, K), and for the M positives of the batch: image index (M,),
+    anchor index (M,) and GT box (M, 4).
+    """
+    cls_targets = torch.zeros(len(matches), matches[0].shape[0], num_classes, device=matches[0].device)
+    images, anchors, boxes = [], [], []
+    for i, (matched, target) in enumerate(zip(matches, targets)):
+        pos = (matched >= 0).nonzero().squeeze(1)
+        gt = matched[pos]
+        cls_targets[i, pos, target["labels"].to(pos.device)[gt]] = 1.0
+        images.append(torch.full_like(pos, i))
+        anchors.append(pos)
+        boxes.append(target["boxes"].to(cls_targets)[gt])
+    return cls_targets, torch.cat(images), torch.cat(anchors), torch.cat(boxes)
+
+
 def num_positives(count: int, device: torch.device) -> float:
     """The loss normaliser: positives averaged over processes, at least 1 (an image may have no objects)."""
     return max(mean_over_processes(torch.tensor(float(count), device=device)), 1.0)
@@ -266,7 +299,7 @@ def postprocess_dense(
     nms_thresh: float,
     detections_per_img: int,
 ) -> list[dict[str, Tensor]]:
-    """Per level top-``pre_nms_top_n`` candidates, then per image clip + class-wise NMS + cap.
+    """Per level top-``pre_nms_top_n`` candidates, then per image class-wise NMS, cap and clip.
 
     Per level: scores (B, P, K) used for ranking, candidates (B, P, K) bool (score threshold),
     boxes (B, P, 4) decoded for every location. Returns per image {"boxes", "scores", "labels"}.
@@ -296,7 +329,11 @@ def finalize_detections(
     nms_thresh: float,
     detections_per_img: int,
 ) -> dict[str, Tensor]:
-    """Clip to the image (h, w), class-wise NMS, keep the ``detections_per_img`` best (sorted by score)."""
-    boxes = clip_boxes_to_image(boxes.float(), image_size)
-    keep = batched_nms(boxes, scores.float(), labels, nms_thresh)[:detections_per_img]
-    return {"boxes": boxes[keep], "scores": scores[keep].float(), "labels": labels[keep].long()}
+    """Class-wise NMS, keep the ``detections_per_img`` best, clip to the image (h, w), drop empty boxes.
+
+    The order is detectron2's (the official DyHead code): NMS sees the unclipped boxes.
+    """
+    keep = batched_nms(boxes.float(), scores.float(), labels, nms_thresh)[:detections_per_img]  # by score
+    boxes = clip_boxes_to_image(boxes[keep].float(), image_size)
+    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return {"boxes": boxes[nonempty], "scores": scores[keep][nonempty].float(), "labels": labels[keep][nonempty].long()}

@@ -23,13 +23,15 @@ from dyhead_cli.models.heads.common import (
     flatten_level,
     focal_giou_centerness_losses,
     grid_centers,
-    init_conv,
+    one_hot_targets,
     postprocess_dense,
+    predictor,
 )
 from dyhead_cli.recipe import ModelConfig
 
 INF = float("inf")
-# Regression size ranges for P3..P7: the largest of (l, t, r, b) must fall in (low, high].
+# Regression size ranges for P3..P7: the largest of (l, t, r, b) must fall in [low, high] (the official
+# inclusive bounds: a distance of exactly 64 is a candidate on P3 and P4).
 SIZE_RANGES = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, INF))
 
 
@@ -56,7 +58,7 @@ def fcos_assign(
     else:
         inside = ltrb.amin(dim=2) > 0
     reach = ltrb.amax(dim=2)  # (P, G)
-    in_range = (reach > size_ranges[:, None, 0]) & (reach <= size_ranges[:, None, 1])
+    in_range = (reach >= size_ranges[:, None, 0]) & (reach <= size_ranges[:, None, 1])
 
     areas = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])  # (G,)
     areas = torch.where(inside & in_range, areas[None, :], torch.full_like(reach, INF))  # (P, G)
@@ -82,6 +84,8 @@ class FCOSHead(nn.Module):
         nms_thresh: float = 0.6,
         pre_nms_top_n: int = 1000,
         detections_per_img: int = 100,
+        pred_kernel_size: int = 3,
+        tower_norm: str = "gn",
     ) -> None:
         super().__init__()
         if len(size_ranges) != len(strides):
@@ -94,18 +98,19 @@ class FCOSHead(nn.Module):
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.pre_nms_top_n, self.detections_per_img = pre_nms_top_n, detections_per_img
 
-        self.cls_tower = conv_tower(in_channels, num_convs)
-        self.bbox_tower = conv_tower(in_channels, num_convs)
-        self.cls_logits = nn.Conv2d(in_channels, num_classes, 3, padding=1)
-        self.bbox_pred = nn.Conv2d(in_channels, 4, 3, padding=1)
-        self.centerness = nn.Conv2d(in_channels, 1, 3, padding=1)
-        init_conv(self.cls_logits, bias=-math.log((1 - prior_prob) / prior_prob))
-        init_conv(self.bbox_pred)
-        init_conv(self.centerness)
+        self.cls_tower = conv_tower(in_channels, num_convs, tower_norm)
+        self.bbox_tower = conv_tower(in_channels, num_convs, tower_norm)
+        k = pred_kernel_size
+        self.cls_logits = predictor(in_channels, num_classes, k, bias=-math.log((1 - prior_prob) / prior_prob))
+        self.bbox_pred = predictor(in_channels, 4, k)
+        self.centerness = predictor(in_channels, 1, k)
         self.scales = nn.ModuleList(Scale() for _ in self.strides)
 
     def forward(self, features: list[Tensor]) -> dict[str, list[Tensor]]:
-        """Levels (B, C, H, W) -> {"cls_logits": (B, K, H, W), "bbox_reg": (B, 4, H, W) ltrb/stride >= 0, "centerness": (B, 1, H, W)}."""
+        """Levels (B, C, H, W) -> {"cls_logits": (B, K, H, W), "bbox_reg": (B, 4, H, W), "centerness": (B, 1, H, W)}.
+
+        bbox_reg holds (l, t, r, b) / stride >= 0.
+        """
         out: dict[str, list[Tensor]] = {"cls_logits": [], "bbox_reg": [], "centerness": []}
         for x, scale in zip(features, self.scales):
             box_feat = self.bbox_tower(x)
@@ -136,18 +141,9 @@ class FCOSHead(nn.Module):
         bbox_reg = torch.cat([flatten_level(x, 4) for x in outputs["bbox_reg"]], 1).float()  # (B, N, 4)
         ctr_logits = torch.cat([flatten_level(x, 1) for x in outputs["centerness"]], 1).float()[..., 0]  # (B, N)
 
-        cls_targets = torch.zeros_like(cls_logits)
-        pos_images, pos_points, pos_gt_boxes = [], [], []
-        for i, target in enumerate(targets):
-            gt_boxes = target["boxes"].to(points)
-            matched = fcos_assign(points, strides, ranges, gt_boxes, self.center_sampling_radius)
-            pos = (matched >= 0).nonzero().squeeze(1)
-            cls_targets[i, pos, target["labels"].to(pos.device)[matched[pos]]] = 1.0
-            pos_images.append(torch.full_like(pos, i))
-            pos_points.append(pos)
-            pos_gt_boxes.append(gt_boxes[matched[pos]])
-        img, idx = torch.cat(pos_images), torch.cat(pos_points)
-        gt = torch.cat(pos_gt_boxes)
+        r = self.center_sampling_radius
+        matches = [fcos_assign(points, strides, ranges, t["boxes"].to(points), r) for t in targets]
+        cls_targets, img, idx, gt = one_hot_targets(matches, targets, self.num_classes)
         return focal_giou_centerness_losses(
             cls_logits.flatten(0, 1),
             cls_targets.flatten(0, 1),
@@ -160,7 +156,9 @@ class FCOSHead(nn.Module):
         )
 
     @torch.no_grad()
-    def postprocess(self, outputs: dict[str, list[Tensor]], image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    def postprocess(
+        self, outputs: dict[str, list[Tensor]], image_sizes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
         """score = sqrt(sigmoid(cls) * sigmoid(centerness)), candidates sigmoid(cls) > score_thresh."""
         scores, candidates, boxes = [], [], []
         for logits, reg, ctr, points, stride in zip(
@@ -171,7 +169,8 @@ class FCOSHead(nn.Module):
             distances = flatten_level(reg, 4)  # (B, P, 4)
             scores.append((cls * centerness).sqrt())
             candidates.append(cls > self.score_thresh)
-            boxes.append(decode_ltrb(points.repeat(len(distances), 1), distances.flatten(0, 1), stride).view_as(distances))
+            decoded = decode_ltrb(points.repeat(len(distances), 1), distances.flatten(0, 1), stride)
+            boxes.append(decoded.view_as(distances))
         return postprocess_dense(
             scores, candidates, boxes, image_sizes, self.pre_nms_top_n, self.nms_thresh, self.detections_per_img
         )

@@ -4,7 +4,8 @@
 centred at (j * stride, i * stride) (detectron2's default offset 0). IoU >= 0.5 positive, < 0.4 negative,
 in between ignored, and each GT's best anchors are positive too (low-quality matches). Deltas use
 weights (1, 1, 1, 1); the box loss is GIoU on decoded boxes or smooth L1 on the deltas (the official
-DyHead config sets beta = 0, i.e. L1).
+DyHead config sets beta = 0, i.e. L1). Losses are divided by this batch's positives (detectron2 divides
+by a running average of that count, a training-dynamics detail that does not change the model).
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from dyhead_cli.models.heads.common import (
     conv_tower,
     flatten_level,
     grid_centers,
-    init_conv,
     num_positives,
+    one_hot_targets,
     postprocess_dense,
+    predictor,
 )
 from dyhead_cli.recipe import ModelConfig
 
@@ -77,6 +79,7 @@ class RetinaNetHead(nn.Module):
         num_convs: int = 4,
         prior_prob: float = 0.01,
         anchor_scale: float = 4.0,
+        anchor_offset: float = 0.0,
         scales: tuple[float, ...] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)),
         aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
         fg_iou: float = 0.5,
@@ -89,13 +92,15 @@ class RetinaNetHead(nn.Module):
         nms_thresh: float = 0.5,
         pre_nms_top_n: int = 1000,
         detections_per_img: int = 100,
+        pred_kernel_size: int = 3,
+        tower_norm: str = "gn",
     ) -> None:
         super().__init__()
         if box_loss not in ("giou", "smooth_l1"):
             raise DyheadError(f"RetinaNet box_loss must be 'giou' or 'smooth_l1', got {box_loss!r}")
         self.num_classes = num_classes
         self.strides = tuple(strides)
-        self.anchor_scale = anchor_scale
+        self.anchor_scale, self.anchor_offset = anchor_scale, anchor_offset
         self.scales, self.aspect_ratios = tuple(scales), tuple(aspect_ratios)
         self.num_anchors = len(self.scales) * len(self.aspect_ratios)
         self.fg_iou, self.bg_iou = fg_iou, bg_iou
@@ -105,12 +110,11 @@ class RetinaNetHead(nn.Module):
         self.pre_nms_top_n, self.detections_per_img = pre_nms_top_n, detections_per_img
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
 
-        self.cls_tower = conv_tower(in_channels, num_convs)
-        self.bbox_tower = conv_tower(in_channels, num_convs)
-        self.cls_logits = nn.Conv2d(in_channels, self.num_anchors * num_classes, 3, padding=1)
-        self.bbox_pred = nn.Conv2d(in_channels, self.num_anchors * 4, 3, padding=1)
-        init_conv(self.cls_logits, bias=-math.log((1 - prior_prob) / prior_prob))
-        init_conv(self.bbox_pred)
+        self.cls_tower = conv_tower(in_channels, num_convs, tower_norm)
+        self.bbox_tower = conv_tower(in_channels, num_convs, tower_norm)
+        k, a = pred_kernel_size, self.num_anchors
+        self.cls_logits = predictor(in_channels, a * num_classes, k, bias=-math.log((1 - prior_prob) / prior_prob))
+        self.bbox_pred = predictor(in_channels, a * 4, k)
 
     def forward(self, features: list[Tensor]) -> dict[str, list[Tensor]]:
         """Levels (B, C, H, W) -> {"cls_logits": (B, A*K, H, W), "bbox_reg": (B, A*4, H, W)}."""
@@ -124,7 +128,8 @@ class RetinaNetHead(nn.Module):
         anchors = []
         for x, stride in zip(outputs["cls_logits"], self.strides):
             sizes = cell_anchor_sizes(self.anchor_scale * stride, self.scales, self.aspect_ratios).to(x.device)
-            anchors.append(anchors_from_centers(grid_centers(x.shape[-2:], stride, 0.0, x.device), sizes))
+            centers = grid_centers(x.shape[-2:], stride, self.anchor_offset, x.device)
+            anchors.append(anchors_from_centers(centers, sizes))
         return anchors
 
     def loss(
@@ -136,20 +141,10 @@ class RetinaNetHead(nn.Module):
         cls_logits = torch.cat([flatten_level(x, self.num_classes) for x in outputs["cls_logits"]], 1).float()
         bbox_reg = torch.cat([flatten_level(x, 4) for x in outputs["bbox_reg"]], 1).float()  # (B, N, 4)
 
-        cls_targets = torch.zeros_like(cls_logits)
-        valid = torch.ones(cls_logits.shape[:2], dtype=torch.bool, device=cls_logits.device)  # (B, N)
-        pos_images, pos_anchors, pos_gt_boxes = [], [], []
-        for i, target in enumerate(targets):
-            gt_boxes = target["boxes"].to(anchors)
-            matched = retinanet_match(anchors, gt_boxes, self.fg_iou, self.bg_iou)
-            pos = (matched >= 0).nonzero().squeeze(1)
-            cls_targets[i, pos, target["labels"].to(pos.device)[matched[pos]]] = 1.0
-            valid[i] = matched != IGNORE
-            pos_images.append(torch.full_like(pos, i))
-            pos_anchors.append(pos)
-            pos_gt_boxes.append(gt_boxes[matched[pos]])
-        img, idx = torch.cat(pos_images), torch.cat(pos_anchors)
-        gt, anchors_pos, deltas = torch.cat(pos_gt_boxes), anchors[idx], bbox_reg[img, idx]
+        matches = [retinanet_match(anchors, t["boxes"].to(anchors), self.fg_iou, self.bg_iou) for t in targets]
+        cls_targets, img, idx, gt = one_hot_targets(matches, targets, self.num_classes)
+        valid = torch.stack(matches) != IGNORE  # (B, N)
+        anchors_pos, deltas = anchors[idx], bbox_reg[img, idx]
 
         num_pos = num_positives(len(idx), cls_logits.device)
         loss_cls = sigmoid_focal_loss(
@@ -158,14 +153,17 @@ class RetinaNetHead(nn.Module):
         if len(idx) == 0:
             loss_box = deltas.sum() * 0.0  # 0, and still part of the graph
         elif self.box_loss == "giou":
-            loss_box = generalized_box_iou_loss(self.box_coder.decode(deltas, anchors_pos), gt, reduction="sum") / num_pos
+            pred_boxes = self.box_coder.decode(deltas, anchors_pos)
+            loss_box = generalized_box_iou_loss(pred_boxes, gt, reduction="sum") / num_pos
         else:
             target_deltas = self.box_coder.encode(anchors_pos, gt)
             loss_box = F.smooth_l1_loss(deltas, target_deltas, beta=self.smooth_l1_beta, reduction="sum") / num_pos
         return {"loss_cls": loss_cls, "loss_box": loss_box}
 
     @torch.no_grad()
-    def postprocess(self, outputs: dict[str, list[Tensor]], image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    def postprocess(
+        self, outputs: dict[str, list[Tensor]], image_sizes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
         """score = sigmoid(cls); candidates above score_thresh."""
         scores, candidates, boxes = [], [], []
         for logits, reg, anchors in zip(outputs["cls_logits"], outputs["bbox_reg"], self.anchors(outputs)):
@@ -173,7 +171,8 @@ class RetinaNetHead(nn.Module):
             deltas = flatten_level(reg, 4)  # (B, P*A, 4)
             scores.append(cls)
             candidates.append(cls > self.score_thresh)
-            boxes.append(self.box_coder.decode(deltas.flatten(0, 1), anchors.repeat(len(deltas), 1)).view_as(deltas))
+            decoded = self.box_coder.decode(deltas.flatten(0, 1), anchors.repeat(len(deltas), 1))
+            boxes.append(decoded.view_as(deltas))
         return postprocess_dense(
             scores, candidates, boxes, image_sizes, self.pre_nms_top_n, self.nms_thresh, self.detections_per_img
         )
