@@ -1,0 +1,237 @@
+"""The fast deformable conv and the fast DyHead tower against torchvision's op (the oracle)."""
+import pytest
+import torch
+from torchvision.ops import deform_conv2d
+
+from dyhead_cli.models.convert import convert_dyhead
+from dyhead_cli.models.deform import deform_conv2d_fast
+from dyhead_cli.models.dyhead import DyHead
+
+from test_dyhead import load_fixture
+
+# (batch, channels, H, W, stride, out channels): odd sizes, stride 2, 1-pixel-wide maps
+CASES = [
+    (2, 4, 24, 23, 1, 3),  # 1104 output positions: several gather + GEMM chunks
+    (2, 8, 7, 9, 1, 5),
+    (2, 8, 7, 9, 2, 5),
+    (1, 4, 1, 1, 1, 3),
+    (1, 4, 1, 1, 2, 3),
+    (1, 4, 1, 6, 1, 3),
+    (3, 6, 5, 1, 2, 4),
+    (1, 16, 12, 10, 2, 8),
+]
+
+
+def conv_inputs(b, c, h, w, stride, c_out, offset_scale=3.0, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
+    x = torch.randn(b, c, h, w, generator=g, dtype=dtype)
+    offset = torch.randn(b, 18, oh, ow, generator=g, dtype=dtype) * offset_scale
+    mask = torch.rand(b, 9, oh, ow, generator=g, dtype=dtype)
+    weight = torch.randn(c_out, c, 3, 3, generator=g, dtype=dtype)
+    bias = torch.randn(c_out, generator=g, dtype=dtype)
+    return x, offset, weight, bias, mask
+
+
+def border_offsets(b, oh, ow, h, w, stride, dtype=torch.float32, seed=0):
+    """Offsets putting every sample exactly on -1, 0, H-1, H (and W's) or far outside, or integer steps."""
+    g = torch.Generator().manual_seed(seed)
+    oy = torch.arange(oh).view(oh, 1, 1) * stride - 1 + torch.arange(3).view(1, 1, 3).repeat_interleave(3, -1)
+    ox = torch.arange(ow).view(1, ow, 1) * stride - 1 + torch.arange(3).repeat(3).view(1, 1, 9)
+    targets_y = torch.tensor([-1.0, 0.0, h - 1.0, float(h), -1e4, 1e4, -1.5, h - 0.5])
+    targets_x = torch.tensor([-1.0, 0.0, w - 1.0, float(w), 1e4, -1e4, w - 0.5, -0.5])
+    pick = torch.randint(0, len(targets_y), (b, oh, ow, 9), generator=g)
+    dy = targets_y[pick] - oy
+    dx = targets_x[torch.randint(0, len(targets_x), (b, oh, ow, 9), generator=g)] - ox
+    integer = torch.randint(-2, 3, (b, oh, ow, 9, 2), generator=g).to(dtype)
+    use_int = torch.rand(b, oh, ow, 9, 1, generator=g) < 0.3
+    off = torch.where(use_int, integer, torch.stack([dy, dx], -1).to(dtype))
+    # (B, h, w, 9, 2) -> (B, 18, h, w)
+    return off.reshape(b, oh, ow, 18).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("with_mask", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fast_conv_matches_torchvision(case, with_mask, with_bias):
+    x, offset, weight, bias, mask = conv_inputs(*case)
+    stride = case[4]
+    bias = bias if with_bias else None
+    mask = mask if with_mask else None
+    want = deform_conv2d(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
+    got = deform_conv2d_fast(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fast_conv_samples_exactly_on_and_beyond_borders(case):
+    b, c, h, w, stride, c_out = case
+    x, _, weight, bias, mask = conv_inputs(*case)
+    offset = border_offsets(b, mask.shape[2], mask.shape[3], h, w, stride)
+    want = deform_conv2d(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
+    got = deform_conv2d_fast(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
+    assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("padding", [0, 2])
+def test_fast_conv_other_padding(padding):
+    x, _, weight, bias, _ = conv_inputs(2, 4, 8, 7, 1, 3)
+    oh, ow = 8 + 2 * padding - 2, 7 + 2 * padding - 2
+    offset = torch.randn(2, 18, oh, ow) * 2
+    mask = torch.rand(2, 9, oh, ow)
+    want = deform_conv2d(x, offset, weight, bias, padding=padding, mask=mask)
+    got = deform_conv2d_fast(x, offset, weight, bias, padding=padding, mask=mask)
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def grads(fn, x, offset, weight, bias, mask, stride):
+    leaves = [t.clone().requires_grad_() for t in (x, offset, weight, bias, mask)]
+    x, offset, weight, bias, mask = leaves
+    y = fn(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
+    g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)
+    (y * g).sum().backward()
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("case", CASES[:3] + CASES[5:7])
+@pytest.mark.parametrize("offsets", ["random", "zero", "integer", "borders"])
+def test_fast_conv_gradients_match_torchvision(case, offsets):
+    """Input, offset, weight, bias and mask gradients, in float64, incl. samples exactly on pixels."""
+    b, c, h, w, stride, c_out = case
+    x, offset, weight, bias, mask = conv_inputs(*case, dtype=torch.float64)
+    if offsets == "zero":
+        offset = torch.zeros_like(offset)  # zero-initialised offset convs: taps exactly on -1 and H
+    elif offsets == "integer":
+        offset = offset.round()
+    elif offsets == "borders":
+        offset = border_offsets(b, mask.shape[2], mask.shape[3], h, w, stride, dtype=torch.float64)
+    want = grads(deform_conv2d, x, offset, weight, bias, mask, stride)
+    got = grads(deform_conv2d_fast, x, offset, weight, bias, mask, stride)
+    for name, a, e in zip(("input", "offset", "weight", "bias", "mask"), got, want):
+        assert (a - e).abs().max().item() < 1e-9, name
+
+
+def test_fast_conv_float32_gradients_and_no_mask():
+    x, offset, weight, bias, _ = conv_inputs(2, 8, 9, 7, 2, 6)
+    leaves = lambda: [t.clone().requires_grad_() for t in (x, offset, weight, bias)]  # noqa: E731
+    outs = []
+    for fn in (deform_conv2d, deform_conv2d_fast):
+        ts = leaves()
+        fn(ts[0], ts[1], ts[2], ts[3], stride=2, padding=1).square().sum().backward()
+        outs.append([t.grad for t in ts])
+    for a, e in zip(*outs):
+        assert (a - e).abs().max().item() < 1e-3 * max(1.0, e.abs().max().item())
+
+
+def test_fast_conv_under_cpu_autocast_computes_in_float32():
+    x, offset, weight, bias, mask = conv_inputs(1, 8, 6, 6, 1, 4)
+    want = deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = deform_conv2d_fast(x, offset.bfloat16(), weight, bias, padding=1, mask=mask)
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()  # bf16 offsets only
+
+
+def test_other_kernel_sizes_go_to_torchvision():
+    x = torch.randn(1, 4, 6, 6)
+    weight = torch.randn(3, 4, 1, 1)
+    offset = torch.randn(1, 2, 6, 6)
+    assert torch.equal(deform_conv2d_fast(x, offset, weight, padding=0), deform_conv2d(x, offset, weight, padding=0))
+
+
+def perturbed_tower(channels, blocks, mode, in_channels=None, seed=0):
+    torch.manual_seed(seed)
+    tower = DyHead(channels, blocks, offset_mode=mode, in_channels=in_channels)
+    # Make sampling move (offsets of a few pixels) and the attention layers matter, away from the
+    # ReLU kinks (a zero GroupNorm bias puts the scale attention's pre-activation exactly at 0).
+    for block in tower.blocks:
+        torch.nn.init.normal_(block.offset.weight, 0.0, 0.05)
+        torch.nn.init.normal_(block.offset.bias, 0.0, 0.5)
+        torch.nn.init.normal_(block.scale_attn.weight, 0.0, 0.2)
+        torch.nn.init.constant_(block.scale_attn.bias, 0.5)
+        torch.nn.init.normal_(block.task_attn.fc2.weight, 0.0, 0.2)
+        for conv in (block.spatial_high, block.spatial_mid, block.spatial_low):
+            torch.nn.init.normal_(conv.bias, 0.0, 0.1)
+            torch.nn.init.normal_(conv.norm.weight, 1.0, 0.2)
+            torch.nn.init.normal_(conv.norm.bias, 0.0, 0.2)
+    return tower
+
+
+def pyramid(batch, channels, sizes, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, channels, h, w, generator=g, dtype=dtype) for h, w in sizes]
+
+
+TOWER_CASES = [  # (batch, channels, in_channels, level sizes)
+    (1, 32, None, [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]),
+    (2, 32, 48, [(13, 17), (7, 9), (4, 5), (2, 3), (1, 2)]),
+    (3, 16, None, [(10, 7), (5, 4), (3, 2)]),
+    (1, 48, None, [(9, 9)]),
+]
+
+
+@pytest.mark.parametrize("mode", ["official", "mmdet", "aligned"])
+@pytest.mark.parametrize("case", TOWER_CASES)
+def test_fast_tower_matches_reference(mode, case):
+    batch, channels, in_channels, sizes = case
+    tower = perturbed_tower(channels, 2, mode, in_channels)
+    feats = pyramid(batch, in_channels or channels, sizes)
+    with torch.no_grad():
+        want = tower.set_impl("reference")(feats)
+        got = tower.set_impl("fast")(feats)
+    assert len(got) == len(want)
+    for a, e in zip(got, want):
+        assert a.shape == e.shape and a.is_contiguous()
+        assert (a - e).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["official", "mmdet", "aligned"])
+def test_fast_tower_gradients_match_reference(mode):
+    tower = perturbed_tower(16, 2, mode).double()
+    feats = pyramid(2, 16, [(9, 11), (5, 6), (3, 3)], dtype=torch.float64)
+    results = []
+    for impl in ("reference", "fast"):
+        tower.zero_grad()
+        xs = [f.clone().requires_grad_() for f in feats]
+        out = tower.set_impl(impl)(xs)
+        sum((o * torch.cos(o)).sum() for o in out).backward()
+        results.append(([x.grad for x in xs], {n: p.grad.clone() for n, p in tower.named_parameters()}))
+    (gx_ref, gp_ref), (gx_fast, gp_fast) = results
+    for a, e in zip(gx_fast, gx_ref):
+        assert (a - e).abs().max().item() < 1e-8
+    for name, e in gp_ref.items():
+        assert (gp_fast[name] - e).abs().max().item() < 1e-8 * max(1.0, e.abs().max().item()), name
+
+
+@pytest.mark.parametrize("source", ["official", "mmdet"])
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_parity_fixtures_through_each_impl(source, impl):
+    meta, state, inputs, outputs = load_fixture(source)
+    tower = DyHead(int(meta["channels"]), int(meta["num_blocks"]), offset_mode=source)
+    tower.load_state_dict(convert_dyhead(state, source), strict=True)
+    with torch.no_grad():
+        ours = tower.eval().set_impl(impl)(inputs)
+    for a, b in zip(ours, outputs):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() < 1e-4
+
+
+def test_fast_tower_under_cpu_autocast_runs():
+    tower = perturbed_tower(16, 1, "official")
+    feats = pyramid(1, 16, [(8, 8), (4, 4), (2, 2)])
+    with torch.no_grad():
+        want = tower.set_impl("fast")(feats)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = tower(feats)
+    for a, e in zip(got, want):
+        assert a.shape == e.shape and torch.isfinite(a).all()
+        assert (a.float() - e).abs().max().item() < 0.25
+
+
+def test_set_impl_checks_its_argument_and_state_dict_is_unchanged():
+    tower = DyHead(16, 1)
+    keys = list(tower.state_dict())
+    with pytest.raises(ValueError, match="impl must be one of"):
+        tower.set_impl("cuda")
+    assert tower.set_impl("reference") is tower and list(tower.state_dict()) == keys
