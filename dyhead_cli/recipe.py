@@ -28,12 +28,17 @@ class BackboneConfig:
     img_size: list[int] = field(default_factory=list)  # [H, W] for models that need it (Swin); [] = none
     frozen_stages: int = 0  # stem + this many stages get requires_grad=False (detectron2's freeze_at)
     norm_eval: bool = False  # keep BatchNorm in eval mode while training (frozen statistics)
+    # MSRA/caffe ResNets (detectron2's STRIDE_IN_1X1, MMDetection style='caffe') put each stage's stride in
+    # the first 1x1 conv of its first bottleneck; timm puts it in the 3x3. Bottleneck ResNets/ResNeXts only.
+    stride_in_1x1: bool = False
+    out_norm: bool = False  # a LayerNorm on each output level C3..C5 (detection Swins: norm1..norm3)
 
 
 @dataclass
 class FPNConfig:
     channels: int = 256
     extra_from: str = "p5"  # P6 is computed from "p5" (FCOS/ATSS, DyHead) or "c5" (RetinaNet)
+    p7_relu: bool = True  # P7 = conv(relu(P6)) as torchvision/detectron2; false: conv(P6) (MMDetection)
 
 
 @dataclass
@@ -55,11 +60,17 @@ class HeadOptions:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     box_loss: str = "giou"  # RetinaNet: "giou" | "smooth_l1"
+    smooth_l1_beta: float = 0.0  # RetinaNet with box_loss = "smooth_l1" (0 = L1, the official DyHead config)
+    box_loss_weight: float = 2.0  # ATSS: weight of the GIoU loss (the official REG_LOSS_WEIGHT)
     center_sampling_radius: float = 1.5  # FCOS
     score_thresh: float = 0.05
     nms_thresh: float = 0.6
     pre_nms_top_n: int = 1000
     detections_per_img: int = 100
+    # Per-head defaults: TOML has no null, so a sentinel means "the head's own default".
+    anchor_offset: float = -1.0  # anchor centres at (i + offset) * stride; < 0 = head default (ATSS 0.5, RetinaNet 0)
+    pred_kernel_size: int = 0  # predictor conv kernel; 0 = head default (ATSS 1, FCOS/RetinaNet 3)
+    tower_norm: str = "gn"  # norm in the num_convs tower convs: "gn" | "none" (detectron2's RetinaNet)
 
 
 @dataclass
@@ -224,6 +235,7 @@ CHOICES = {
     "model.dyhead.offset_mode": ("official", "mmdet", "aligned"),
     "model.dyhead.impl": ("fast", "reference"),
     "model.head_options.box_loss": ("giou", "smooth_l1"),
+    "model.head_options.tower_norm": ("gn", "none"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("step", "cosine"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
@@ -250,6 +262,13 @@ def validate(recipe: Recipe) -> Recipe:
         )
     if m.dyhead.num_blocks < 0:
         raise DyheadError("recipe key 'model.dyhead.num_blocks' must be >= 0")
+    o = m.head_options
+    if o.pred_kernel_size < 0 or (o.pred_kernel_size > 0 and o.pred_kernel_size % 2 == 0):
+        raise DyheadError(f"model.head_options.pred_kernel_size must be odd (or 0: the head's default), got {o.pred_kernel_size}")
+    if o.anchor_offset >= 1.0 or (o.anchor_offset < 0 and o.anchor_offset != -1.0):
+        raise DyheadError(f"model.head_options.anchor_offset must be in [0, 1) (or -1: the head's default), got {o.anchor_offset}")
+    if o.smooth_l1_beta < 0:
+        raise DyheadError("model.head_options.smooth_l1_beta must be >= 0")
     if len(m.pixel_mean) != 3 or len(m.pixel_std) != 3:
         raise DyheadError("model.pixel_mean and model.pixel_std need 3 values each")
     if recipe.train.batch_size < 1 or recipe.train.grad_accum < 1:

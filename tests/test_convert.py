@@ -346,3 +346,40 @@ def test_official_retinanet_dyhead_needs_a_norm_free_tower():
     assert conv.model["head"] == "retinanet" and conv.model["head_options"]["nms_thresh"] == 0.5
     assert conv.model["fpn"]["extra_from"] == "p5"  # the DyHead RetinaNet builds P6 from P5
     rebuild(conv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# with the architecture options in the recipe, the published ResNet models convert faithfully
+
+
+def test_published_r50_models_convert_without_approximations(tmp_path):
+    official = atss_r50_dyhead("official")
+    conv = convert_state_dict(official, "official")
+    assert conv.gaps == []
+    m = conv.model
+    assert m["backbone"]["stride_in_1x1"] is True and m["backbone"]["out_norm"] is False and m["fpn"]["p7_relu"] is True
+    assert (m["head_options"]["anchor_offset"], m["head_options"]["pred_kernel_size"]) == (0.5, 1)
+    model = rebuild(conv)
+    assert model.backbone.body.layer2[0].conv1.stride == (2, 2) and model.backbone.body.layer2[0].conv2.stride == (1, 1)
+
+    meta = {"config": REPRO_CONFIG, "mmdet_version": "2.20.0", "CLASSES": COCO_CLASSES}
+    conv = convert_state_dict(atss_r50_dyhead("mmdet", seed=1), "mmdet", meta)
+    assert conv.gaps == []
+    assert conv.model["backbone"]["stride_in_1x1"] is True and conv.model["fpn"]["p7_relu"] is False
+    assert conv.model["head_options"]["anchor_offset"] == 0.5 and conv.model["head_options"]["pred_kernel_size"] == 1
+
+    # into our own recipe: "the head's default" sentinels resolve (ATSS: offset 0.5, 1x1), only the stride differs
+    ours = to_dict(load_recipe("recipes/atss_r50_dyhead_1x_coco.toml").model)
+    conv = convert_state_dict(official, "official", model=ours)
+    assert [(g.key, g.reference, g.ours) for g in conv.gaps] == [("backbone.stride_in_1x1", True, False)]
+
+    # the command line: no --approximate needed, the written recipe records the options
+    src, dst = tmp_path / "atss_r50_dyhead.pth", tmp_path / "atss_r50_dyhead.safetensors"
+    torch.save({"model": official}, src)
+    result = CliRunner().invoke(app, ["convert", str(src), str(dst), "--from", "official"])
+    assert result.exit_code == 0, result.output
+    state, meta = load_weights(dst)
+    assert meta["converted_from"]["approximations"] == []
+    recipe = load_recipe(dst.with_suffix(".toml"))
+    assert recipe.model.backbone.stride_in_1x1 is True and recipe.model.head_options.anchor_offset == 0.5
+    load_model_weights(build_model(recipe.model), state)  # strict

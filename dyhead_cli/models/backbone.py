@@ -41,6 +41,28 @@ def create_features_model(name: str, pretrained: bool, pretrained_file: str, img
         raise DyheadError(f"could not load pretrained weights for '{name}': {str(e).splitlines()[0]}") from None
 
 
+def move_stride_to_1x1(body: nn.Module, name: str) -> None:
+    """MSRA/caffe-style ResNet: each stage's stride moves from the first bottleneck's 3x3 conv to its 1x1 conv1.
+
+    Same parameters (padding unchanged: a 1x1 conv has none, the 3x3 keeps its 1), different features.
+    """
+    from timm.models.resnet import Bottleneck
+
+    stages = [getattr(body, f"layer{i}", None) for i in range(1, 5)]
+    stages = [s for s in stages if s is not None]
+    if not stages or not all(isinstance(s[0], Bottleneck) for s in stages):
+        raise DyheadError(
+            f"backbone.stride_in_1x1 needs a bottleneck ResNet/ResNeXt (timm resnet50, resnext101_32x8d...), got '{name}'"
+        )
+    for stage in stages:
+        block = stage[0]
+        if not isinstance(getattr(block, "aa", None), (nn.Identity, type(None))):
+            raise DyheadError(f"backbone.stride_in_1x1: '{name}' downsamples with anti-aliasing, not a strided conv")
+        stride = block.conv2.stride
+        if stride != (1, 1):
+            block.conv1.stride, block.conv2.stride = stride, (1, 1)
+
+
 class TimmBackbone(nn.Module):
     """Wraps ``timm.create_model(name, features_only=True)`` and returns [C3, C4, C5] in NCHW."""
 
@@ -52,9 +74,13 @@ class TimmBackbone(nn.Module):
         img_size: list[int] | None = None,
         frozen_stages: int = 0,
         norm_eval: bool = False,
+        stride_in_1x1: bool = False,
+        out_norm: bool = False,
     ) -> None:
         super().__init__()
         self.body = create_features_model(name, pretrained, pretrained_file, list(img_size or []))
+        if stride_in_1x1:
+            move_stride_to_1x1(self.body, name)
         info = self.body.feature_info
         reductions = info.reduction()
         missing = [s for s in STRIDES if s not in reductions]
@@ -65,6 +91,8 @@ class TimmBackbone(nn.Module):
         self.indices = [reductions.index(s) for s in STRIDES]
         self.out_channels = [info.channels()[i] for i in self.indices]
         self.channels_last_output = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
+        # detection Swins' norm1..norm3 (keys backbone.out_norms.{0,1,2}), applied channels-last
+        self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels) if out_norm else None
         self.norm_eval = norm_eval
         self.freeze(frozen_stages)
 
@@ -94,6 +122,11 @@ class TimmBackbone(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         feats = self.body(x)
         feats = [feats[i] for i in self.indices]
+        if self.out_norms is not None:
+            if self.channels_last_output:
+                feats = [norm(f) for norm, f in zip(self.out_norms, feats)]
+            else:
+                feats = [norm(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for norm, f in zip(self.out_norms, feats)]
         if self.channels_last_output:
             feats = [f.permute(0, 3, 1, 2) for f in feats]  # (B, H, W, C) -> (B, C, H, W)
         return feats

@@ -16,6 +16,8 @@ def build_backbone(cfg: BackboneConfig) -> TimmBackbone:
         img_size=cfg.img_size,
         frozen_stages=cfg.frozen_stages,
         norm_eval=cfg.norm_eval,
+        stride_in_1x1=cfg.stride_in_1x1,
+        out_norm=cfg.out_norm,
     )
 
 
@@ -36,7 +38,7 @@ def build_model(model_config: ModelConfig):
     if cfg.head not in HEADS:
         raise DyheadError(f"unknown head '{cfg.head}'{suggest(cfg.head, HEADS)}; choose from {', '.join(HEADS)}")
     backbone = build_backbone(cfg.backbone)
-    fpn = FPN(backbone.out_channels, cfg.fpn.channels, cfg.fpn.extra_from)
+    fpn = FPN(backbone.out_channels, cfg.fpn.channels, cfg.fpn.extra_from, p7_relu=cfg.fpn.p7_relu)
     dyhead = build_dyhead(cfg)
     head = HEADS[cfg.head](cfg, cfg.fpn.channels, FPN.strides)
     return Detector(backbone, fpn, dyhead, head, cfg.pixel_mean, cfg.pixel_std, cfg.input_format)

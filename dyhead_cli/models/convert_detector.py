@@ -396,7 +396,8 @@ def _read_resnet(
             )
     if style not in ("caffe", "pytorch"):
         raise DyheadError(f"--resnet-style must be auto, caffe or pytorch, got {style!r}")
-    requires["backbone.stride_in_1x1"] = style == "caffe"
+    # a basic-block ResNet has no 1x1 conv: the caffe style moves nothing (detectron2's BasicBlock ignores STRIDE_IN_1X1)
+    requires["backbone.stride_in_1x1"] = style == "caffe" and bottleneck
     # detectron2 FrozenBN / MMDetection norm_eval=True; official FREEZE_AT = -1, MMDetection frozen_stages=1 (stem + layer1)
     return _Backbone("resnet", name, CAFFE_BGR if style == "caffe" else IMAGENET_RGB, True, 0 if source == "official" else 2)
 
@@ -570,7 +571,22 @@ def default_model_section(ref: ReferenceModel) -> dict[str, Any]:
     )
     if ref.head == "atss":
         model["head_options"].update(anchor_scale=ref.anchor_scale, atss_topk=9)
+    elif "smooth_l1_beta" in model["head_options"]:
+        # configs/dyhead_r50_retina_fpn_1x.yaml: detectron2's smooth L1 with SMOOTH_L1_LOSS_BETA 0 (training only)
+        model["head_options"].update(box_loss="smooth_l1", smooth_l1_beta=0.0)
     return model
+
+
+# [model] values that mean "the head's own default" (TOML has no null): see recipe.HeadOptions
+HEAD_DEFAULT_SENTINELS = {"head_options.anchor_offset": -1.0, "head_options.pred_kernel_size": 0}
+
+
+def _resolved(model: dict[str, Any], key: str, ours_now: dict[str, Any]) -> Any:
+    """The value ``key`` has in ``model``, with a "head default" sentinel replaced by that default."""
+    value = _get(model, key)
+    if key in HEAD_DEFAULT_SENTINELS and value == HEAD_DEFAULT_SENTINELS[key]:
+        return ours_now[key]
+    return value
 
 
 def find_gaps(ref: ReferenceModel, model: dict[str, Any], set_fields: bool = True) -> list[Gap]:
@@ -585,8 +601,8 @@ def find_gaps(ref: ReferenceModel, model: dict[str, Any], set_fields: bool = Tru
         if _has(schema, key):
             if set_fields:
                 _set(model, key, wanted)
-            elif _get(model, key) != wanted:
-                gaps.append(Gap(key, wanted, _get(model, key), cap.what, cap.approximable))
+            elif _resolved(model, key, ours_now) != wanted:
+                gaps.append(Gap(key, wanted, _resolved(model, key, ours_now), cap.what, cap.approximable))
         elif wanted != ours_now[key]:
             gaps.append(Gap(key, wanted, ours_now[key], cap.what, cap.approximable))
     return gaps

@@ -59,6 +59,13 @@ def init_conv(conv: nn.Conv2d, bias: float = 0.0) -> None:
     nn.init.constant_(conv.bias, bias)
 
 
+def head_defaults_overridden(options, *names: str) -> dict:
+    """The per-head-default ``head_options`` the recipe sets: ``anchor_offset`` < 0 and ``pred_kernel_size`` 0
+    mean "the head's own default" (TOML has no null), so those are left out and the constructor's default holds."""
+    unset = {"anchor_offset": lambda v: v < 0, "pred_kernel_size": lambda v: v == 0}
+    return {n: getattr(options, n) for n in names if not unset[n](getattr(options, n))}
+
+
 def conv_tower(channels: int, num_convs: int, norm: str = "gn") -> nn.Sequential:
     """``num_convs`` x [3x3 conv, GroupNorm(32) (``norm="gn"``; ``"none"`` for detectron2's RetinaNet), ReLU].
 

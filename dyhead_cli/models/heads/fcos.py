@@ -23,6 +23,7 @@ from dyhead_cli.models.heads.common import (
     flatten_level,
     focal_giou_centerness_losses,
     grid_centers,
+    head_defaults_overridden,
     one_hot_targets,
     postprocess_dense,
     predictor,
@@ -193,4 +194,6 @@ def build_fcos(cfg: ModelConfig, in_channels: int, strides: tuple[int, ...]) -> 
         nms_thresh=o.nms_thresh,
         pre_nms_top_n=o.pre_nms_top_n,
         detections_per_img=o.detections_per_img,
+        tower_norm=o.tower_norm,
+        **head_defaults_overridden(o, "pred_kernel_size"),
     )

@@ -24,6 +24,7 @@ from dyhead_cli.models.heads.common import (
     conv_tower,
     flatten_level,
     grid_centers,
+    head_defaults_overridden,
     num_positives,
     one_hot_targets,
     postprocess_dense,
@@ -193,4 +194,7 @@ def build_retinanet(cfg: ModelConfig, in_channels: int, strides: tuple[int, ...]
         nms_thresh=o.nms_thresh,
         pre_nms_top_n=o.pre_nms_top_n,
         detections_per_img=o.detections_per_img,
+        smooth_l1_beta=o.smooth_l1_beta,
+        tower_norm=o.tower_norm,
+        **head_defaults_overridden(o, "anchor_offset", "pred_kernel_size"),
     )
