@@ -129,10 +129,11 @@ def deform_conv2d_from_table(
     """The deformable conv of a map stored in a sampling table (from ``row_start``, size ``in_size``).
 
     offset (B, 18, h, w), mask (B, 9, h, w) or None, weight_mat (C_out, 9*C) from ``weight_matrix``
-    -> (B, C_out, h, w), contiguous. Works ``chunk`` output positions at a time: gather their
-    (chunk*9, C) columns, view them as (chunk, 9*C), then one GEMM weight_mat @ columns^T writes
-    straight into the NCHW output. Chunks keep the columns in cache between gather and GEMM, and keep
-    buffers small enough for malloc to recycle (a fresh large buffer costs a page fault per 4 KiB).
+    -> (B, C_out, h, w), contiguous. Without autograd it works ``chunk`` output positions at a time:
+    gather their (chunk*9, C) columns, view them as (chunk, 9*C), then one GEMM weight_mat @ columns^T
+    writes straight into the NCHW output. Chunks keep the columns in cache between gather and GEMM, and
+    keep buffers small enough for malloc to recycle (a fresh large buffer costs a page fault per 4 KiB).
+    With autograd it gathers everything at once (see the comment there).
     """
     b, _, h, w = offset.shape
     hw = h * w
@@ -147,15 +148,17 @@ def deform_conv2d_from_table(
             return torch.mm(weight_mat, cols_t, out=out)
         return torch.addmm(bias_col, weight_mat, cols_t, out=out)
 
-    spans = [[(i * hw + a, i * hw + min(a + chunk, hw)) for a in range(0, hw, chunk)] for i in range(b)]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (table, weights, weight_mat, bias)):
-        # autograd cannot write into an output buffer: concatenate the pieces
-        out = torch.stack([torch.cat([piece(*span) for span in image], dim=1) for image in spans])
-    else:
-        out = table.new_empty(b, weight_mat.shape[0], hw)
-        for i, image in enumerate(spans):
-            for start, stop in image:
-                piece(start, stop, out[i, :, start - i * hw : stop - i * hw])
+        # Training: one gather and one GEMM over all positions. The backward of every embedding_bag call
+        # zero-fills a gradient as large as the whole table, so per-chunk calls would pay that once per
+        # chunk (70% of a small tower's backward); autograd keeps every chunk's columns anyway.
+        out = piece(0, b * hw)  # (C_out, B*h*w)
+        return out.view(-1, b, h, w).transpose(0, 1).contiguous()
+    out = table.new_empty(b, weight_mat.shape[0], hw)
+    for i in range(b):
+        for a in range(0, hw, chunk):
+            stop = min(a + chunk, hw)
+            piece(i * hw + a, i * hw + stop, out[i, :, a:stop])
     return out.view(b, -1, h, w)
 
 
