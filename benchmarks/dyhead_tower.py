@@ -2,10 +2,13 @@
 
     python benchmarks/dyhead_tower.py                       # 6 blocks x 256 channels, 640x640 -> P3..P7
     python benchmarks/dyhead_tower.py --size 800 --iters 5 --threads 1 --variants reference,fast,fast-compile
+    python benchmarks/dyhead_tower.py --train --blocks 2 --channels 64 --batch 16 --size 128   # fwd + bwd
 
 Each iteration runs every variant once (in turn), so load from other processes hits them alike; the
 script prints per-variant median, p90 and min, each median's ratio to the reference, and the max abs
 difference of each variant's outputs from the reference's. Offsets are perturbed so sampling really moves.
+With ``--train`` each iteration is a forward and a backward pass (gradients w.r.t. the inputs and every
+weight; the max abs difference then covers the input gradients too).
 """
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mode", default="official", choices=("official", "mmdet", "aligned"))
     p.add_argument("--variants", default="reference,fast", help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--train", action="store_true", help="time forward + backward instead of inference")
     p.add_argument(
         "--check-all-modes", action="store_true", help="also print fast vs reference max abs diff in every offset mode"
     )
@@ -80,18 +84,31 @@ def main() -> None:
 
     print(f"DyHead tower: {args.blocks} blocks x {args.channels} ch, batch {args.batch}, levels "
           f"{' '.join(f'{h}x{w}' for h, w in sizes)} (input {args.size}), mode {args.mode}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, {'forward + backward' if args.train else 'inference'}, "
+          f"torch {torch.__version__}")
     times: dict[str, list[float]] = {n: [] for n in names}
     outputs: dict[str, list[torch.Tensor]] = {}
-    with torch.inference_mode():
-        for n in names:  # warm-up (and compile) each variant, keep its outputs
-            for _ in range(args.warmup):
-                outputs[n] = runs[n](feats)
-        for _ in range(args.iters):
-            for n in names:
-                t0 = time.perf_counter()
-                runs[n](feats)
-                times[n].append(time.perf_counter() - t0)
+    grad_out = [torch.randn(f.shape, generator=g) for f in feats]
+
+    def once(n: str) -> list[torch.Tensor]:
+        if not args.train:
+            with torch.inference_mode():
+                return runs[n](feats)
+        leaves = [f.clone().requires_grad_() for f in feats]
+        tower.zero_grad(set_to_none=True)
+        out = runs[n](leaves)
+        torch.autograd.backward(out, grad_out)
+        return [o.detach() for o in out] + [x.grad for x in leaves]
+
+    tower.train(args.train)
+    for n in names:  # warm-up (and compile) each variant, keep its outputs
+        for _ in range(args.warmup):
+            outputs[n] = once(n)
+    for _ in range(args.iters):
+        for n in names:
+            t0 = time.perf_counter()
+            once(n)
+            times[n].append(time.perf_counter() - t0)
 
     ref_median = statistics.median(times["reference"])
     print(f"{'variant':<20} {'median s':>9} {'p90 s':>8} {'min s':>8} {'vs ref':>7} {'max abs diff':>13}")
