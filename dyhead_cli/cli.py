@@ -201,11 +201,16 @@ def data_synth(
     num_val: int = typer.Option(50, "--num-val"),
     image_size: int = typer.Option(256, "--image-size"),
     seed: int = typer.Option(0, "--seed"),
+    colour_by_class: bool = typer.Option(
+        False, "--colour-by-class", help="Each class keeps to its own band of hues (as the quickstart's data)."
+    ),
 ) -> None:
     """Write the built-in synthetic COCO-format data set (coloured shapes on textures)."""
     from dyhead_cli.data.synthetic import make_synthetic_coco
 
-    summary = run_guarded(make_synthetic_coco, out, num_train, num_val, image_size=image_size, seed=seed)
+    summary = run_guarded(
+        make_synthetic_coco, out, num_train, num_val, image_size=image_size, seed=seed, colour_by_class=colour_by_class
+    )
     console.print(
         f"wrote {summary['num_train']} train and {summary['num_val']} val images "
         f"({', '.join(summary['categories'])}) to {out}: annotations in {summary['train_ann']} and {summary['val_ann']}"

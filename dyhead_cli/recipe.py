@@ -99,6 +99,7 @@ class DataConfig:
     synthetic_num_val: int = 50
     synthetic_image_size: int = 256
     synthetic_seed: int = 0
+    synthetic_colour_by_class: bool = False  # each class keeps to its own hues (the quickstart's setting)
     min_sizes: list[int] = field(default_factory=lambda: [800])  # several = multi-scale training
     max_size: int = 1333
     test_min_size: int = 800

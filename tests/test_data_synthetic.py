@@ -1,12 +1,14 @@
 """The synthetic shapes set: deterministic, non-contiguous category ids, tight boxes, wide size range."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dyhead_cli.data import synthetic
 from dyhead_cli.data.coco import CocoDetection
@@ -111,9 +113,51 @@ def test_ensure_synthetic_creates_once_and_checks_the_layout(tmp_path: Path) -> 
     assert ensure_synthetic(cfg) is None  # already there: left alone
     assert ensure_synthetic(DataConfig(synthetic=False)) is None
 
+    # made with other settings: a one-line error naming both, and the files are left as they are
+    before = Path(cfg.train_ann).read_bytes()
+    for change in ({"synthetic_num_train": 4}, {"synthetic_colour_by_class": True}, {"synthetic_seed": 1}):
+        other = dataclasses.replace(cfg, **change)
+        with pytest.raises(DyheadError, match=r"was made with num_images=3, image_size=64, seed=0, colour_by_class=False"):
+            ensure_synthetic(other)
+    assert Path(cfg.train_ann).read_bytes() == before
+
     cfg.val_images = str(tmp_path / "elsewhere")
     with pytest.raises(DyheadError, match="data.val_images"):
         ensure_synthetic(cfg)
+
+
+def _hue_hits(data: dict, root: Path, tolerance: float = 0.12) -> float:
+    """Fraction of the larger shapes whose median hue (over saturated, bright pixels of the box) lies
+    within ``tolerance`` of their class's CLASS_HUES entry."""
+    files = {im["id"]: im["file_name"] for im in data["images"]}
+    hits = total = 0
+    for ann in data["annotations"]:
+        if ann["area"] < 150:
+            continue
+        x, y, w, h = (int(round(v)) for v in ann["bbox"])
+        crop = Image.open(root / files[ann["image_id"]]).convert("HSV").crop((x, y, x + w, y + h))
+        hsv = np.asarray(crop, dtype=np.float32).reshape(-1, 3) / 255.0
+        shape_like = hsv[(hsv[:, 1] > 0.45) & (hsv[:, 2] > 0.6)]
+        if len(shape_like) < 20:
+            continue
+        want = synthetic.CLASS_HUES[ann["category_id"]]
+        distance = np.abs((shape_like[:, 0] - want + 0.5) % 1.0 - 0.5)  # circular
+        total += 1
+        hits += float(np.median(distance)) < tolerance
+    assert total >= 20
+    return hits / total
+
+
+def test_colour_by_class_keeps_each_class_to_its_hues(tmp_path: Path) -> None:
+    tinted = make_synthetic_coco(tmp_path / "tinted", 30, 0, image_size=128, seed=2, colour_by_class=True)
+    plain = make_synthetic_coco(tmp_path / "plain", 30, 0, image_size=128, seed=2)
+    tinted_data = json.loads(Path(tinted["train_ann"]).read_text())
+    plain_data = json.loads(Path(plain["train_ann"]).read_text())
+    assert tinted_data["info"]["generator"]["colour_by_class"] is True
+    # same shapes, places and boxes: only the colours differ
+    assert tinted_data["annotations"] == plain_data["annotations"]
+    assert _hue_hits(tinted_data, Path(tinted["train_images"])) > 0.9
+    assert _hue_hits(plain_data, Path(plain["train_images"])) < 0.6
 
 
 def test_bad_sizes_are_user_errors(tmp_path: Path) -> None:

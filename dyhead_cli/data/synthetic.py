@@ -1,6 +1,8 @@
 """A small COCO-format data set of coloured shapes, so every command runs without downloading COCO.
 
-It is built to exercise what real data exercises: object sizes from ~8 px to ~60% of the image (the
+Classes differ in shape; with ``colour_by_class`` each class also keeps to its own band of hues (the
+quickstart's setting: a detector trained from scratch for a few CPU minutes learns colour far sooner than
+silhouette, see ``CLASS_HUES``). It is built to exercise what real data exercises: object sizes from ~8 px to ~60% of the image (the
 scale-aware part of DyHead has something to do), textured backgrounds, partial occlusions, boxes cut by
 the image border, and non-contiguous category ids (1, 3, 7, 10) so the label mapping is tested.
 Everything follows from the seed: the same seed gives byte-identical JSON and images.
@@ -26,6 +28,9 @@ CATEGORIES = [
     {"id": 7, "name": "triangle", "supercategory": "shape"},
     {"id": 10, "name": "cross", "supercategory": "shape"},
 ]
+# Hue centres (0..1) per category id for colour_by_class; each shape's hue is its centre +- CLASS_HUE_SPREAD.
+CLASS_HUES = {1: 0.0, 3: 0.25, 7: 0.5, 10: 0.75}
+CLASS_HUE_SPREAD = 0.06
 MIN_OBJECT_SIZE = 8  # px, the smallest shape diameter
 MAX_OBJECT_FRACTION = 0.6  # the largest shape diameter, as a fraction of the image side
 MAX_OBJECTS = 6
@@ -36,11 +41,17 @@ SPLIT_CODES = {"train": 0, "val": 1}
 
 
 def make_synthetic_coco(
-    out_dir: str | Path, num_train: int, num_val: int, image_size: int = 256, seed: int = 0
+    out_dir: str | Path,
+    num_train: int,
+    num_val: int,
+    image_size: int = 256,
+    seed: int = 0,
+    colour_by_class: bool = False,
 ) -> dict[str, Any]:
     """Write ``out_dir/{train,val}/*.jpg`` and ``out_dir/annotations/{train,val}.json``; return a summary.
 
-    Each image gets its own random stream (seed, split, index), so adding images leaves the others alone.
+    ``colour_by_class``: each class's shapes take hues near its own ``CLASS_HUES`` entry (else any hue).
+    The settings are recorded in each JSON's ``info.generator``. Each image gets its own random stream (seed, split, index), so adding images leaves the others alone.
     The JSON files are written last and atomically: when they exist, the images they list exist too.
     """
     if num_train < 0 or num_val < 0:
@@ -52,7 +63,8 @@ def make_synthetic_coco(
     for split, count in (("train", num_train), ("val", num_val)):
         images_dir = root / split
         ann_file = root / "annotations" / f"{split}.json"
-        num_anns = _write_split(images_dir, ann_file, split, count, image_size, seed)
+        settings = generator_settings(count, image_size, seed, colour_by_class)
+        num_anns = _write_split(images_dir, ann_file, split, settings)
         summary[f"{split}_images"] = str(images_dir)
         summary[f"{split}_ann"] = str(ann_file)
         summary[f"num_{split}"] = count
@@ -64,7 +76,8 @@ def ensure_synthetic(cfg: Any) -> dict[str, Any] | None:
     """Create the synthetic data set at ``cfg``'s paths when ``cfg.synthetic`` is on and it is missing.
 
     ``cfg`` is a ``DataConfig``. Its paths must follow the layout ``make_synthetic_coco`` writes, with the
-    root taken from ``train_ann``'s grandparent; anything else is a ``DyheadError`` naming the layout.
+    root taken from ``train_ann``'s grandparent; anything else is a ``DyheadError`` naming the layout. An
+    existing data set made with other settings (size, count, seed, colours) is a ``DyheadError`` too.
     Returns the summary when the data set was written, else None.
     """
     if not cfg.synthetic:
@@ -87,19 +100,51 @@ def ensure_synthetic(cfg: Any) -> dict[str, Any] | None:
             f"<root>/annotations/val.json with root '{root}'; got " + "; ".join(wrong)
         )
     if expected["train_ann"].is_file() and expected["val_ann"].is_file():
+        for split, count in (("train", cfg.synthetic_num_train), ("val", cfg.synthetic_num_val)):
+            want = generator_settings(count, cfg.synthetic_image_size, cfg.synthetic_seed, cfg.synthetic_colour_by_class)
+            check_settings(expected[f"{split}_ann"], want)
         return None
     return make_synthetic_coco(
-        root, cfg.synthetic_num_train, cfg.synthetic_num_val, cfg.synthetic_image_size, cfg.synthetic_seed
+        root,
+        cfg.synthetic_num_train,
+        cfg.synthetic_num_val,
+        cfg.synthetic_image_size,
+        cfg.synthetic_seed,
+        cfg.synthetic_colour_by_class,
     )
 
 
-def _write_split(images_dir: Path, ann_file: Path, split: str, count: int, size: int, seed: int) -> int:
+def check_settings(ann_file: Path, want: dict[str, Any]) -> None:
+    """A one-line error when an existing synthetic split was made with other settings than the recipe's.
+
+    We never delete or overwrite it ourselves: the user may have put work there.
+    """
+    try:
+        got = json.loads(ann_file.read_text()).get("info", {}).get("generator")
+    except (OSError, ValueError, AttributeError):
+        got = None
+    if got != want:
+        made = "unknown settings" if not isinstance(got, dict) else ", ".join(f"{k}={v}" for k, v in got.items())
+        raise DyheadError(
+            f"{ann_file} was made with {made}, but the recipe asks for "
+            + ", ".join(f"{k}={v}" for k, v in want.items())
+            + f"; delete {ann_file.parent.parent} to have it made again, or point data.* elsewhere"
+        )
+
+
+def generator_settings(num_images: int, image_size: int, seed: int, colour_by_class: bool) -> dict[str, Any]:
+    """What a split was made with (stored in its JSON, compared by ``ensure_synthetic``)."""
+    return {"num_images": num_images, "image_size": image_size, "seed": seed, "colour_by_class": colour_by_class}
+
+
+def _write_split(images_dir: Path, ann_file: Path, split: str, settings: dict[str, Any]) -> int:
     images_dir.mkdir(parents=True, exist_ok=True)
     ann_file.parent.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
-    for index in range(count):
+    seed, size = settings["seed"], settings["image_size"]
+    for index in range(settings["num_images"]):
         rng = np.random.default_rng([seed, SPLIT_CODES[split], index])
-        pixels, objects = render_image(rng, size)
+        pixels, objects = render_image(rng, size, settings["colour_by_class"])
         image_id = index + 1
         file_name = f"{image_id:06d}.jpg"
         _atomic_save(Image.fromarray(pixels), images_dir / file_name)
@@ -116,7 +161,7 @@ def _write_split(images_dir: Path, ann_file: Path, split: str, count: int, size:
                 }
             )
     data = {
-        "info": {"description": f"dyhead synthetic shapes ({split}, seed {seed})"},
+        "info": {"description": f"dyhead synthetic shapes ({split}, seed {seed})", "generator": settings},
         "images": images,
         "annotations": annotations,
         "categories": CATEGORIES,
@@ -135,7 +180,7 @@ def _atomic_save(image: Image.Image, path: Path) -> None:
 
 
 def render_image(
-    rng: np.random.Generator, size: int
+    rng: np.random.Generator, size: int, colour_by_class: bool = False
 ) -> tuple[np.ndarray, list[tuple[int, tuple[int, int, int, int], int]]]:
     """Draw one image: (HxWx3 uint8, [(category_id, tight visible xywh box, visible pixel count)])."""
     image = _background(rng, size)
@@ -154,7 +199,8 @@ def render_image(
                 break
         else:
             continue
-        colour = np.array(_bright_colour(rng), dtype=np.float32)
+        hue = CLASS_HUES[category["id"]] if colour_by_class else None
+        colour = np.array(_bright_colour(rng, hue), dtype=np.float32)
         placed.append((category["id"], mask, colour))
         visible = trimmed + [mask.copy()]
     objects = []
@@ -178,8 +224,11 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return base.astype(np.float32) + 45 * smooth + noise  # clipped once, after the shapes are drawn
 
 
-def _bright_colour(rng: np.random.Generator) -> tuple[float, float, float]:
-    r, g, b = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.5, 1.0), rng.uniform(0.65, 1.0))
+def _bright_colour(rng: np.random.Generator, hue: float | None = None) -> tuple[float, float, float]:
+    """Any hue, or one within CLASS_HUE_SPREAD of ``hue`` (one draw either way, so the rest of the image
+    stream is the same)."""
+    h = rng.uniform() if hue is None else (hue + rng.uniform(-CLASS_HUE_SPREAD, CLASS_HUE_SPREAD)) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(h, rng.uniform(0.5, 1.0), rng.uniform(0.65, 1.0))
     return r * 255, g * 255, b * 255
 
 
