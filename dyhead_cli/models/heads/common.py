@@ -59,6 +59,21 @@ def init_conv(conv: nn.Conv2d, bias: float = 0.0) -> None:
     nn.init.constant_(conv.bias, bias)
 
 
+def common_head_kwargs(options) -> dict:
+    """The ``head_options`` every head takes (towers, focal loss, post-processing), as constructor kwargs."""
+    return {
+        "num_convs": options.num_convs,
+        "prior_prob": options.prior_prob,
+        "focal_alpha": options.focal_alpha,
+        "focal_gamma": options.focal_gamma,
+        "score_thresh": options.score_thresh,
+        "nms_thresh": options.nms_thresh,
+        "pre_nms_top_n": options.pre_nms_top_n,
+        "detections_per_img": options.detections_per_img,
+        "tower_norm": options.tower_norm,
+    }
+
+
 def head_defaults_overridden(options, *names: str) -> dict:
     """The per-head-default ``head_options`` the recipe sets: ``anchor_offset`` < 0 and ``pred_kernel_size`` 0
     mean "the head's own default" (TOML has no null), so those are left out and the constructor's default holds."""
