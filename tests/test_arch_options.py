@@ -10,12 +10,7 @@ from dyhead_cli.models.fpn import FPN
 from dyhead_cli.recipe import load_recipe, recipe_from_dict, save_recipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_stride_in_1x1_moves_the_stride_to_the_first_1x1_conv():

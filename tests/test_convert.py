@@ -42,13 +42,7 @@ REPRO_CONFIG = (  # the lines of MMDetection's atss_r50_fpn_dyhead_for_reproduct
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run small forwards on a shared 2-core machine: one thread avoids OpenMP spin-waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unsupported(*keys: str) -> list[str]:
