@@ -168,16 +168,12 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def _resave_hint(path: Path) -> str:
-    if path.suffix == ".pkl":
-        return (
-            f"re-save its weights where you trust the file: python -c \"import pickle, torch; "
-            f"c = pickle.load(open('{path}', 'rb'), encoding='latin1'); "
-            f"torch.save({{k: torch.as_tensor(v) for k, v in c['model'].items()}}, '{path.with_suffix('.weights.pth')}')\""
-        )
+    """What to do instead, in words: we never hand out a command that unpickles a file."""
+    loader = "pickle (encoding='latin1')" if path.suffix == ".pkl" else "torch"
     return (
-        f"re-save only its weights where you trust the file: python -c \"import torch; "
-        f"c = torch.load('{path}', weights_only=False); "
-        f"torch.save({{'state_dict': c.get('state_dict', c.get('model', c))}}, '{path.with_suffix('.weights.pth')}')\""
+        f"if you trust the file, re-save only its weights: load it yourself with {loader}, take its "
+        f"state dict ('model' or 'state_dict' entry) as tensors and save that with torch.save or "
+        f"safetensors to {path.with_suffix('.weights.pth')}, then convert that file"
     )
 
 
