@@ -92,16 +92,14 @@ class DeformConvNorm(nn.Module):
         offset: Tensor,
         mask: Tensor,
         offset_mode: str,
-        weight_mat: Tensor | None = None,
+        weight_mat: Tensor,
     ) -> Tensor:
         """``forward`` for an x stored in a sampling table (see ``deform.sampling_table``), on CPU.
 
-        ``weight_mat``: this conv's ``deform.weight_matrix`` in the table's dtype, if already at hand.
+        ``weight_mat``: this conv's ``deform.weight_matrix`` in the table's dtype (made once per block call).
         """
         h, w = (in_size[0] - 1) // self.stride + 1, (in_size[1] - 1) // self.stride + 1
         offset, mask = fit_offset_to_output(offset, mask, (h, w), offset_mode)
-        if weight_mat is None:
-            weight_mat = weight_matrix(self.weight.to(table.dtype))
         bias = self.bias.to(table.dtype)
         y = deform_conv2d_from_table(table, row_start, in_size, offset, mask, weight_mat, bias, (self.stride,) * 2)
         return self.norm(y)
@@ -218,7 +216,7 @@ class DyHeadBlock(nn.Module):
             # as in forward, with fewer passes over the maps: sum of f * (pi_L(f) / n), then fused DyReLU
             fused = maps[0] * (self.scale_weight(maps[0]) / len(maps))
             for f in maps[1:]:
-                fused = fused.addcmul_(f, self.scale_weight(f) / len(maps))
+                fused.addcmul_(f, self.scale_weight(f) / len(maps))
             outs.append(self.task_attn.forward_fused(fused))
         return outs
 
