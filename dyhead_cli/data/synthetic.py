@@ -1,11 +1,12 @@
 """A small COCO-format data set of coloured shapes, so every command runs without downloading COCO.
 
 Classes differ in shape; with ``colour_by_class`` each class also keeps to its own band of hues (the
-quickstart's setting: a detector trained from scratch for a few CPU minutes learns colour far sooner than
-silhouette, see ``CLASS_HUES``). It is built to exercise what real data exercises: object sizes from ~8 px to ~60% of the image (the
-scale-aware part of DyHead has something to do), textured backgrounds, partial occlusions, boxes cut by
-the image border, and non-contiguous category ids (1, 3, 7, 10) so the label mapping is tested.
-Everything follows from the seed: the same seed gives byte-identical JSON and images.
+quickstart's setting: a detector trained from scratch for a few CPU minutes learns colour far sooner
+than silhouette, see ``CLASS_HUES``). It is built to exercise what real data exercises: object sizes
+from ~8 px to ~60% of the image (the scale-aware part of DyHead has something to do), textured
+backgrounds, partial occlusions, boxes cut by the image border, and non-contiguous category ids (1, 3,
+7, 10) so the label mapping is tested. Everything follows from the seed: the same seed gives byte-
+identical JSON and images.
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def make_synthetic_coco(
     """Write ``out_dir/{train,val}/*.jpg`` and ``out_dir/annotations/{train,val}.json``; return a summary.
 
     ``colour_by_class``: each class's shapes take hues near its own ``CLASS_HUES`` entry (else any hue).
-    The settings are recorded in each JSON's ``info.generator``. Each image gets its own random stream (seed, split, index), so adding images leaves the others alone.
+    The settings are recorded in each JSON's ``info.generator``. Each image gets its own random stream
+    (seed, split, index), so adding images leaves the others alone.
     The JSON files are written last and atomically: when they exist, the images they list exist too.
     """
     if num_train < 0 or num_val < 0:
