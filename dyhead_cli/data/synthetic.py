@@ -4,9 +4,9 @@ Classes differ in shape; with ``colour_by_class`` each class also keeps to its o
 quickstart's setting: a detector trained from scratch for a few CPU minutes learns colour far sooner
 than silhouette, see ``CLASS_HUES``). It is built to exercise what real data exercises: object sizes
 from ~8 px to ~60% of the image (the scale-aware part of DyHead has something to do), textured
-backgrounds, partial occlusions, boxes cut by the image border, and non-contiguous category ids (1, 3,
-7, 10) so the label mapping is tested. Everything follows from the seed: the same seed gives byte-
-identical JSON and images.
+backgrounds, partial occlusions, boxes cut by the image border, and non-contiguous category ids
+(1, 3, 7, 10) so the label mapping is tested. Everything follows from the seed: the same seed gives
+byte-identical JSON and images.
 """
 from __future__ import annotations
 
