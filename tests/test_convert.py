@@ -12,8 +12,9 @@ from dyhead_cli.cli import app
 from dyhead_cli.engine.checkpoint import load_model_weights, load_weights
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.models.build import build_model
-from dyhead_cli.models.convert import read_reference_checkpoint
-from dyhead_cli.models.convert_detector import COCO_CLASSES, convert_state_dict
+from dyhead_cli.convert.capabilities import COCO_CLASSES
+from dyhead_cli.convert.checkpoint import convert_state_dict
+from dyhead_cli.convert.reading import read_reference_checkpoint
 from dyhead_cli.recipe import ModelConfig, from_dict, load_recipe, recipe_from_dict, to_dict
 
 from helpers_reference_keys import (
@@ -46,7 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unsupported(*keys: str) -> list[str]:
-    """The capability fields (see convert_detector.CAPABILITIES) our [model] table does not have yet."""
+    """The capability fields (see convert/capabilities.py CAPABILITIES) our [model] table does not have yet."""
     schema = to_dict(ModelConfig())
     missing = []
     for key in keys:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dyhead_cli.errors import DyheadError
-from dyhead_cli.models.convert import convert_dyhead
+from dyhead_cli.convert.dyhead_keys import convert_dyhead
 from dyhead_cli.models.dyhead import DyHead, DyHeadBlock, fit_offset_to_output, make_divisible
 
 from helpers_fixtures import TOWER_FIXTURES, load_tower_fixture

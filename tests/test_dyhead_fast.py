@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchvision.ops import deform_conv2d
 
-from dyhead_cli.models.convert import convert_dyhead
+from dyhead_cli.convert.dyhead_keys import convert_dyhead
 from dyhead_cli.models.deform import deform_conv2d_fast
 from dyhead_cli.models.dyhead import DyHead
 
