@@ -43,29 +43,31 @@ SetOpt = typer.Option(None, "--set", help="Dotted override, e.g. --set train.lr=
 
 @app.command()
 def train(
-    recipe: Path = RecipeArg,
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<recipe name>-<timestamp>)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe TOML file (see recipes/); with --resume, the run's own recipe is used."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<recipe name>-<timestamp>); a new or empty folder."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint, with its recipe."),
+    force: bool = typer.Option(False, "--force", help="Start over in an --out folder that holds a run (its checkpoints and logs are replaced) or other files."),
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Train a detector from a recipe."""
+    """Train a detector from a recipe (or continue a run with --resume)."""
     from dyhead_cli.commands import train as command
 
-    run_guarded(command.run, recipe, out, resume, overrides or [])
+    run_guarded(command.run, recipe, out, resume, overrides or [], force)
 
 
 @app.command("eval")
 def evaluate(
     recipe: Path = RecipeArg,
     weights: Path = typer.Option(..., "--weights", help="Checkpoint (.safetensors) to evaluate."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write AP, AP50, ... and per-class AP here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write AP/AR numbers, per-class AP and AP50, precision/recall at the best-F1 threshold here."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Write a confusion matrix and per-class precision-recall curves (PNG) into this folder."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Evaluate a checkpoint on the recipe's validation set with COCOeval."""
     from dyhead_cli.commands import eval as command
 
-    run_guarded(command.run, recipe, weights, json_out, overrides or [], device)
+    run_guarded(command.run, recipe, weights, json_out, overrides or [], device, plots)
 
 
 @app.command()

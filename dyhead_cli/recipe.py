@@ -108,6 +108,7 @@ class DataConfig:
     size_divisibility: int = 128
     num_workers: int = 2
     skip_corrupt: bool = False  # skip (and count) unreadable images instead of stopping
+    group_by_aspect: bool = True  # training batches hold portrait or landscape images, not both (less padding)
 
 
 @dataclass
@@ -133,6 +134,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs
     checkpoint_every: int = 0  # steps; 0 = at the end of each epoch only
     device: str = "auto"  # "auto" | "cpu"
+    log_with: list[str] = field(default_factory=list)  # experiment trackers: "tensorboard", "wandb", "mlflow"
 
 
 @dataclass
@@ -244,6 +246,9 @@ CHOICES = {
 }
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
 def validate(recipe: Recipe) -> Recipe:
     """Check values that have a fixed set of choices or a range."""
     for dotted, choices in CHOICES.items():
@@ -274,6 +279,9 @@ def validate(recipe: Recipe) -> Recipe:
         raise DyheadError("model.pixel_mean and model.pixel_std need 3 values each")
     if recipe.train.batch_size < 1 or recipe.train.grad_accum < 1:
         raise DyheadError("train.batch_size and train.grad_accum must be at least 1")
+    for tracker in recipe.train.log_with:
+        if tracker not in TRACKERS:
+            raise DyheadError(f"train.log_with: unknown tracker '{tracker}'{suggest(tracker, TRACKERS)}; choose from {', '.join(TRACKERS)}")
     if not recipe.data.min_sizes:
         raise DyheadError("data.min_sizes needs at least one size")
     return recipe

@@ -5,7 +5,7 @@ image's real size; the detector normalises and zeroes the padding itself.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -65,9 +65,20 @@ def _seed_worker(worker_id: int) -> None:
 
 
 class EpochSampler(Sampler[list[int]]):
-    """Batches of an epoch: a (seed, epoch)-seeded permutation, this process's shard, minus ``skip`` batches."""
+    """Batches of an epoch: a (seed, epoch)-seeded permutation, this process's shard, minus ``skip`` batches.
 
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0, multiple: int = 1) -> None:
+    With ``groups`` (one id per data set index, e.g. ``aspect_groups``) a batch holds one group only, as
+    detectron2's and torchvision's references build them: walking the shuffled shard, each group fills
+    its own bucket and a full bucket is a batch. What is left in the buckets at the end of the shard is
+    batched as it comes (at most one mixed batch per group), so every process has the same number of
+    batches, ``per_rank // batch_size`` rounded down to whole accumulation groups, with or without
+    grouping. Everything follows from (seed, epoch, rank, world): a resumed run skips the same batches.
+    """
+
+    def __init__(
+        self, size: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0,
+        multiple: int = 1, groups: Sequence[int] | None = None,
+    ) -> None:
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(size, generator=g).tolist()
         per_rank = size // world
@@ -77,13 +88,61 @@ class EpochSampler(Sampler[list[int]]):
             )
         mine = order[rank * per_rank : (rank + 1) * per_rank]
         num_batches = per_rank // batch_size // multiple * multiple  # whole accumulation groups only
-        self.batches = [mine[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)][skip:]
+        if groups is None:
+            batches = [mine[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)]
+        else:
+            batches = grouped_batches(mine, groups, batch_size)[:num_batches]
+        self.batches = batches[skip:]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def grouped_batches(indices: Sequence[int], groups: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of ``batch_size`` taken in order, each from one group; the leftovers batched at the end."""
+    buckets: dict[int, list[int]] = {}
+    batches: list[list[int]] = []
+    for index in indices:
+        bucket = buckets.setdefault(groups[index], [])
+        bucket.append(index)
+        if len(bucket) == batch_size:
+            batches.append(list(bucket))
+            bucket.clear()
+    rest = [i for bucket in buckets.values() for i in bucket]
+    batches += [rest[i : i + batch_size] for i in range(0, len(rest) - batch_size + 1, batch_size)]
+    return batches
+
+
+def aspect_groups(dataset: CocoDetection) -> list[int]:
+    """Per index of ``dataset``: 0 for landscape or square images, 1 for portrait (from the COCO width and
+    height; an image without them counts as landscape)."""
+    out = []
+    for image_id in dataset.ids:
+        info = dataset.coco.imgs[image_id]
+        w, h = info.get("width") or 0, info.get("height") or 0
+        out.append(1 if h > w else 0)
+    return out
+
+
+def clean_worker_errors(loader: Iterable[Any]) -> Iterator[Any]:
+    """Iterate ``loader``; a ``DyheadError`` raised in a DataLoader worker comes back with the worker's
+    traceback and the exception's module path in its message: re-raise it with the user's line only."""
+    iterator = iter(loader)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except DyheadError as e:
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            last = lines[-1].strip() if lines else type(e).__name__
+            prefix = f"{DyheadError.__module__}.{DyheadError.__name__}: "
+            raise DyheadError(last[len(prefix):] if last.startswith(prefix) else last) from None
+        yield item
+
 
 class EpochSeeded(Dataset):
     """Seeds the augmentation of each sample from (seed, epoch, index), whichever worker loads it."""
@@ -103,10 +162,13 @@ class EpochSeeded(Dataset):
         return self.dataset[index]
 
 
-def train_loader(dataset: EpochSeeded, recipe: Recipe, epoch: int, rank: int, world: int, skip: int) -> DataLoader:
+def train_loader(
+    dataset: EpochSeeded, recipe: Recipe, epoch: int, rank: int, world: int, skip: int, groups: Sequence[int] | None = None
+) -> DataLoader:
+    """The batches of ``epoch`` for process ``rank`` of ``world``, after the first ``skip`` (a resume)."""
     dataset.epoch = epoch
     t = recipe.train
-    sampler = EpochSampler(len(dataset), t.batch_size, t.seed, epoch, rank, world, skip, t.grad_accum)
+    sampler = EpochSampler(len(dataset), t.batch_size, t.seed, epoch, rank, world, skip, t.grad_accum, groups)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -116,13 +178,30 @@ def train_loader(dataset: EpochSeeded, recipe: Recipe, epoch: int, rank: int, wo
     )
 
 
-def val_loader(recipe: Recipe) -> tuple[DataLoader, CocoDetection]:
-    """The validation set of ``recipe`` in ``eval.batch_size`` batches, in order."""
-    dataset = build_dataset(recipe.data, "val")
+class ShardBatches(Sampler[list[int]]):
+    """Batches of ``batch_size`` in data set order; process ``rank`` of ``world`` takes every world-th batch.
+
+    Each batch is the one a single process would form (same images, same padding), so the detections,
+    and with them the AP, do not depend on the number of processes.
+    """
+
+    def __init__(self, size: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
+        batches = [list(range(i, min(i + batch_size, size))) for i in range(0, size, batch_size)]
+        self.batches = batches[rank::world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def val_loader(recipe: Recipe, rank: int = 0, world: int = 1, dataset: CocoDetection | None = None) -> tuple[DataLoader, CocoDetection]:
+    """The validation set of ``recipe`` in ``eval.batch_size`` batches, in order (this process's share)."""
+    dataset = dataset if dataset is not None else build_dataset(recipe.data, "val")
     loader = DataLoader(
         dataset,
-        batch_size=recipe.eval.batch_size,
-        shuffle=False,
+        batch_sampler=ShardBatches(len(dataset), recipe.eval.batch_size, rank, world),
         num_workers=recipe.data.num_workers,
         collate_fn=partial(collate, size_divisibility=recipe.data.size_divisibility),
     )

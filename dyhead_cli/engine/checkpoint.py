@@ -25,14 +25,47 @@ FORMAT = "dyhead/1"
 
 
 def atomic_save(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file so that a crash leaves either the old file or the new one, never half."""
+    """Write a safetensors file so that a crash leaves either the old file or the new one, never half.
+
+    A failed write (full disk, read-only folder) removes its temporary file and is one ``DyheadError``
+    naming the path; the previous file stays as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _discard(tmp)
+        raise DyheadError(f"cannot write {path}: {e.strerror or e}" + ("; the previous file is intact" if path.exists() else "")) from None
+    except SafetensorError as e:
+        _discard(tmp)
+        raise DyheadError(f"cannot write {path}: {e}" + ("; the previous file is intact" if path.exists() else "")) from None
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """``atomic_save`` for a text file (recipe, predictions): the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _discard(tmp)
+        raise DyheadError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -1,4 +1,5 @@
-"""COCO evaluation with pycocotools' COCOeval: the 12 standard numbers and a per-class AP table.
+"""COCO evaluation with pycocotools' COCOeval: the 12 standard numbers, per-class AP and AP50, precision
+and recall at the best-F1 threshold (``engine.analysis``), on one process or sharded over several.
 
 AP values are reported in percent, as papers do.
 """
@@ -8,6 +9,7 @@ import contextlib
 import io
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +17,25 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from dyhead_cli.engine.analysis import best_f1, confusion_matrix, per_class_ap50, pr_curves
+from dyhead_cli.engine.progress import Reporter
 from dyhead_cli.errors import DyheadError
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
 def coco_evaluate(coco_gt: COCO, results: list[dict], image_ids: list[int] | None = None, verbose: bool = False) -> dict[str, Any]:
-    """COCOeval on ``results``; returns AP..ARl in percent, ``stats`` (12 numbers) and ``per_class`` AP."""
+    """COCOeval on ``results``: AP..ARl in percent, ``stats`` (12 numbers), ``per_class`` AP,
+    ``per_class_AP50``, ``best_f1`` (threshold, precision, recall) and ``pr`` (curves for plotting)."""
     cats = coco_gt.loadCats(sorted(coco_gt.getCatIds()))
-    empty = {name: 0.0 for name in STAT_NAMES} | {"per_class": {c["name"]: 0.0 for c in cats}, "stats": [0.0] * 12}
+    names = [c["name"] for c in cats]
     if not results:
-        return empty
+        zero = {n: 0.0 for n in names}
+        return {name: 0.0 for name in STAT_NAMES} | {
+            "per_class": dict(zero), "per_class_AP50": dict(zero), "stats": [0.0] * 12,
+            "best_f1": {"score_thr": 0.0, "f1": 0.0, "precision": 0.0, "recall": 0.0, "per_class": {}},
+            "pr": {"recall": np.linspace(0, 1, 101), "precision": {}},
+        }
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
         coco_dt = coco_gt.loadRes(results)
@@ -42,11 +52,14 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], image_ids: list[int] | Non
     # precision: (T iou thresholds, R recall points, K classes, A areas, M max-dets); area "all", 100 dets
     precision = evaluator.eval["precision"][:, :, :, 0, -1]
     per_class = {}
-    for k, cat in enumerate(cats):
+    for k, name in enumerate(names):
         p = precision[:, :, k]
         p = p[p > -1]
-        per_class[cat["name"]] = float(np.mean(p)) * 100.0 if p.size else float("nan")
+        per_class[name] = float(np.mean(p)) * 100.0 if p.size else float("nan")
     out["per_class"] = per_class
+    out["per_class_AP50"] = per_class_ap50(evaluator, names)
+    out["best_f1"] = best_f1(evaluator, names)
+    out["pr"] = pr_curves(evaluator, names)
     return out
 
 
@@ -64,29 +77,74 @@ def json_number(value: float, digits: int = 3) -> float | None:
 
 
 def metrics_json(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The ``eval --json`` layout: the six AP numbers and per-class AP, in percent (null = undefined)."""
-    out: dict[str, Any] = {k: json_number(metrics[k], 6) for k in STAT_NAMES[:6]}
+    """The ``eval --json`` layout, in percent (null = undefined): the six AP and six AR numbers, per-class
+    AP and AP50, and ``best_f1`` (score threshold, mean F1, precision, recall, per class; fractions)."""
+    out: dict[str, Any] = {k: json_number(metrics[k], 6) for k in STAT_NAMES}
     out["per_class"] = {name: json_number(v, 6) for name, v in metrics["per_class"].items()}
+    out["per_class_AP50"] = {name: json_number(v, 6) for name, v in metrics.get("per_class_AP50", {}).items()}
+    if "best_f1" in metrics:
+        out["best_f1"] = metrics["best_f1"]
     return out
 
 
-def evaluate_checkpoint(recipe_path: Path, weights: Path, overrides: list[str], device: str = "auto") -> dict[str, Any]:
-    """``dyhead eval``'s engine: the checkpoint ``weights`` on the validation set of ``recipe_path``."""
-    from dyhead_cli.data.loaders import val_loader
+def write_plots(metrics: dict[str, Any], coco_gt: COCO, results: list[dict], folder: Path, iou_thr: float = 0.5) -> list[Path]:
+    """``confusion_matrix.png`` (at the best-F1 score threshold) and ``pr_curves.png`` in ``folder``."""
+    from dyhead_cli.engine.plots import plot_confusion_matrix, plot_pr_curves
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DyheadError(f"cannot create {folder}: {e.strerror or e}") from None
+    names = [c["name"] for c in coco_gt.loadCats(sorted(coco_gt.getCatIds()))]
+    thr = float(metrics["best_f1"]["score_thr"])
+    matrix = confusion_matrix(coco_gt, results, thr, iou_thr)
+    paths = [folder / "confusion_matrix.png", folder / "pr_curves.png"]
+    plot_confusion_matrix(matrix, names, paths[0], thr, iou_thr)
+    ap50 = {k: json_number(v, 1) for k, v in metrics["per_class_AP50"].items()}
+    plot_pr_curves(metrics["pr"]["recall"], metrics["pr"]["precision"], ap50, paths[1])
+    return paths
+
+
+def predict_shard(model, dataset, recipe, device, rank: int = 0, world: int = 1, reporter: Reporter | None = None) -> list[dict]:
+    """COCO results of process ``rank``'s share of ``dataset`` (see ``data.loaders.ShardBatches``)."""
+    from dyhead_cli.data.loaders import clean_worker_errors, val_loader
+    from dyhead_cli.engine.inference import predict_coco
+
+    reporter = reporter or Reporter()
+    loader, _ = val_loader(recipe, rank, world, dataset)
+    share = sum(len(b) for b in loader.batch_sampler)
+    reporter.eval_start(share)
+    start = time.perf_counter()
+    results = predict_coco(model, clean_worker_errors(loader), device, list(dataset.cat_ids), progress=reporter.eval_advance)
+    reporter.eval_end(time.perf_counter() - start)
+    return results
+
+
+def evaluate_checkpoint(
+    recipe_path: Path, weights: Path, overrides: list[str], device: str = "auto", reporter: Reporter | None = None,
+    plots_dir: Path | None = None,
+) -> dict[str, Any]:
+    """``dyhead eval``'s engine: the checkpoint ``weights`` on the validation set of ``recipe_path``.
+    With ``plots_dir`` the confusion matrix and PR curves are written there."""
+    from dyhead_cli.data.coco import build_dataset
     from dyhead_cli.engine.checkpoint import load_model_weights, load_weights
-    from dyhead_cli.engine.inference import choose_device, predict_coco
+    from dyhead_cli.engine.inference import choose_device
     from dyhead_cli.models.build import build_model
     from dyhead_cli.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
     dev = choose_device(device)
     state, _ = load_weights(weights)
-    loader, dataset = val_loader(recipe)
+    dataset = build_dataset(recipe.data, "val")
     if not recipe.model.class_names:
         recipe.model.class_names = list(dataset.class_names)
         recipe.model.num_classes = len(dataset.class_names)
     model = build_model(recipe.model)
     load_model_weights(model, state, source=str(weights))
     model.to(dev)
-    results = predict_coco(model, loader, dev, list(dataset.cat_ids))
-    return coco_evaluate(dataset.coco, results)
+    results = predict_shard(model, dataset, recipe, dev, reporter=reporter)
+    metrics = coco_evaluate(dataset.coco, results)
+    if plots_dir is not None:
+        write_plots(metrics, dataset.coco, results, plots_dir)
+    return metrics

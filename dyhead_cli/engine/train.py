@@ -4,6 +4,13 @@ Why our own sampler and accumulation instead of ``accelerator.prepare(dataloader
 resumed run must continue exactly where the last checkpoint left off. The data order of an epoch is a
 permutation seeded by (seed, epoch), each sample's augmentation is seeded by (seed, epoch, index), and a
 checkpoint records how many batches of the epoch were consumed: resuming skips them and replays nothing.
+
+Order of work, so that a mistake costs seconds and a crash loses nothing: resolve the recipe and the
+precision, build the model on the meta device, check the paths and that the output folder can be
+written (``engine.run_dir``), load (or make) the data and check the validation images, and only then
+create and lock the run directory. At each epoch end the checkpoint is written before the evaluation.
+A step whose loss or gradients are not finite stops the run before ``optimizer.step()``, so the last
+checkpoint holds the state before that step.
 """
 from __future__ import annotations
 
@@ -11,8 +18,8 @@ import contextlib
 import json
 import math
 import os
+import resource
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,106 +27,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dyhead_cli.data.coco import build_dataset
-from dyhead_cli.engine.checkpoint import (
-    load_model_weights,
-    load_train_state,
-    read_safetensors,
-    save_train_state,
-    save_weights,
+from dyhead_cli.data.coco import CocoDetection, build_dataset
+from dyhead_cli.data.loaders import EpochSampler, EpochSeeded, aspect_groups, clean_worker_errors, train_loader
+from dyhead_cli.engine.checkpoint import atomic_write_text, load_model_weights, load_train_state, read_safetensors, save_train_state, save_weights
+from dyhead_cli.engine.env_info import write_env
+from dyhead_cli.engine.evaluate import coco_evaluate, metrics_json, predict_shard, write_plots
+from dyhead_cli.engine.optim import EMA, build_optimizer, grad_norm, lr_factor, param_groups, set_lr  # noqa: F401 (re-exported)
+from dyhead_cli.engine.preflight import accelerate_choice, check_inputs, check_model, check_trackers, check_val_images
+from dyhead_cli.engine.progress import Reporter
+from dyhead_cli.engine.run_dir import (
+    STATE_FILE, RunLock, check_out_dir, check_writable, clear_run, is_run, remove_stale_tmp, resume_recipe,
 )
-from dyhead_cli.data.loaders import EpochSampler, EpochSeeded, train_loader, val_loader
-from dyhead_cli.engine.evaluate import coco_evaluate, metrics_json
-from dyhead_cli.engine.inference import choose_device, predict_coco
+from dyhead_cli.engine.run_log import MetricsLog, read_events
 from dyhead_cli.errors import DyheadError
-from dyhead_cli.models.build import build_model
-from dyhead_cli.recipe import Recipe, TrainConfig, load_recipe, save_recipe, to_dict
+from dyhead_cli.recipe import Recipe, dump_toml, load_recipe, to_dict
 
-STATE_FILE = "state.safetensors"
-
-
-# ----------------------------------------------------------------------------------------------------
-# data
-
-
-# ----------------------------------------------------------------------------------------------------
-# optimisation
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on norms, biases and per-level scales (every parameter with fewer than 2 dims)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-
-
-def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
-    """Linear warm-up from ``warmup_factor``, then step decay at fractions of the run, or cosine."""
-    if step < cfg.warmup_steps:
-        alpha = step / cfg.warmup_steps
-        warm = cfg.warmup_factor * (1 - alpha) + alpha
-    else:
-        warm = 1.0
-    if cfg.schedule == "cosine":
-        progress = min(1.0, step / max(1, total_steps))
-        return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
-    drops = sum(step >= int(f * total_steps) for f in cfg.lr_steps)
-    return warm * cfg.lr_gamma**drops
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-class EMA:
-    """Exponential moving average of the weights (and a copy of the buffers)."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
-            else:
-                self.shadow[k].copy_(v)
-
-
-# ----------------------------------------------------------------------------------------------------
-# the run
-
-
-@dataclass
-class RunState:
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # batches of ``epoch`` already consumed
-    best_ap: float = -1.0
-
-
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per event, appended and flushed at once."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path = path
-        self.enabled = enabled
-
-    def write(self, event: str, **fields: Any) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+__all__ = ["EpochSampler", "Reporter", "train", "train_from_files", "lr_factor"]
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -127,52 +50,85 @@ def default_run_dir(recipe: Recipe) -> Path:
 
 
 def train_from_files(
-    recipe_path: Path, out: Path | None, resume: Path | None, overrides: list[str], reporter: Reporter | None = None
+    recipe_path: Path | None, out: Path | None, resume: Path | None, overrides: list[str],
+    reporter: Reporter | None = None, force: bool = False,
 ) -> dict[str, Any]:
-    """``dyhead train RECIPE [--out DIR] [--resume DIR] [--set k=v]``."""
-    recipe = load_recipe(recipe_path, overrides)
+    """``dyhead train [RECIPE] [--out DIR | --resume DIR] [--force] [--set k=v]``."""
     if resume is not None:
-        if not (Path(resume) / STATE_FILE).is_file():
-            raise DyheadError(f"--resume {resume}: no {STATE_FILE} there (was a checkpoint ever written?)")
-        return train(recipe, Path(resume), resume=True, reporter=reporter)
-    return train(recipe, Path(out) if out else default_run_dir(recipe), reporter=reporter)
+        resume = Path(resume)
+        if out is not None and Path(out).resolve() != resume.resolve():
+            raise DyheadError(f"--out {out} with --resume {resume}: a resumed run continues in its own folder; drop --out")
+        if force:
+            raise DyheadError("--force starts a run over; it does not go with --resume")
+        recipe, changes = resume_recipe(resume, recipe_path, overrides)
+        return train(recipe, resume, resume=True, reporter=reporter, changes=changes)
+    if recipe_path is None:
+        raise DyheadError("give a RECIPE to train (or --resume RUN_DIR to continue a run)")
+    recipe = load_recipe(recipe_path, overrides)
+    return train(recipe, Path(out) if out else default_run_dir(recipe), reporter=reporter, force=force, inputs=[Path(recipe_path)])
 
 
-class Reporter:
-    """What a training run tells whoever watches it; the command layer draws it (the base class is silent).
-
-    Only the main process reports.
-    """
-
-    def start(self, total_steps: int, completed: int) -> None:
-        """The run begins (or resumes at ``completed``) and will end at ``total_steps``."""
-
-    def step(self, step: int, info: dict[str, Any] | None) -> None:
-        """Optimizer step ``step`` is done; ``info`` (loss, named losses, lr, images/s) every ``log_every`` steps."""
-
-    def message(self, text: str) -> None:
-        """A line worth showing (resume, evaluation results, the end)."""
-
-    def finish(self) -> None:
-        """The run ended (normally or not)."""
-
-
-def train(recipe: Recipe, run_dir: Path, resume: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
+def train(
+    recipe: Recipe, run_dir: Path, resume: bool = False, reporter: Reporter | None = None, force: bool = False,
+    changes: dict[str, list[Any]] | None = None, inputs: list[Path] | None = None,
+) -> dict[str, Any]:
     """Train ``recipe`` into ``run_dir``; return the last evaluation's metrics (empty if none ran)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     t = recipe.train
-    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise DyheadError("train.mixed_precision = 'fp16' needs a CUDA device; use 'bf16' on CPU")
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=choose_device(t.device).type == "cpu")
+    run_dir = Path(run_dir)
+    t.mixed_precision, cpu = accelerate_choice(t, resume)
+    check_model(recipe.model)
+    check_trackers(t.log_with)
+    data_paths = check_inputs(recipe.data)
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu, log_with=t.log_with or None, project_dir=str(run_dir))
+    t.device = accelerator.device.type if accelerator.device.type in ("cpu", "cuda") else t.device
     main = accelerator.is_main_process
+    world = accelerator.num_processes
     reporter = reporter if reporter is not None and main else Reporter()
+    if main:
+        if not resume:
+            check_out_dir(run_dir, list(inputs or []) + data_paths, force)
+        check_writable(run_dir)
     set_seed(t.seed)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(run_dir / "metrics.jsonl", main)
     dataset = build_dataset(recipe.data, "train", seed=t.seed)
+    resolve_classes(recipe, dataset)
+    val_data = build_dataset(recipe.data, "val")
+    check_val_images(val_data)
+    category_ids = list(dataset.cat_ids)  # label i <-> the data set's category id, for predict
+
+    lock = RunLock(run_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        if not resume and is_run(run_dir) and not force:
+            lock.release()
+            check_out_dir(run_dir, [], force)  # another run appeared since the check: refuse the same way
+        if force and not resume:
+            clear_run(run_dir)
+        remove_stale_tmp(run_dir)
+        if not resume:
+            atomic_write_text(run_dir / "recipe.toml", dump_toml(to_dict(recipe)))
+        write_env(run_dir / "env.json", {
+            "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device), "num_processes": world,
+            "distributed_type": str(accelerator.distributed_type), "resumed": resume,
+        })
+        if t.log_with:
+            accelerator.init_trackers(recipe.name, config=_scalars(to_dict(recipe)))
+    accelerator.wait_for_everyone()
+    try:
+        return _run(recipe, run_dir, resume, reporter, accelerator, dataset, val_data, category_ids, changes or {})
+    finally:
+        if main:
+            if t.log_with:
+                accelerator.end_training()
+            lock.release()
+
+
+def resolve_classes(recipe: Recipe, dataset: CocoDetection) -> None:
+    """Take the data set's class names (and count, where the recipe keeps the default 80)."""
     if not recipe.model.class_names:
         recipe.model.class_names = list(dataset.class_names)
     if recipe.model.num_classes != len(dataset.class_names):
@@ -184,12 +140,26 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, reporter: Reporte
             )
     if recipe.model.class_names != list(dataset.class_names):
         raise DyheadError(f"model.class_names {recipe.model.class_names} differ from the data set's {dataset.class_names}")
-    if main:
-        save_recipe(recipe, run_dir / "recipe.toml")
-    recipe_dict = to_dict(recipe)
-    category_ids = list(dataset.cat_ids)  # label i <-> the data set's category id, for predict
 
-    model = build_model(recipe.model)
+
+class RunState:
+    """The counters a checkpoint stores (and a resume restores)."""
+
+    def __init__(self, step: int = 0, epoch: int = 0, batch_in_epoch: int = 0, best_ap: float = -1.0) -> None:
+        self.step, self.epoch, self.batch_in_epoch, self.best_ap = step, epoch, batch_in_epoch, best_ap
+
+
+def _run(
+    recipe: Recipe, run_dir: Path, resume: bool, reporter: Reporter, accelerator, dataset: CocoDetection,
+    val_data: CocoDetection, category_ids: list[int], changes: dict[str, list[Any]],
+) -> dict[str, Any]:
+    t = recipe.train
+    main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    log = MetricsLog(run_dir, main, accelerator.log if t.log_with else None)
+    recipe_dict = to_dict(recipe)
+
+    model = build_model_for(recipe)
     optimizer = build_optimizer(t, model)
     state = RunState()
     ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
@@ -198,17 +168,24 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, reporter: Reporte
         load_model_weights(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, str(run_dir / STATE_FILE))
         counters, ema_tensors = load_train_state(run_dir / STATE_FILE, optimizer)
         state = RunState(**counters)
+        state.best_ap = max(state.best_ap, _best_ap(run_dir))  # an evaluation after the last checkpoint may have set a best
         if ema is not None and ema_tensors:
             ema.shadow = ema_tensors
-        log.write("resume", step=state.step, epoch=state.epoch)
-        reporter.message(f"resuming {run_dir} at step {state.step} (epoch {state.epoch})")
+        log.write("resume", step=state.step, epoch=state.epoch, changed=changes)
+        said = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        reporter.message(f"resuming {run_dir} at step {state.step} (epoch {state.epoch})" + (f" with {said}" if said else ""))
     model, optimizer = accelerator.prepare(model, optimizer)
 
     seeded = EpochSeeded(dataset, t.seed)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    steps_per_epoch = len(EpochSampler(len(dataset), t.batch_size, t.seed, 0, rank, world, 0, t.grad_accum)) // t.grad_accum
+    groups = aspect_groups(dataset) if recipe.data.group_by_aspect else None
+    steps_per_epoch = len(EpochSampler(len(dataset), t.batch_size, t.seed, 0, rank, world, 0, t.grad_accum, groups)) // t.grad_accum
     total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
-    val_batches = val_data = None
+    last_epoch = min(t.epochs, math.ceil(total_steps / max(1, steps_per_epoch)))
+    if main and not resume:
+        log.write("start", total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=last_epoch, num_processes=world,
+                  mixed_precision=accelerator.mixed_precision, autocast=_autocast_dtype(accelerator), device=str(accelerator.device),
+                  train_images=len(dataset), val_images=len(val_data))
+    clock = Clock(t.batch_size * t.grad_accum * world, len(val_data))
     metrics: dict[str, Any] = {}
 
     def checkpoint() -> None:
@@ -222,58 +199,77 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, reporter: Reporte
         log.write("checkpoint", step=state.step, epoch=state.epoch, path=str(run_dir / "last.safetensors"))
 
     def evaluate_now() -> dict[str, Any]:
-        nonlocal val_batches, val_data
-        if val_batches is None:
-            val_batches, val_data = val_loader(recipe)
+        started = time.perf_counter()
         raw = accelerator.unwrap_model(model)
-        net = raw if ema is None else _with_weights(build_model(recipe.model), ema.shadow).to(accelerator.device)
-        results = predict_coco(net, val_batches, accelerator.device, list(val_data.cat_ids))
+        net = raw if ema is None else _with_weights(raw, ema.shadow)
+        results = predict_shard(net, val_data, recipe, accelerator.device, rank, world, reporter)
         raw.train()
-        return coco_evaluate(val_data.coco, results)
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            results = gather_object(results)  # every rank's share, to every rank; rank 0 scores them
+        out = coco_evaluate(val_data.coco, results) if main else {}
+        if main:
+            log.write("eval", step=state.step, epoch=state.epoch, **metrics_json(out))
+            reporter.message(
+                f"eval  epoch {state.epoch} step {state.step}: AP {out['AP']:.1f}  AP50 {out['AP50']:.1f}  AP75 {out['AP75']:.1f}  "
+                f"AR100 {out['AR100']:.1f}  ({time.perf_counter() - started:.1f} s)"
+            )
+            if out["AP"] > state.best_ap:
+                state.best_ap = out["AP"]
+                save_weights(run_dir / "best.safetensors", net, recipe_dict, {"step": state.step, "AP": out["AP"], "category_ids": category_ids})
+                atomic_write_text(run_dir / "val_predictions.json", json.dumps(results))
+                write_plots(out, val_data.coco, results, run_dir)
+            _plot_results(run_dir)
+        clock.evaluated(time.perf_counter() - started)
+        return out
 
     model.train()
     reporter.start(total_steps, state.step)
+    clock.restart(state.step)
+    skipped = 0
     try:
-        last_time, last_step = time.perf_counter(), state.step
         while state.step < total_steps and state.epoch < t.epochs:
-            loader = train_loader(seeded, recipe, state.epoch, rank, world, state.batch_in_epoch)
-            for batch in loader:
+            loader = train_loader(seeded, recipe, state.epoch, rank, world, state.batch_in_epoch, groups)
+            for batch in clean_worker_errors(loader):
+                skipped += batch["num_skipped"]
                 micro = state.batch_in_epoch % t.grad_accum
                 sync = micro == t.grad_accum - 1
-                losses = forward_losses(model, batch, accelerator)
+                losses = forward_losses(model, batch, accelerator, recipe)
                 loss = sum(losses.values())
-                bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=accelerator.device), "sum")
-                if bad.item() > 0:
-                    values = {k: float(v.detach()) for k, v in losses.items()}
-                    log.write("error", step=state.step + 1, epoch=state.epoch, message="non-finite loss", losses=values)
-                    kept = run_dir / "last.safetensors"
-                    raise DyheadError(
-                        f"loss became non-finite at step {state.step + 1} (epoch {state.epoch}): {values}; training stopped"
-                        + (f", the last good checkpoint is {kept}" if kept.exists() else "")
-                    )
+                _stop_if_not_finite(accelerator, loss, "loss", state, run_dir, log, losses)
                 context = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
                 with context:
                     accelerator.backward(loss / t.grad_accum)
                 state.batch_in_epoch += 1
                 if not sync:
                     continue
-                if t.clip_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+                if accelerator.mixed_precision == "fp16":  # the grad scaler skips inf steps itself
+                    if t.clip_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+                else:
+                    norm = grad_norm(model.parameters(), t.clip_grad_norm)
+                    _stop_if_not_finite(accelerator, norm, "gradient norm", state, run_dir, log, losses)
                 set_lr(optimizer, t.lr * lr_factor(state.step, total_steps, t))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 if ema is not None:
                     ema.update(accelerator.unwrap_model(model))
+                clock.stepped(state.step)
                 if state.step % t.log_every == 0 or state.step == total_steps:
-                    now = time.perf_counter()
-                    speed = (state.step - last_step) * t.batch_size * t.grad_accum * world / max(now - last_time, 1e-9)
-                    last_time, last_step = now, state.step
                     values = {k: round(accelerator.reduce(v.detach(), "mean").item(), 6) for k, v in losses.items()}
                     total = round(sum(values.values()), 6)
                     lr = optimizer.param_groups[0]["lr"]
+                    speed = clock.images_per_s()
+                    evals_left = _evals_left(state.epoch, last_epoch, t.eval_every)
+                    eta = clock.eta(total_steps - state.step, evals_left)
+                    memory = _memory_mb(accelerator.device)
                     log.write("train", step=state.step, epoch=state.epoch, loss=total, lr=lr, images_per_s=round(speed, 2), **values)
-                    reporter.step(state.step, {"loss": total, "lr": lr, "images_per_s": speed, **values})
+                    reporter.step(state.step, {
+                        "total_steps": total_steps, "epoch": state.epoch + 1, "epochs": last_epoch, "loss": total, "lr": lr,
+                        "images_per_s": speed, "eta_s": eta, "memory_mb": memory, **values,
+                    })
                 else:
                     reporter.step(state.step, None)
                 if t.checkpoint_every and state.step % t.checkpoint_every == 0:
@@ -283,20 +279,18 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, reporter: Reporte
             else:
                 state.epoch += 1
                 state.batch_in_epoch = 0
+                count = int(accelerator.reduce(torch.tensor([skipped], device=accelerator.device), "sum").item())
+                log.write("epoch", step=state.step, epoch=state.epoch, skipped=count)
+                if count:
+                    reporter.message(f"epoch {state.epoch}: {count} unreadable training images skipped (data.skip_corrupt)")
+                skipped = 0
             if state.step >= total_steps:
                 state.epoch = max(state.epoch, math.ceil(state.step / max(1, steps_per_epoch)))
                 state.batch_in_epoch = 0
+            checkpoint()  # before the evaluation: a crash there loses no training
             if state.step >= total_steps or (t.eval_every > 0 and state.epoch % t.eval_every == 0):
-                metrics = evaluate_now() if main else {}
-                if main:
-                    log.write("eval", step=state.step, epoch=state.epoch, **metrics_json(metrics))
-                    reporter.message(f"epoch {state.epoch} step {state.step}: AP {metrics['AP']:.1f}  AP50 {metrics['AP50']:.1f}")
-                    if metrics["AP"] > state.best_ap:
-                        state.best_ap = metrics["AP"]
-                        raw = accelerator.unwrap_model(model)
-                        save_weights(run_dir / "best.safetensors", raw if ema is None else _with_weights(raw, ema.shadow), recipe_dict, {"step": state.step, "AP": metrics["AP"], "category_ids": category_ids})
-            checkpoint()
-            accelerator.wait_for_everyone()
+                metrics = evaluate_now()
+            clock.restart(state.step)
     finally:
         reporter.finish()
     if world > 1:
@@ -307,17 +301,141 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, reporter: Reporte
     if os.environ.get("DYHEAD_SAVE_EVERY_RANK") == "1":  # debugging aid: compare replicas after a DDP run
         save_weights(run_dir / f"rank{rank}.safetensors", accelerator.unwrap_model(model), recipe_dict)
     if main:
-        reporter.message(f"done: {run_dir} (last.safetensors, best.safetensors, metrics.jsonl)")
+        _plot_results(run_dir)
+        reporter.message(f"done: {run_dir} (best AP {state.best_ap:.1f}; last.safetensors, best.safetensors, metrics.csv, results.png)")
     return metrics
 
 
-def forward_losses(model: nn.Module, batch: dict[str, Any], accelerator) -> dict[str, Tensor]:
+def build_model_for(recipe: Recipe) -> nn.Module:
+    from dyhead_cli.models.build import build_model
+
+    return build_model(recipe.model)
+
+
+def forward_losses(model: nn.Module, batch: dict[str, Any], accelerator, recipe: Recipe | None = None) -> dict[str, Tensor]:
+    """The named losses of one batch (float32). A batch whose images were all skipped (unreadable) is run
+    as one blank image with its losses times zero: every process still does a forward and a backward, so
+    the processes of a distributed run stay in step."""
     device = accelerator.device
+    if len(batch["image_sizes"]) == 0:
+        side = recipe.data.min_sizes[0] if recipe is not None else 128
+        div = recipe.data.size_divisibility if recipe is not None else 32
+        padded = -(-side // div) * div
+        images = torch.zeros(1, 3, padded, padded, device=device)
+        targets = [{"boxes": torch.zeros(0, 4, device=device), "labels": torch.zeros(0, dtype=torch.int64, device=device)}]
+        with accelerator.autocast():
+            losses = model(images, [(side, side)], targets)
+        return {k: v.float() * 0.0 for k, v in losses.items()}
     images = batch["images"].to(device, non_blocking=True)
     targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
     with accelerator.autocast():
         losses = model(images, batch["image_sizes"], targets)
     return {k: v.float() for k, v in losses.items()}
+
+
+def _stop_if_not_finite(accelerator, value: Tensor, what: str, state: RunState, run_dir: Path, log: MetricsLog, losses: dict[str, Tensor]) -> None:
+    """Stop (on every process) when ``value`` is not finite on any of them, before it reaches the weights."""
+    bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=accelerator.device), "sum")
+    if bad.item() == 0:
+        return
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    step = state.step + 1
+    log.write("error", step=step, epoch=state.epoch, message=f"non-finite {what}", losses=values)
+    saved = _saved_step(run_dir)
+    where = (
+        f"; the last checkpoint ({run_dir / STATE_FILE}, step {saved}) holds the state before it: continue with "
+        f"'dyhead train --resume {run_dir} --set train.lr=<lower>' (or train.clip_grad_norm)"
+        if saved is not None else "; no checkpoint was written yet"
+    )
+    raise DyheadError(f"{what} became non-finite at step {step} (epoch {state.epoch}): {values}; training stopped{where}")
+
+
+def _saved_step(run_dir: Path) -> int | None:
+    rows = [e for e in read_events(run_dir / "metrics.jsonl") if e.get("event") == "checkpoint"]
+    return rows[-1]["step"] if rows and (run_dir / STATE_FILE).is_file() else None
+
+
+def _best_ap(run_dir: Path) -> float:
+    path = run_dir / "best.safetensors"
+    if not path.is_file():
+        return -1.0
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return float(json.loads((f.metadata() or {}).get("AP", "-1")))
+
+
+def _autocast_dtype(accelerator) -> str:
+    """The dtype autocast really uses inside ``accelerator.autocast()`` ('float32' when it is off)."""
+    kind = accelerator.device.type
+    with accelerator.autocast():
+        on = torch.is_autocast_enabled(kind)
+        dtype = torch.get_autocast_dtype(kind) if on else torch.float32
+    return str(dtype).replace("torch.", "")
+
+
+def _evals_left(epoch: int, last_epoch: int, every: int) -> int:
+    """Evaluations still to come after ``epoch`` epochs: every ``every`` epochs, and one at the end."""
+    due = {e for e in range(epoch + 1, last_epoch + 1) if every > 0 and e % every == 0}
+    return len(due | {last_epoch}) if epoch < last_epoch else 0
+
+
+def _memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or on CPU the process's peak resident memory, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Clock:
+    """Speed and ETA: seconds per step (evaluations left out) and the last evaluation's duration (before
+    the first one: the validation images at the training speed, a rough upper bound)."""
+
+    def __init__(self, images_per_step: int, val_images: int) -> None:
+        self.images_per_step, self.val_images = images_per_step, val_images
+        self.eval_s: float | None = None
+        self.step_s: float | None = None
+        self.restart(0)
+
+    def restart(self, step: int) -> None:
+        self.t0 = self.last_t = self.now = time.perf_counter()
+        self.step0 = self.last_step = self.step = step
+
+    def stepped(self, step: int) -> None:
+        now = time.perf_counter()
+        if step > self.step0:
+            self.step_s = (now - self.t0) / (step - self.step0)
+        self.now, self.step = now, step
+
+    def images_per_s(self) -> float:
+        speed = (self.step - self.last_step) * self.images_per_step / max(self.now - self.last_t, 1e-9)
+        self.last_t, self.last_step = self.now, self.step
+        return speed
+
+    def evaluated(self, seconds: float) -> None:
+        self.eval_s = seconds
+
+    def eta(self, steps_left: int, evals_left: int) -> float:
+        step_s = self.step_s or 0.0
+        eval_s = self.eval_s if self.eval_s is not None else self.val_images * step_s / max(1, self.images_per_step)
+        return steps_left * step_s + evals_left * eval_s
+
+
+def _plot_results(run_dir: Path) -> None:
+    from dyhead_cli.engine.plots import plot_results
+
+    plot_results(read_events(run_dir / "metrics.jsonl"), run_dir / "results.png")
+
+
+def _scalars(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The recipe flattened for trackers' hyperparameter tables (lists as text)."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(_scalars(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
 
 
 def _with_weights(model: nn.Module, weights: dict[str, Tensor]) -> nn.Module:

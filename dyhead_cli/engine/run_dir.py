@@ -1,0 +1,221 @@
+"""The run directory: which folder a training may write to, its lock, leftovers of a killed run, and
+what ``--resume`` may change.
+
+Rules (each broken rule is one line that says what to do):
+- ``--out`` is refused when it is a file, one of the run's inputs (recipe, data folders and files), a
+  folder holding another run (``--resume`` it, or ``--force`` to start over), or a non-empty folder of
+  other files (``--force`` to write there anyway).
+- A training holds an exclusive lock on ``RUN/.lock`` while it writes; a second one is refused.
+- ``--resume RUN`` takes RUN's ``recipe.toml``; ``--set`` may change only ``RESUME_SAFE`` keys, recorded in
+  ``metrics.jsonl`` (``resume`` events, replayed by later resumes); ``recipe.toml`` itself is never
+  rewritten.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dyhead_cli.engine.run_log import read_events
+from dyhead_cli.errors import DyheadError
+from dyhead_cli.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict, to_dict
+
+STATE_FILE = "state.safetensors"
+RECIPE_FILE = "recipe.toml"
+# What a run directory holds; their presence marks a folder as a run, --force removes them.
+RUN_FILES = (
+    "recipe.toml", "metrics.jsonl", "metrics.csv", "state.safetensors", "last.safetensors", "best.safetensors",
+    "env.json", "results.png", "val_predictions.json", "confusion_matrix.png", "pr_curves.png",
+)
+# Keys that --set may change on --resume, and why they are harmless mid-run.
+RESUME_SAFE = {
+    "train.epochs": "the schedule stretches to the new length",
+    "train.max_steps": "the schedule stretches to the new length",
+    "train.eval_every": "evaluation only",
+    "train.log_every": "logging only",
+    "train.checkpoint_every": "checkpointing only",
+    "train.log_with": "logging only",
+    "train.lr": "the way on after a diverged step",
+    "train.clip_grad_norm": "the way on after a diverged step",
+    "data.num_workers": "each sample's augmentation is seeded by its index, not by the worker",
+    "eval.batch_size": "evaluation only",
+}
+# Keys a resumed run decides itself (recorded in the run, checked separately).
+RESUME_OWN = {"train.mixed_precision", "train.device"}
+
+
+def is_run(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / name).exists() for name in ("recipe.toml", "metrics.jsonl", STATE_FILE))
+
+
+def check_out_dir(out: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse an output folder that is a file, an input, another run or a folder of other files."""
+    out_r = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise DyheadError(f"--out {out} is a file: give a folder for the run (a new or empty one)")
+    for path in inputs:
+        p = path.resolve()
+        if p == out_r or (p.is_dir() and out_r.is_relative_to(p)):
+            raise DyheadError(f"--out {out} is (or is inside) an input of the run ({path}): choose another folder")
+    if out.is_dir() and not force:
+        if is_run(out):
+            raise DyheadError(
+                f"--out {out} holds a run already: continue it with --resume {out}, or start over in it with --force "
+                "(its checkpoints and logs are replaced)"
+            )
+        others = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+        if others:
+            raise DyheadError(
+                f"--out {out} is a folder with other files in it ({', '.join(sorted(others)[:3])}{', ...' if len(others) > 3 else ''}): "
+                "choose a new or empty folder, or --force to write the run there"
+            )
+
+
+def check_writable(folder: Path) -> None:
+    """Write and remove a probe in ``folder`` (or in its nearest existing parent when it does not exist
+    yet): a read-only or full file system fails here, before any work, with one line."""
+    probe_in = folder
+    while not probe_in.exists():
+        probe_in = probe_in.parent
+    try:
+        if not probe_in.is_dir():
+            raise DyheadError(f"cannot create the run folder {folder}: {probe_in} is a file")
+        fd, name = tempfile.mkstemp(prefix=".dyhead-probe-", dir=probe_in)
+        try:
+            os.write(fd, b"0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError as e:
+        raise DyheadError(f"cannot write to {probe_in}: {e.strerror or e}") from None
+
+
+def clear_run(folder: Path) -> None:
+    """--force: remove the files of an earlier run (and its tracker logs) from ``folder``."""
+    for name in RUN_FILES:
+        (folder / name).unlink(missing_ok=True)
+    for child in folder.iterdir():
+        if child.is_dir() and (child.name in ("tensorboard", "mlruns", "wandb") or any(child.glob("events.out.tfevents.*"))):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``RUN/.lock`` for the life of the training (released when the process
+    ends, even by ``kill -9``). Held by the main process only."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DyheadError(f"cannot write {self.path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                owner = self.path.read_text().strip() or "?"
+                raise DyheadError(f"{self.path.parent} is in use by another training (pid {owner}); wait for it or choose another --out") from None
+            raise DyheadError(f"cannot lock {self.path}: {e.strerror or e}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def remove_stale_tmp(folder: Path) -> list[Path]:
+    """Delete ``.*.tmp-PID`` files a killed run left behind (safe: we hold the run's lock)."""
+    stale = sorted(folder.glob(".*.tmp-*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+# ----------------------------------------------------------------------------------------------------
+# resume
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _why(key: str) -> str:
+    if key.startswith("model."):
+        return "the checkpoint's weights were made for the old value"
+    if key.startswith("data."):
+        return "the data order and augmentation of the saved epoch depend on it"
+    if key in ("train.batch_size", "train.grad_accum", "train.seed"):
+        return "the saved position in the epoch's data order depends on it"
+    return "the optimizer state and schedule of the run were made with the old value"
+
+
+def saved_recipe(run: Path) -> Recipe:
+    """The run's effective recipe: ``recipe.toml`` plus the changes earlier resumes recorded."""
+    if not (run / STATE_FILE).is_file():
+        raise DyheadError(f"--resume {run}: no {STATE_FILE} there (was a checkpoint ever written?)")
+    if not (run / RECIPE_FILE).is_file():
+        raise DyheadError(f"--resume {run}: no {RECIPE_FILE} there")
+    values = to_dict(load_recipe(run / RECIPE_FILE))
+    overrides = [
+        f"{key}={_toml(new)}"
+        for event in read_events(run / "metrics.jsonl")
+        if event.get("event") == "resume"
+        for key, (_, new) in (event.get("changed") or {}).items()
+    ]
+    return recipe_from_dict(apply_overrides(values, overrides))
+
+
+def resume_recipe(run: Path, recipe_path: Path | None, overrides: list[str]) -> tuple[Recipe, dict[str, list[Any]]]:
+    """The recipe to continue ``run`` with, and the keys this resume changes ({key: [old, new]}).
+
+    Without RECIPE it is the run's own; with RECIPE (as a check), the file must agree with the run apart
+    from what the run resolved itself (class names, precision, device). ``--set`` may change only
+    ``RESUME_SAFE`` keys; anything else is refused with the key and the reason.
+    """
+    saved = saved_recipe(run)
+    base = to_dict(saved)
+    flat_base = flatten(base)
+    if recipe_path is not None:
+        given = flatten(to_dict(load_recipe(recipe_path, overrides)))
+        if not given["model.class_names"] and given["model.num_classes"] == 80:
+            given["model.class_names"], given["model.num_classes"] = flat_base["model.class_names"], flat_base["model.num_classes"]
+        given["name"] = flat_base["name"]
+    else:
+        given = flatten(apply_overrides(to_dict(saved), overrides))
+        recipe_from_dict(apply_overrides(to_dict(saved), overrides))  # the same type and value checks as a fresh run
+    changes = {k: [flat_base[k], given[k]] for k in flat_base if k not in RESUME_OWN and given.get(k) != flat_base[k]}
+    for key, (old, new) in changes.items():
+        if key not in RESUME_SAFE:
+            where = f"{recipe_path} differs from the run's {RECIPE_FILE}" if recipe_path is not None else "--set"
+            raise DyheadError(
+                f"--resume {run}: {where} at {key} ({old!r} -> {new!r}); it cannot change mid-run: {_why(key)}. "
+                f"Keys that may change: {', '.join(RESUME_SAFE)}"
+            )
+    values = apply_overrides(base, [f"{k}={_toml(v[1])}" for k, v in changes.items()])
+    return recipe_from_dict(values), changes
+
+
+def _toml(value: Any) -> str:
+    from dyhead_cli.recipe import _toml_value
+
+    return _toml_value(value)

@@ -1,0 +1,111 @@
+"""What a run writes as it goes: ``metrics.jsonl`` (every event), ``metrics.csv`` (a row per logged step
+and per evaluation) and the experiment trackers (TensorBoard, W&B, MLflow through Accelerate).
+
+Every write is appended and flushed at once, so a crashed or killed run keeps all it logged. A write that
+fails (full disk, read-only folder) is a ``DyheadError`` naming the file.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dyhead_cli.errors import DyheadError
+
+CSV_FIXED = ["event", "step", "epoch", "loss"]
+CSV_TAIL = ["lr", "images_per_s", "skipped", "AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"]
+
+
+def write_error(path: Path, error: OSError) -> DyheadError:
+    """One line for a failed write: the path and the system's reason (e.g. 'No space left on device')."""
+    return DyheadError(f"cannot write {path}: {error.strerror or error}")
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The events of a ``metrics.jsonl`` (a line cut short by a kill is ignored)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+class MetricsLog:
+    """``metrics.jsonl`` + ``metrics.csv`` + trackers; silent on every process but the main one.
+
+    ``tracker`` is called with (values, step) for the scalars of ``train`` and ``eval`` events (it is
+    ``accelerator.log`` when ``train.log_with`` names trackers).
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tracker: Callable[[dict[str, float], int], None] | None = None) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.csv_path = run_dir / "metrics.csv"
+        self.enabled = enabled
+        self.tracker = tracker
+        self.columns: list[str] | None = None
+        if self.csv_path.is_file():  # a resumed run keeps the columns it started with
+            with open(self.csv_path, newline="") as f:
+                self.columns = next(csv.reader(f), None)
+
+    def write(self, event: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        row = {"event": event, "time": round(time.time(), 3), **fields}
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row, allow_nan=False, default=_jsonable) + "\n")
+        except OSError as e:
+            raise write_error(self.path, e) from None
+        except ValueError:  # NaN somewhere (an undefined AP): JSON has null for it
+            with open(self.path, "a") as f:
+                f.write(json.dumps(_nan_to_none(row)) + "\n")
+        if event in ("train", "eval"):
+            self._csv(row)
+            if self.tracker is not None:
+                scalars = {f"{event}/{k}": float(v) for k, v in fields.items() if _is_number(v) and k not in ("step", "epoch")}
+                self.tracker(scalars, int(fields["step"]))
+
+    def _csv(self, row: dict[str, Any]) -> None:
+        if self.columns is None:
+            losses = sorted(k for k in row if k.startswith("loss_"))
+            self.columns = CSV_FIXED + losses + CSV_TAIL
+        try:
+            new = not self.csv_path.is_file()
+            with open(self.csv_path, "a", newline="") as f:
+                writer = csv.writer(f)
+                if new:
+                    writer.writerow(self.columns)
+                writer.writerow([_cell(row.get(c)) for c in self.columns])
+        except OSError as e:
+            raise write_error(self.csv_path, e) from None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _cell(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return str(v)
+
+
+def _jsonable(v: Any) -> Any:
+    return float(v) if hasattr(v, "__float__") else str(v)
+
+
+def _nan_to_none(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _nan_to_none(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_nan_to_none(x) for x in v]
+    return v
