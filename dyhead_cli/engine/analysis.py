@@ -74,7 +74,7 @@ def best_f1(evaluator, names: list[str]) -> dict[str, Any]:
         recall[k] = tp / num_gt if num_gt else 0.0
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=(precision + recall) > 0)
     mean_f1 = f1[has_gt].mean(axis=0) if has_gt.any() else np.zeros(SCORE_GRID.size)
-    j = int(np.argmax(mean_f1))
+    j = SCORE_GRID.size - 1 - int(np.argmax(mean_f1[::-1]))  # of equal F1s, the highest threshold
     per_class = {
         name: {"precision": round(float(precision[k, j]), 4), "recall": round(float(recall[k, j]), 4)}
         for k, name in enumerate(names)

@@ -43,7 +43,8 @@ def plot_results(events: list[dict[str, Any]], path: Path) -> None:
         ax.plot(steps, [e["loss"] for e in train], label="loss", color="black", linewidth=1.6)
         for name in sorted({k for e in train for k in e if k.startswith("loss_")}):
             ax.plot(steps, [e.get(name, math.nan) for e in train], label=name, linewidth=1.0)
-        ax.set_yscale("log")
+        if all(e["loss"] > 0 for e in train):
+            ax.set_yscale("log")
     ax.set(title="training loss", xlabel="step")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -30,6 +30,7 @@ RECIPE_FILE = "recipe.toml"
 RUN_FILES = (
     "recipe.toml", "metrics.jsonl", "metrics.csv", "state.safetensors", "last.safetensors", "best.safetensors",
     "env.json", "results.png", "val_predictions.json", "confusion_matrix.png", "pr_curves.png",
+    ".state.safetensors.prev", ".last.safetensors.prev",
 )
 # Keys that --set may change on --resume, and why they are harmless mid-run.
 RESUME_SAFE = {

@@ -191,6 +191,7 @@ def _run(
     def checkpoint() -> None:
         if not main:
             return
+        keep_previous(run_dir)
         raw = accelerator.unwrap_model(model)
         inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the real one
         save_train_state(run_dir / STATE_FILE, inner, vars(state), ema.shadow if ema else None, model=raw.state_dict())
@@ -276,7 +277,7 @@ def _run(
                     checkpoint()
                 if state.step >= total_steps:
                     break
-            else:
+            if state.batch_in_epoch >= steps_per_epoch * t.grad_accum:  # the epoch is complete
                 state.epoch += 1
                 state.batch_in_epoch = 0
                 count = int(accelerator.reduce(torch.tensor([skipped], device=accelerator.device), "sum").item())
@@ -334,25 +335,65 @@ def forward_losses(model: nn.Module, batch: dict[str, Any], accelerator, recipe:
 
 
 def _stop_if_not_finite(accelerator, value: Tensor, what: str, state: RunState, run_dir: Path, log: MetricsLog, losses: dict[str, Tensor]) -> None:
-    """Stop (on every process) when ``value`` is not finite on any of them, before it reaches the weights."""
+    """Stop (on every process) when ``value`` is not finite on any of them, before it reaches the weights.
+
+    The weights of the failing step's forward are those the previous step wrote: when the last checkpoint
+    holds exactly them, it is rolled back to the one before (``keep_previous``), so that a resume with a
+    lower lr redoes the step that led here instead of starting from weights known to fail.
+    """
     bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=accelerator.device), "sum")
     if bad.item() == 0:
         return
     values = {k: float(v.detach()) for k, v in losses.items()}
     step = state.step + 1
-    log.write("error", step=step, epoch=state.epoch, message=f"non-finite {what}", losses=values)
-    saved = _saved_step(run_dir)
-    where = (
-        f"; the last checkpoint ({run_dir / STATE_FILE}, step {saved}) holds the state before it: continue with "
-        f"'dyhead train --resume {run_dir} --set train.lr=<lower>' (or train.clip_grad_norm)"
-        if saved is not None else "; no checkpoint was written yet"
-    )
+    saved = roll_back_if_poisoned(run_dir, step) if accelerator.is_main_process else None
+    log.write("error", step=step, epoch=state.epoch, message=f"non-finite {what}", losses=values, checkpoint_step=saved)
+    if saved is None:
+        where = "; no checkpoint holds a state before it: start over with a lower train.lr"
+    else:
+        where = (
+            f"; the checkpoint {run_dir / STATE_FILE} (step {saved}) holds the state before it: continue with "
+            f"'dyhead train --resume {run_dir} --set train.lr=<lower>' (or train.clip_grad_norm)"
+        )
     raise DyheadError(f"{what} became non-finite at step {step} (epoch {state.epoch}): {values}; training stopped{where}")
 
 
+def keep_previous(run_dir: Path) -> None:
+    """Before a checkpoint is replaced, keep the current one as ``.state.prev``/``.last.prev`` (hard links:
+    no copy, and a crash at any point leaves a complete file under each name)."""
+    for name in (STATE_FILE, "last.safetensors"):
+        current, previous = run_dir / name, run_dir / f".{name}.prev"
+        if current.is_file():
+            tmp = run_dir / f".{name}.prev.tmp-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            os.link(current, tmp)
+            os.replace(tmp, previous)
+
+
+def roll_back_if_poisoned(run_dir: Path, failed_step: int) -> int | None:
+    """The step of the checkpoint to resume from after step ``failed_step`` failed; the checkpoint of step
+    ``failed_step - 1`` (whose weights gave the non-finite values) is replaced by the previous one."""
+    saved = _saved_step(run_dir)
+    if saved is None or saved < failed_step - 1:
+        return saved
+    previous = run_dir / f".{STATE_FILE}.prev"
+    if not previous.is_file():
+        return None
+    os.replace(previous, run_dir / STATE_FILE)
+    if (run_dir / ".last.safetensors.prev").is_file():
+        os.replace(run_dir / ".last.safetensors.prev", run_dir / "last.safetensors")
+    return _saved_step(run_dir)
+
+
 def _saved_step(run_dir: Path) -> int | None:
-    rows = [e for e in read_events(run_dir / "metrics.jsonl") if e.get("event") == "checkpoint"]
-    return rows[-1]["step"] if rows and (run_dir / STATE_FILE).is_file() else None
+    """The step ``state.safetensors`` holds (None without one)."""
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return int(json.loads((f.metadata() or {})["counters"])["step"])
 
 
 def _best_ap(run_dir: Path) -> float:

@@ -1,0 +1,265 @@
+"""Run directories that can be trusted: what --out refuses, the lock, resume rules, fail-fast checks,
+consistent checkpoints around a non-finite step, skipped images, and one-line errors for failed writes.
+Each test makes its own inputs (a tiny synthetic data set, made once per module)."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dyhead_cli.engine.train as engine
+from dyhead_cli.engine.checkpoint import load_weights
+from dyhead_cli.engine.run_dir import RunLock
+from dyhead_cli.engine.train import train_from_files
+from dyhead_cli.errors import DyheadError
+
+from helpers_train import write_tiny_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DYHEAD = [sys.executable, "-m", "dyhead_cli.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+QUICK = ["train.max_steps=2", "train.eval_every=0", "train.checkpoint_every=0", "model.dyhead.num_blocks=0"]
+
+
+def events(run: Path, kind: str | None = None) -> list[dict]:
+    path = run / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in rows if kind is None or r["event"] == kind]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """The tiny synthetic set, made once (the first training writes it)."""
+    root = tmp_path_factory.mktemp("runs_data")
+    recipe = write_tiny_recipe(root, root / "synthetic")
+    train_from_files(recipe, root / "first", None, QUICK)
+    return root / "synthetic"
+
+
+@pytest.fixture
+def recipe(tmp_path, data_root):
+    return write_tiny_recipe(tmp_path, data_root)
+
+
+# ----------------------------------------------------------------------------------------------------
+# --out
+
+
+def test_out_existing_run_is_refused_and_force_starts_over(tmp_path, recipe):
+    run = tmp_path / "run"
+    train_from_files(recipe, run, None, QUICK)
+    before = (run / "best.safetensors").read_bytes()
+    with pytest.raises(DyheadError, match=r"holds a run already: continue it with --resume .*--force"):
+        train_from_files(recipe, run, None, QUICK)
+    assert (run / "best.safetensors").read_bytes() == before and len(events(run, "start")) == 1
+    train_from_files(recipe, run, None, QUICK, force=True)
+    assert len(events(run, "start")) == 1 and len(events(run, "train")) == 2  # the old log went with --force
+
+
+def test_out_of_the_wrong_kind_is_refused_before_any_work(tmp_path, recipe, data_root):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(DyheadError, match="is a file"):
+        train_from_files(recipe, tmp_path / "file.txt", None, QUICK)
+    with pytest.raises(DyheadError, match="is \\(or is inside\\) an input"):
+        train_from_files(recipe, data_root / "train" / "run", None, QUICK)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.md").write_text("x")
+    with pytest.raises(DyheadError, match="folder with other files in it \\(todo.md\\).*--force"):
+        train_from_files(recipe, tmp_path / "notes", None, QUICK)
+    assert not list((data_root / "train").glob("run*"))
+
+
+def test_a_run_directory_is_locked_while_a_training_writes_to_it(tmp_path, recipe):
+    run = tmp_path / "run"
+    run.mkdir()
+    other = RunLock(run)  # another training holds the folder
+    other.acquire()
+    try:
+        with pytest.raises(DyheadError, match=f"is in use by another training \\(pid {os.getpid()}\\)"):
+            train_from_files(recipe, run, None, QUICK)
+    finally:
+        other.release()
+    assert not (run / "metrics.jsonl").exists()
+    train_from_files(recipe, run, None, QUICK)  # free again
+
+
+# ----------------------------------------------------------------------------------------------------
+# resume
+
+
+def test_resume_takes_the_runs_recipe_and_refuses_unsafe_changes(tmp_path, recipe):
+    run = tmp_path / "run"
+    # settings only the run knows: a model change and a step count given with --set
+    train_from_files(recipe, run, None, QUICK + ["model.fpn.channels=16"])
+    saved = (run / "recipe.toml").read_bytes()
+    with pytest.raises(DyheadError, match=r"--set at model\.fpn\.channels \(16 -> 32\).*weights were made for the old value"):
+        train_from_files(None, None, run, ["model.fpn.channels=32"])
+    with pytest.raises(DyheadError, match=r"train\.batch_size .*saved position in the epoch's data order"):
+        train_from_files(None, None, run, ["train.batch_size=4"])
+    with pytest.raises(DyheadError, match="continues in its own folder"):
+        train_from_files(None, tmp_path / "elsewhere", run, [])
+    assert (run / "recipe.toml").read_bytes() == saved  # failed resumes leave it alone
+    # a safe change: more steps; recorded in metrics.jsonl, recipe.toml untouched
+    train_from_files(None, None, run, ["train.max_steps=3"])
+    (resume,) = events(run, "resume")
+    assert resume["changed"] == {"train.max_steps": [2, 3]} and resume["step"] == 2
+    assert [e["step"] for e in events(run, "train")] == [1, 2, 3]
+    assert (run / "recipe.toml").read_bytes() == saved
+    assert load_weights(run / "last.safetensors")[1]["recipe"]["model"]["fpn"]["channels"] == 16
+    # a later resume replays the recorded change: nothing left to do at step 3 of 3
+    train_from_files(None, None, run, [])
+    assert [e["step"] for e in events(run, "train")] == [1, 2, 3]
+
+
+def test_resume_with_a_recipe_file_that_disagrees_names_the_key(tmp_path, recipe):
+    run = tmp_path / "run"
+    train_from_files(recipe, run, None, QUICK)
+    with pytest.raises(DyheadError, match=r"tiny.toml differs from the run's recipe.toml at model\.dyhead\.num_blocks \(0 -> 1\)"):
+        train_from_files(recipe, None, run, [])
+
+
+def test_stale_temporary_files_are_removed_on_the_next_start(tmp_path, recipe):
+    run = tmp_path / "run"
+    train_from_files(recipe, run, None, QUICK)
+    stale = run / ".last.safetensors.tmp-999999"  # what kill -9 in the middle of a save leaves
+    stale.write_bytes(b"half a file")
+    train_from_files(None, None, run, ["train.max_steps=3"])
+    assert not stale.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# fail fast
+
+
+def test_unknown_backbone_fails_before_any_file_is_written(tmp_path):
+    recipe = write_tiny_recipe(tmp_path, tmp_path / "fresh_data")
+    result = subprocess.run(DYHEAD + ["train", str(recipe), "--out", str(tmp_path / "run"), "--set", "model.backbone.name=resnet5O"],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "unknown timm model 'resnet5O'" in result.stderr and "resnet50" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]  # no data generated, no run folder
+
+
+def test_missing_validation_image_is_found_before_the_first_step(tmp_path, data_root):
+    data = tmp_path / "data"
+    shutil.copytree(data_root, data)
+    victim = sorted((data / "val").iterdir())[0]
+    victim.unlink()
+    recipe = write_tiny_recipe(tmp_path, data)
+    with pytest.raises(DyheadError, match=f"validation image not found: .*{victim.name}"):
+        train_from_files(recipe, tmp_path / "run", None, QUICK)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_output_is_one_line_before_any_work(tmp_path, recipe):
+    # /sys refuses new files even to root: a read-only folder every Linux machine has
+    result = subprocess.run(DYHEAD + ["train", str(recipe), "--out", "/sys/dyhead-run"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot write to /sys" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# consistent state
+
+
+def test_non_finite_step_checkpoint_reproduces_it_and_a_lower_lr_goes_on(tmp_path, recipe, monkeypatch):
+    """A weight grown by 2 past the largest initial one overflows the loss (as float16 does past 65504):
+    AdamW with lr 0.5 moves weights by about 0.5 a step, so that happens within a few steps. The last
+    checkpoint must hold the state before the failing step, so that resuming with the same settings fails
+    at the same step and resuming with a lower lr trains on."""
+    real = engine.forward_losses
+    initial = 1.0 + max(float(p.detach().abs().max()) for p in engine.build_model_for(__import__("dyhead_cli.recipe", fromlist=["x"]).load_recipe(recipe, ["model.dyhead.num_blocks=0"])).parameters())
+
+    def overflowing(model, batch, accelerator, recipe=None):
+        losses = real(model, batch, accelerator, recipe)
+        biggest = max(float(p.detach().abs().max()) for p in model.parameters())
+        return {k: v * (float("inf") if biggest > initial + 2 else 1.0) for k, v in losses.items()}
+
+    monkeypatch.setattr(engine, "forward_losses", overflowing)
+    run = tmp_path / "run"
+    steps = ["train.max_steps=12", "train.eval_every=0", "train.checkpoint_every=1", "train.lr=0.5", "train.warmup_steps=0", "model.dyhead.num_blocks=0"]
+    with pytest.raises(DyheadError, match=r"became non-finite at step (\d+).*holds the state before it") as first:
+        train_from_files(recipe, run, None, steps)
+    failed = int(first.value.args[0].split("at step ")[1].split()[0])
+    assert 2 < failed < 12
+    # the checkpoint of step failed-1 gave the non-finite forward: it was rolled back to step failed-2
+    assert events(run, "checkpoint")[-1]["step"] == failed - 1 and events(run, "error")[-1]["checkpoint_step"] == failed - 2
+    assert load_weights(run / "last.safetensors")[1]["step"] == failed - 2
+    weights, _ = load_weights(run / "last.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    with pytest.raises(DyheadError, match=f"non-finite at step {failed} "):
+        train_from_files(None, None, run, [])
+    train_from_files(None, None, run, ["train.lr=0.0001"])
+    assert events(run, "train")[-1]["step"] == 12
+
+
+def test_checkpoint_is_written_before_evaluation(tmp_path, recipe, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(engine, "coco_evaluate", broken)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        train_from_files(recipe, run, None, ["train.max_steps=2", "train.checkpoint_every=0", "model.dyhead.num_blocks=0"])
+    (ckpt,) = events(run, "checkpoint")
+    assert ckpt["step"] == 2 and load_weights(run / "last.safetensors")[1]["step"] == 2
+
+
+def test_skipped_images_are_counted_per_epoch_even_a_batch_of_only_skipped_ones(tmp_path, data_root):
+    data = tmp_path / "data"
+    shutil.copytree(data_root, data)
+    for image in (data / "train").iterdir():
+        image.write_bytes(b"not an image")  # every training image unreadable: every batch is empty
+    recipe = write_tiny_recipe(tmp_path, data)
+    run = tmp_path / "run"
+    messages: list[str] = []
+
+    class Collect(engine.Reporter):
+        def message(self, text: str) -> None:
+            messages.append(text)
+
+    train_from_files(recipe, run, None, ["data.skip_corrupt=true", "train.epochs=1", "train.eval_every=0", "model.dyhead.num_blocks=0"], reporter=Collect())
+    (epoch,) = events(run, "epoch")
+    assert epoch["skipped"] == 24 and epoch["epoch"] == 1
+    assert any("24 unreadable training images skipped" in m for m in messages)
+    assert [e["loss"] for e in events(run, "train")] == [0.0] * 12
+
+
+def test_unreadable_image_in_a_worker_is_one_clean_line(tmp_path, data_root):
+    data = tmp_path / "data"
+    shutil.copytree(data_root, data)
+    for image in (data / "train").iterdir():
+        image.write_bytes(b"not an image")
+    recipe = write_tiny_recipe(tmp_path, data)
+    result = subprocess.run(DYHEAD + ["train", str(recipe), "--out", str(tmp_path / "run"), "--set", "data.num_workers=1"] + sum((["--set", q] for q in QUICK), []),
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: cannot read image ") and "dyhead_cli.errors" not in result.stderr
+
+
+def test_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, recipe, monkeypatch):
+    import dyhead_cli.engine.checkpoint as ckpt
+
+    run = tmp_path / "run"
+    real = ckpt.save_file
+    calls = {"n": 0}
+
+    def filling(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the second checkpoint (state + last per checkpoint) finds the disk full
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ckpt, "save_file", filling)
+    with pytest.raises(DyheadError, match=r"cannot write .*state.safetensors: No space left on device; the previous file is intact"):
+        train_from_files(recipe, run, None, ["train.max_steps=2", "train.checkpoint_every=1", "train.eval_every=0", "model.dyhead.num_blocks=0"])
+    assert load_weights(run / "last.safetensors")[1]["step"] == 1
+    assert not list(run.glob(".*.tmp-*"))
