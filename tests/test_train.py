@@ -78,7 +78,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, data_root):
     saved_step = checkpoints[-1]["step"]
     assert saved_step < 8, "the run finished before it was killed"
 
-    resumed = run_cli(["train", str(recipe), "--out", str(killed_dir), "--resume", str(killed_dir)] + steps)
+    # no RECIPE, no --set: the run's own recipe.toml carries max_steps=8 and eval_every=0
+    resumed = run_cli(["train", "--resume", str(killed_dir)])
     assert resumed.returncode == 0, resumed.stderr
     (resume_event,) = events(killed_dir, "resume")
     assert resume_event["step"] == saved_step
@@ -102,18 +103,19 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path, data_root, 
     real = engine.forward_losses
     calls = {"n": 0}
 
-    def poisoned(model, batch, accelerator):
+    def poisoned(model, batch, accelerator, recipe=None):
         calls["n"] += 1
-        losses = real(model, batch, accelerator)
-        if calls["n"] == 3:
+        losses = real(model, batch, accelerator, recipe)
+        if calls["n"] == 5:
             losses["loss_cls"] = losses["loss_cls"] * float("nan")
         return losses
 
     monkeypatch.setattr(engine, "forward_losses", poisoned)
-    with pytest.raises(DyheadError, match=r"non-finite at step 3 .*last good checkpoint"):
+    # step 5's forward ran on the weights of step 4's checkpoint: that one is rolled back to step 2's
+    with pytest.raises(DyheadError, match=r"non-finite at step 5 .*state.safetensors \(step 2\) holds the state before it"):
         train(recipe, tmp_path / "run")
     ckpt = [e for e in events(tmp_path / "run", "checkpoint")]
-    assert [e["step"] for e in ckpt] == [2]
+    assert [e["step"] for e in ckpt] == [2, 4]
     assert load_weights(tmp_path / "run" / "last.safetensors")[1]["step"] == 2
 
 

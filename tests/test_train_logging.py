@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers_train import write_tiny_recipe
 
 from dyhead_cli.data.loaders import EpochSampler, ShardBatches
 from dyhead_cli.engine.train import train_from_files
 from dyhead_cli.errors import DyheadError
-
-from helpers_train import write_tiny_recipe
 
 DYHEAD = [sys.executable, "-m", "dyhead_cli.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

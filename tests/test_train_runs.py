@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_train import write_tiny_recipe
 
 import dyhead_cli.engine.train as engine
 from dyhead_cli.engine.checkpoint import load_weights
 from dyhead_cli.engine.run_dir import RunLock
 from dyhead_cli.engine.train import train_from_files
 from dyhead_cli.errors import DyheadError
-
-from helpers_train import write_tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DYHEAD = [sys.executable, "-m", "dyhead_cli.cli"]

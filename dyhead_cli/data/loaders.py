@@ -17,6 +17,7 @@ from dyhead_cli.data.images import ImageEntry, ImageFiles
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.recipe import Recipe
 
+
 def collate(batch: Sequence[dict[str, Any] | None], size_divisibility: int = 128) -> dict[str, Any]:
     """Stack items into one zero-padded float batch (values stay 0..255; normalisation is the model's job).
 
@@ -140,7 +141,7 @@ def clean_worker_errors(loader: Iterable[Any]) -> Iterator[Any]:
             lines = [line for line in str(e).splitlines() if line.strip()]
             last = lines[-1].strip() if lines else type(e).__name__
             prefix = f"{DyheadError.__module__}.{DyheadError.__name__}: "
-            raise DyheadError(last[len(prefix):] if last.startswith(prefix) else last) from None
+            raise DyheadError(last.removeprefix(prefix)) from None
         yield item
 
 

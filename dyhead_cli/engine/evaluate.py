@@ -17,7 +17,12 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from dyhead_cli.engine.analysis import best_f1, confusion_matrix, per_class_ap50, pr_curves
+from dyhead_cli.engine.analysis import (
+    best_f1,
+    confusion_matrix,
+    per_class_ap50,
+    pr_curves,
+)
 from dyhead_cli.engine.progress import Reporter
 from dyhead_cli.errors import DyheadError
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -22,7 +23,13 @@ from typing import Any
 
 from dyhead_cli.engine.run_log import read_events
 from dyhead_cli.errors import DyheadError
-from dyhead_cli.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict, to_dict
+from dyhead_cli.recipe import (
+    Recipe,
+    apply_overrides,
+    load_recipe,
+    recipe_from_dict,
+    to_dict,
+)
 
 STATE_FILE = "state.safetensors"
 RECIPE_FILE = "recipe.toml"
@@ -143,6 +150,58 @@ def remove_stale_tmp(folder: Path) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints kept for a roll-back
+
+
+def keep_previous(run_dir: Path) -> None:
+    """Before a checkpoint is replaced, keep the current one as ``.state.prev``/``.last.prev`` (hard links:
+    no copy, and a crash at any point leaves a complete file under each name)."""
+    for name in (STATE_FILE, "last.safetensors"):
+        current, previous = run_dir / name, run_dir / f".{name}.prev"
+        if current.is_file():
+            tmp = run_dir / f".{name}.prev.tmp-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            os.link(current, tmp)
+            os.replace(tmp, previous)
+
+
+def roll_back_if_poisoned(run_dir: Path, failed_step: int) -> int | None:
+    """The step of the checkpoint to resume from after step ``failed_step`` failed; the checkpoint of step
+    ``failed_step - 1`` (whose weights gave the non-finite values) is replaced by the previous one."""
+    saved = saved_step(run_dir)
+    if saved is None or saved < failed_step - 1:
+        return saved
+    previous = run_dir / f".{STATE_FILE}.prev"
+    if not previous.is_file():
+        return None
+    os.replace(previous, run_dir / STATE_FILE)
+    if (run_dir / ".last.safetensors.prev").is_file():
+        os.replace(run_dir / ".last.safetensors.prev", run_dir / "last.safetensors")
+    return saved_step(run_dir)
+
+
+def saved_step(run_dir: Path) -> int | None:
+    """The step ``state.safetensors`` holds (None without one)."""
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return int(json.loads((f.metadata() or {})["counters"])["step"])
+
+
+def best_ap(run_dir: Path) -> float:
+    path = run_dir / "best.safetensors"
+    if not path.is_file():
+        return -1.0
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return float(json.loads((f.metadata() or {}).get("AP", "-1")))
 
 
 # ----------------------------------------------------------------------------------------------------

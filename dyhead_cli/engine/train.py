@@ -18,7 +18,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import time
 from datetime import datetime
 from pathlib import Path
@@ -28,21 +27,63 @@ import torch
 from torch import Tensor, nn
 
 from dyhead_cli.data.coco import CocoDetection, build_dataset
-from dyhead_cli.data.loaders import EpochSampler, EpochSeeded, aspect_groups, clean_worker_errors, train_loader
-from dyhead_cli.engine.checkpoint import atomic_write_text, load_model_weights, load_train_state, read_safetensors, save_train_state, save_weights
+from dyhead_cli.data.loaders import (
+    EpochSampler,
+    EpochSeeded,
+    aspect_groups,
+    clean_worker_errors,
+    train_loader,
+)
+from dyhead_cli.engine.checkpoint import (
+    atomic_write_text,
+    load_model_weights,
+    load_train_state,
+    read_safetensors,
+    save_train_state,
+    save_weights,
+)
 from dyhead_cli.engine.env_info import write_env
-from dyhead_cli.engine.evaluate import coco_evaluate, metrics_json, predict_shard, write_plots
-from dyhead_cli.engine.optim import EMA, build_optimizer, grad_norm, lr_factor, param_groups, set_lr  # noqa: F401 (re-exported)
-from dyhead_cli.engine.preflight import accelerate_choice, check_inputs, check_model, check_trackers, check_val_images
+from dyhead_cli.engine.evaluate import (
+    coco_evaluate,
+    metrics_json,
+    predict_shard,
+    write_plots,
+)
+from dyhead_cli.engine.optim import (  # noqa: F401 (re-exported)
+    EMA,
+    build_optimizer,
+    grad_norm,
+    lr_factor,
+    param_groups,
+    set_lr,
+)
+from dyhead_cli.engine.preflight import (
+    accelerate_choice,
+    check_inputs,
+    check_model,
+    check_trackers,
+    check_val_images,
+)
 from dyhead_cli.engine.progress import Reporter
+from dyhead_cli.engine.run_clock import Clock, autocast_dtype, evals_left, memory_mb
 from dyhead_cli.engine.run_dir import (
-    STATE_FILE, RunLock, check_out_dir, check_writable, clear_run, is_run, remove_stale_tmp, resume_recipe,
+    STATE_FILE,
+    RunLock,
+    best_ap,
+    check_out_dir,
+    check_writable,
+    clear_run,
+    is_run,
+    keep_previous,
+    remove_stale_tmp,
+    resume_recipe,
+    roll_back_if_poisoned,
 )
 from dyhead_cli.engine.run_log import MetricsLog, read_events
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.recipe import Recipe, dump_toml, load_recipe, to_dict
 
-__all__ = ["EpochSampler", "Reporter", "train", "train_from_files", "lr_factor"]
+__all__ = ["EpochSampler", "Reporter", "lr_factor", "train", "train_from_files"]
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -168,7 +209,7 @@ def _run(
         load_model_weights(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, str(run_dir / STATE_FILE))
         counters, ema_tensors = load_train_state(run_dir / STATE_FILE, optimizer)
         state = RunState(**counters)
-        state.best_ap = max(state.best_ap, _best_ap(run_dir))  # an evaluation after the last checkpoint may have set a best
+        state.best_ap = max(state.best_ap, best_ap(run_dir))  # an evaluation after the last checkpoint may have set a best
         if ema is not None and ema_tensors:
             ema.shadow = ema_tensors
         log.write("resume", step=state.step, epoch=state.epoch, changed=changes)
@@ -183,7 +224,7 @@ def _run(
     last_epoch = min(t.epochs, math.ceil(total_steps / max(1, steps_per_epoch)))
     if main and not resume:
         log.write("start", total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=last_epoch, num_processes=world,
-                  mixed_precision=accelerator.mixed_precision, autocast=_autocast_dtype(accelerator), device=str(accelerator.device),
+                  mixed_precision=accelerator.mixed_precision, autocast=autocast_dtype(accelerator), device=str(accelerator.device),
                   train_images=len(dataset), val_images=len(val_data))
     clock = Clock(t.batch_size * t.grad_accum * world, len(val_data))
     metrics: dict[str, Any] = {}
@@ -263,9 +304,9 @@ def _run(
                     total = round(sum(values.values()), 6)
                     lr = optimizer.param_groups[0]["lr"]
                     speed = clock.images_per_s()
-                    evals_left = _evals_left(state.epoch, last_epoch, t.eval_every)
-                    eta = clock.eta(total_steps - state.step, evals_left)
-                    memory = _memory_mb(accelerator.device)
+                    remaining_evals = evals_left(state.epoch, last_epoch, t.eval_every)
+                    eta = clock.eta(total_steps - state.step, remaining_evals)
+                    memory = memory_mb(accelerator.device)
                     log.write("train", step=state.step, epoch=state.epoch, loss=total, lr=lr, images_per_s=round(speed, 2), **values)
                     reporter.step(state.step, {
                         "total_steps": total_steps, "epoch": state.epoch + 1, "epochs": last_epoch, "loss": total, "lr": lr,
@@ -356,110 +397,6 @@ def _stop_if_not_finite(accelerator, value: Tensor, what: str, state: RunState, 
             f"'dyhead train --resume {run_dir} --set train.lr=<lower>' (or train.clip_grad_norm)"
         )
     raise DyheadError(f"{what} became non-finite at step {step} (epoch {state.epoch}): {values}; training stopped{where}")
-
-
-def keep_previous(run_dir: Path) -> None:
-    """Before a checkpoint is replaced, keep the current one as ``.state.prev``/``.last.prev`` (hard links:
-    no copy, and a crash at any point leaves a complete file under each name)."""
-    for name in (STATE_FILE, "last.safetensors"):
-        current, previous = run_dir / name, run_dir / f".{name}.prev"
-        if current.is_file():
-            tmp = run_dir / f".{name}.prev.tmp-{os.getpid()}"
-            tmp.unlink(missing_ok=True)
-            os.link(current, tmp)
-            os.replace(tmp, previous)
-
-
-def roll_back_if_poisoned(run_dir: Path, failed_step: int) -> int | None:
-    """The step of the checkpoint to resume from after step ``failed_step`` failed; the checkpoint of step
-    ``failed_step - 1`` (whose weights gave the non-finite values) is replaced by the previous one."""
-    saved = _saved_step(run_dir)
-    if saved is None or saved < failed_step - 1:
-        return saved
-    previous = run_dir / f".{STATE_FILE}.prev"
-    if not previous.is_file():
-        return None
-    os.replace(previous, run_dir / STATE_FILE)
-    if (run_dir / ".last.safetensors.prev").is_file():
-        os.replace(run_dir / ".last.safetensors.prev", run_dir / "last.safetensors")
-    return _saved_step(run_dir)
-
-
-def _saved_step(run_dir: Path) -> int | None:
-    """The step ``state.safetensors`` holds (None without one)."""
-    path = run_dir / STATE_FILE
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return int(json.loads((f.metadata() or {})["counters"])["step"])
-
-
-def _best_ap(run_dir: Path) -> float:
-    path = run_dir / "best.safetensors"
-    if not path.is_file():
-        return -1.0
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return float(json.loads((f.metadata() or {}).get("AP", "-1")))
-
-
-def _autocast_dtype(accelerator) -> str:
-    """The dtype autocast really uses inside ``accelerator.autocast()`` ('float32' when it is off)."""
-    kind = accelerator.device.type
-    with accelerator.autocast():
-        on = torch.is_autocast_enabled(kind)
-        dtype = torch.get_autocast_dtype(kind) if on else torch.float32
-    return str(dtype).replace("torch.", "")
-
-
-def _evals_left(epoch: int, last_epoch: int, every: int) -> int:
-    """Evaluations still to come after ``epoch`` epochs: every ``every`` epochs, and one at the end."""
-    due = {e for e in range(epoch + 1, last_epoch + 1) if every > 0 and e % every == 0}
-    return len(due | {last_epoch}) if epoch < last_epoch else 0
-
-
-def _memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated, or on CPU the process's peak resident memory, in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-class Clock:
-    """Speed and ETA: seconds per step (evaluations left out) and the last evaluation's duration (before
-    the first one: the validation images at the training speed, a rough upper bound)."""
-
-    def __init__(self, images_per_step: int, val_images: int) -> None:
-        self.images_per_step, self.val_images = images_per_step, val_images
-        self.eval_s: float | None = None
-        self.step_s: float | None = None
-        self.restart(0)
-
-    def restart(self, step: int) -> None:
-        self.t0 = self.last_t = self.now = time.perf_counter()
-        self.step0 = self.last_step = self.step = step
-
-    def stepped(self, step: int) -> None:
-        now = time.perf_counter()
-        if step > self.step0:
-            self.step_s = (now - self.t0) / (step - self.step0)
-        self.now, self.step = now, step
-
-    def images_per_s(self) -> float:
-        speed = (self.step - self.last_step) * self.images_per_step / max(self.now - self.last_t, 1e-9)
-        self.last_t, self.last_step = self.now, self.step
-        return speed
-
-    def evaluated(self, seconds: float) -> None:
-        self.eval_s = seconds
-
-    def eta(self, steps_left: int, evals_left: int) -> float:
-        step_s = self.step_s or 0.0
-        eval_s = self.eval_s if self.eval_s is not None else self.val_images * step_s / max(1, self.images_per_step)
-        return steps_left * step_s + evals_left * eval_s
 
 
 def _plot_results(run_dir: Path) -> None:
