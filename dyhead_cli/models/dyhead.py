@@ -157,6 +157,8 @@ class DyHeadBlock(nn.Module):
         # forward_fast on CUDA under autocast: gather and GEMM in the autocast dtype instead of float32
         # (sample points stay float32). Off by default: torchvision's op runs in float32 under autocast.
         self.fast_low_precision = False
+        # forward_fast on CUDA: deformable conv outputs in channels-last memory (a GEMM without transpose)
+        self.fast_channels_last = False
         self.offset = nn.Conv2d(in_channels, 27, 3, padding=1)
         self.spatial_high = DeformConvNorm(in_channels, channels, stride=1)
         self.spatial_mid = DeformConvNorm(in_channels, channels, stride=1)
@@ -201,18 +203,16 @@ class DyHeadBlock(nn.Module):
         All levels go into one sampling table, built once and read by the 2-3 convs that sample each
         level. The deformable convs run in float32 (float64 if the features are) with autocast off, as
         torchvision's kernels do (its CUDA op is autocast to float32 too); with ``fast_low_precision`` on
-        CUDA under autocast the gather and GEMM use the autocast dtype. Dispatched by ``forward`` on CPU;
-        also runs on CUDA when called directly. On CUDA, channels-last features (B, C, H, W) give
-        channels-last conv outputs.
+        CUDA under autocast the gather and GEMM use the autocast dtype, with ``fast_channels_last`` on
+        CUDA the convs return channels-last maps. Dispatched by ``forward`` on CPU; also runs on CUDA when
+        called directly.
         """
         device = features[0].device.type
         dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32  # sample points
         table_dtype = dtype
         if self.fast_low_precision and device != "cpu" and torch.is_autocast_enabled(device):
             table_dtype = torch.get_autocast_dtype(device)
-        channels_last = device != "cpu" and features[0].dim() == 4 and not features[0].is_contiguous() and (
-            features[0].is_contiguous(memory_format=torch.channels_last)
-        )
+        channels_last = self.fast_channels_last and device != "cpu"
         with torch.autocast(device, enabled=False):
             table, starts = sampling_table([x.to(table_dtype) for x in features])
             mid, low, high = self.spatial_mid, self.spatial_low, self.spatial_high
