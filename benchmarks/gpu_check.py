@@ -35,9 +35,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -54,7 +55,7 @@ class Step:
     name: str
     cmd: list[str]
     timeout_s: float
-    check: Callable[["Step", str], dict[str, Any]] = lambda step, out: {}
+    check: Callable[[Step, str], dict[str, Any]] = lambda step, out: {}
     needs: str | None = None  # a step that must have passed first
     background: bool = False  # runs alongside the next steps (not timings); waited for before a timing step
     timing: bool = False  # measures speed: runs alone on the GPU
@@ -284,7 +285,7 @@ def machine() -> dict[str, Any]:
                             "gpu": torch.cuda.get_device_name(0)}
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+                             capture_output=True, text=True, timeout=20, check=False)
         info["nvidia_smi"] = smi.stdout.strip()
     except (OSError, subprocess.SubprocessError) as e:
         info["nvidia_smi"] = f"unavailable: {e}"

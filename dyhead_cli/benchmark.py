@@ -674,7 +674,7 @@ def nvidia_driver() -> str | None:
 
     with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+                             capture_output=True, text=True, timeout=20, check=False)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip().splitlines()[0]
     with contextlib.suppress(OSError):
