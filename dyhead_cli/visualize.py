@@ -36,6 +36,7 @@ from torch import Tensor
 
 from dyhead_cli.data.coco import load_rgb, read_annotation_file
 from dyhead_cli.errors import DyheadError
+from dyhead_cli.models.dyhead import BlockTrace
 from dyhead_cli.predict import (
     ImageEntry,
     ImageFiles,
@@ -315,50 +316,17 @@ def detect(model, prepared: Prepared, device: torch.device) -> dict[str, Tensor]
     return model(prepared.batch.to(device), [prepared.size], original_sizes=[prepared.orig])[0]
 
 
-@dataclass
-class BlockTrace:
-    """What one DyHead block did, per level (P3 first); tensors are (1, C, H, W) unless noted."""
-
-    inputs: list[Tensor]
-    fused: list[Tensor]  # after spatial-aware convs and scale-aware weighting (the mean of pi_L(f) * f)
-    outputs: list[Tensor]  # after task-aware attention (DyReLU) = the block's output
-    scale: list[dict[str, float]]  # pi_L of each input map ("low" / "mid" / "high") per level
-    offsets: list[Tensor]  # (1, 18, H, W): (dy, dx) per tap of the 3x3 kernel, in feature cells
-    masks: list[Tensor]  # (1, 9, H, W) in 0..1
-
-
 @torch.no_grad()
 def trace_dyhead(model, images: Tensor) -> tuple[list[BlockTrace], float]:
-    """Run backbone + FPN, then each DyHead block step by step; return the traces and the largest relative
-    difference between the recomputed and the block's own outputs (should be ~1e-6)."""
-    blocks = list(getattr(model.dyhead, "blocks", []))
-    if not blocks:
+    """Run backbone + FPN + the DyHead tower with tracing on; return one ``BlockTrace`` per block and the
+    largest relative difference between the traced (reference-conv) outputs and the model's own."""
+    if not len(getattr(model.dyhead, "blocks", [])):
         raise DyheadError("the model has no DyHead blocks (model.dyhead.num_blocks = 0): there is no attention to show")
     feats = list(model.fpn(model.backbone(model.normalize(images))))
-    traces, worst = [], 0.0
-    for block in blocks:
-        trace = BlockTrace([], [], [], [], [], [])
-        for level, x in enumerate(feats):
-            offset, mask = block.offset_and_mask(x)
-            maps = {"mid": block.spatial_mid(x, offset, mask, block.offset_mode)}
-            if level > 0:
-                maps["low"] = block.spatial_low(feats[level - 1], offset, mask, block.offset_mode)
-            if level < len(feats) - 1:
-                high = block.spatial_high(feats[level + 1], offset, mask, block.offset_mode)
-                maps["high"] = F.interpolate(high, size=x.shape[-2:], mode="bilinear", align_corners=True)
-            weights = {name: block.scale_weight(f) for name, f in maps.items()}  # (1, 1, 1, 1) each
-            fused = torch.stack([f * weights[name] for name, f in maps.items()]).mean(dim=0)
-            trace.inputs.append(x)
-            trace.offsets.append(offset)
-            trace.masks.append(mask)
-            trace.scale.append({name: float(w.flatten()[0]) for name, w in weights.items()})
-            trace.fused.append(fused)
-            trace.outputs.append(block.task_attn(fused))
-        real = block(feats)
-        for mine, theirs in zip(trace.outputs, real):
-            worst = max(worst, float((mine - theirs).abs().max() / theirs.abs().max().clamp(min=1e-12)))
-        feats = list(real)
-        traces.append(trace)
+    traces: list[BlockTrace] = []
+    traced = model.dyhead(feats, traces=traces)
+    real = model.dyhead(feats)
+    worst = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) for a, b in zip(traced, real))
     return traces, worst
 
 

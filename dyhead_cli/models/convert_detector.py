@@ -457,23 +457,20 @@ def _read_fpn(state: dict[str, Tensor], source: str, config: str, requires: dict
 
 
 def _read_offset_mode(source: str, meta: dict[str, Any], notes: list[str]) -> str:
-    """The DyHead offset behaviour the weights were trained with (see docs/dyhead-design, "offset quirk")."""
-    if source == "official":
-        return "official"
-    version = str(meta.get("mmdet_version") or "")
-    if version.startswith("2."):
+    """The DyHead offset behaviour the weights were trained with (see docs/dyhead-design.md, "offset quirk").
+
+    The official code and every MMDetection release (2.x and 3.x up to 3.3.0, the latest) read the whole
+    offset/mask map of level l as a flat buffer for the level-(l+1) conv: "official". Only MMDetection's
+    unreleased main branch after PR #11150 crops the mask ("mmdet"); such weights need --offset-mode mmdet.
+    """
+    if source == "mmdet":
+        version = str(meta.get("mmdet_version") or "no version recorded")
         notes.append(
-            f"trained with MMDetection {version}: its DyHead passed the whole offset map to mmcv's "
-            "ModulatedDeformConv2d, whose kernel reads it as a flat buffer like the official one (the "
-            "top-left crop came later), so offset_mode = 'official'; --offset-mode overrides"
+            f"MMDetection checkpoint ({version}): every MMDetection release passes the whole offset map to "
+            "mmcv's kernel, which reads it as a flat buffer like the official code, so offset_mode = 'official'; "
+            "weights trained on MMDetection's main branch after PR #11150 need --offset-mode mmdet"
         )
-        return "official"
-    if not version:
-        notes.append(
-            "no MMDetection version in the checkpoint: offset_mode = 'mmdet' (the top-left crop of current "
-            "MMDetection); weights trained with MMDetection 2.x need --offset-mode official"
-        )
-    return "mmdet"
+    return "official"
 
 
 def _read_class_names(meta: dict[str, Any], num_classes: int, notes: list[str]) -> list[str]:
