@@ -69,10 +69,9 @@ def build_backbone(cfg: BackboneConfig) -> TimmBackbone:
 
 def build_dyhead(cfg: ModelConfig) -> DyHead:
     d = cfg.dyhead
-    tower = DyHead(cfg.fpn.channels, d.num_blocks, offset_mode=d.offset_mode, zero_init_offset=d.zero_init_offset)
-    if hasattr(tower, "set_impl"):
-        tower.set_impl(d.impl)
-    return tower
+    return DyHead(
+        cfg.fpn.channels, d.num_blocks, offset_mode=d.offset_mode, zero_init_offset=d.zero_init_offset, impl=d.impl
+    )
 
 
 def build_model(model_config: ModelConfig) -> Detector:
