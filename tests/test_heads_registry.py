@@ -59,9 +59,10 @@ def test_resolve_fills_the_head_defaults_declared_in_its_module(head, offset, ke
     assert cfg.head_options.anchor_offset is None and cfg.head_options.pred_kernel_size is None
     resolved = resolve_model_config(cfg)
     assert (resolved.head_options.anchor_offset, resolved.head_options.pred_kernel_size) == (offset, kernel)
-    assert HEADS[head].defaults == {"anchor_offset": offset, "pred_kernel_size": kernel}
-    module = {"atss": atss, "fcos": fcos, "retinanet": retinanet}[head]
-    assert (module.ANCHOR_OFFSET, module.PRED_KERNEL_SIZE) == (offset, kernel)
+    head_class = {"atss": atss.ATSSHead, "fcos": fcos.FCOSHead, "retinanet": retinanet.RetinaNetHead}[head]
+    assert HEADS[head].head is head_class and HEADS[head].defaults == head_class.DEFAULTS
+    built = head_class(32, 2, (8, 16, 32, 64, 128))  # the constructor's defaults are the same declaration
+    assert (built.anchor_offset, built.cls_logits.kernel_size) == (offset, (kernel, kernel))
     assert resolve_model_config(resolved) == resolved  # idempotent
     assert cfg.head_options.anchor_offset is None  # the input is not changed
 

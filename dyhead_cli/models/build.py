@@ -45,7 +45,7 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
                 f"recipe key '{key}' = {value!r} is not one of {', '.join(choices)}{suggest(str(value), choices)}"
             )
     o = cfg.head_options
-    filled = {k: v for k, v in HEADS[cfg.head].defaults.items() if getattr(o, k) is None}
+    filled = {k: v for k, v in HEADS[cfg.head].defaults.items() if getattr(o, k, 0) is None}
     o = dataclasses.replace(o, **filled)
     if o.pred_kernel_size < 1 or o.pred_kernel_size % 2 == 0:
         raise DyheadError(f"recipe key 'model.head_options.pred_kernel_size' must be a positive odd number, got {o.pred_kernel_size}")

@@ -14,13 +14,11 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from dyhead_cli.models.heads.boxes import BoxCoder, anchors_from_centers, centerness_target, grid_centers
-from dyhead_cli.models.heads.dense import DenseHead, HeadSpec, dense_head_kwargs
+from dyhead_cli.models.heads.boxes import BoxCoder, centerness_target
+from dyhead_cli.models.heads.dense import AnchorHead, HeadSpec, dense_head_kwargs
 from dyhead_cli.models.heads.losses import check_targets, focal_giou_centerness_losses, one_hot_targets
 from dyhead_cli.recipe import ModelConfig
 
-ANCHOR_OFFSET = 0.5  # configs/dyhead_*_atss_*.yaml: ANCHOR_GENERATOR.OFFSET 0.5
-PRED_KERNEL_SIZE = 1  # extra/atss.py: 1x1 predictors
 
 
 @torch.no_grad()
@@ -65,45 +63,28 @@ def atss_assign(anchors: Tensor, num_per_level: list[int], gt_boxes: Tensor, top
     return torch.where(best_iou > -1.0, best_gt, matched)
 
 
-class ATSSHead(DenseHead):
+class ATSSHead(AnchorHead):
     """Class logits, box deltas and centerness per location, one anchor each (official ATSS/DyHead head).
 
     ``options``: the ``DenseHead`` keyword arguments (towers, predictors, focal loss, post-processing).
     """
 
+    # configs/dyhead_*_atss_*.yaml: ANCHOR_GENERATOR.OFFSET 0.5; extra/atss.py: 1x1 predictors, no tower
+    DEFAULTS = {"anchor_offset": 0.5, "pred_kernel_size": 1, "num_convs": 0, "nms_thresh": 0.6}
+
     def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        strides: tuple[int, ...],
-        anchor_scale: float = 8.0,
-        anchor_offset: float = ANCHOR_OFFSET,
-        topk: int = 9,
-        box_loss_weight: float = 2.0,
-        pred_kernel_size: int = PRED_KERNEL_SIZE,
-        **options: Any,
+        self, in_channels: int, num_classes: int, strides: tuple[int, ...],
+        anchor_scale: float = 8.0, topk: int = 9, box_loss_weight: float = 2.0, **options: Any,
     ) -> None:
-        super().__init__(
-            in_channels, num_classes, strides, anchor_offset=anchor_offset, centerness=True, scales=True,
-            pred_kernel_size=pred_kernel_size, **options,
-        )
+        super().__init__(in_channels, num_classes, strides, centerness=True, scales=True, **options)
         self.anchor_scale = anchor_scale
         self.topk = topk
         self.box_loss_weight = box_loss_weight
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
 
-    def anchors(self, outputs: dict[str, list[Tensor]]) -> list[Tensor]:
-        """Per level (H*W, 4) anchors of side ``anchor_scale * stride`` centred at ((j + offset) s, (i + offset) s)."""
-        anchors = []
-        for x, stride in zip(outputs["cls_logits"], self.strides):
-            centers = grid_centers(x.shape[-2:], stride, self.anchor_offset, x.device)
-            anchors.append(anchors_from_centers(centers, torch.full((1, 2), self.anchor_scale * stride)))
-        return anchors
-
-    priors = anchors
-
-    def decode(self, deltas: Tensor, priors: Tensor, level: int) -> Tensor:
-        return self.box_coder.decode(deltas, priors)
+    def cell_sizes(self, stride: int) -> Tensor:
+        """One square anchor of side ``anchor_scale * stride``."""
+        return torch.full((1, 2), self.anchor_scale * stride)
 
     def loss(
         self, outputs: dict[str, list[Tensor]], targets: list[dict[str, Tensor]], image_sizes: list[tuple[int, int]]
@@ -144,4 +125,4 @@ def build_atss(cfg: ModelConfig, in_channels: int, strides: tuple[int, ...]) -> 
     )
 
 
-SPEC = HeadSpec(build_atss, {"anchor_offset": ANCHOR_OFFSET, "pred_kernel_size": PRED_KERNEL_SIZE})
+SPEC = HeadSpec(build_atss, ATSSHead)

@@ -18,12 +18,13 @@ boxes (``decode``), assignment and loss targets (``loss``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from dyhead_cli.models.heads.boxes import BoxCoder, anchors_from_centers, grid_centers
 from dyhead_cli.models.heads.layers import Scale, conv_tower, flatten_level, predictor, prior_bias
 from dyhead_cli.models.heads.postprocess import PostprocessOptions, postprocess_dense
 from dyhead_cli.recipe import HeadOptions, ModelConfig
@@ -31,13 +32,15 @@ from dyhead_cli.recipe import HeadOptions, ModelConfig
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """A head in the ``HEADS`` registry: its builder and the ``head_options`` it decides itself.
-
-    ``defaults`` fill the recipe's ``None`` (= "the head's default") fields in ``resolve_model_config``.
-    """
+    """A head in the ``HEADS`` registry: its builder and its class, whose ``DEFAULTS`` fill the recipe's
+    ``None`` (= "the head's default") ``head_options`` in ``resolve_model_config``."""
 
     build: Callable[[ModelConfig, int, tuple[int, ...]], "DenseHead"]
-    defaults: dict[str, Any] = field(default_factory=dict)
+    head: type["DenseHead"]
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return dict(self.head.DEFAULTS)
 
 
 def dense_head_kwargs(options: HeadOptions) -> dict[str, Any]:
@@ -64,10 +67,13 @@ class DenseHead(nn.Module):
     """Classification and regression branches over every level, shared weights across levels.
 
     ``num_anchors`` priors per location (A), centred at ((j + ``anchor_offset``) * stride, (i + ...) * stride);
-    ``centerness``: a 1-channel centerness predictor on the box
-    features; ``scales``: a learnable scalar per level on the box predictions; ``nonnegative_reg``: ReLU on
-    them (FCOS distances).
+    ``centerness``: a 1-channel centerness predictor on the box features; ``scales``: a learnable scalar
+    per level on the box predictions; ``nonnegative_reg``: ReLU on them (FCOS distances). The arguments a
+    head decides itself default to ``None``, which means the head class's ``DEFAULTS``: declared there once,
+    for the constructor and for the recipe (``resolve_model_config``) alike.
     """
+
+    DEFAULTS: dict[str, Any] = {"anchor_offset": 0.5, "pred_kernel_size": 3, "num_convs": 0, "nms_thresh": 0.6}
 
     def __init__(
         self,
@@ -76,34 +82,37 @@ class DenseHead(nn.Module):
         strides: tuple[int, ...],
         *,
         num_anchors: int = 1,
-        anchor_offset: float = 0.5,
         centerness: bool = False,
         scales: bool = False,
         nonnegative_reg: bool = False,
-        num_convs: int = 0,
+        anchor_offset: float | None = None,
+        pred_kernel_size: int | None = None,
+        num_convs: int | None = None,
+        nms_thresh: float | None = None,
         prior_prob: float = 0.01,
-        pred_kernel_size: int = 3,
         tower_norm: str = "gn",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         score_thresh: float = 0.05,
-        nms_thresh: float = 0.6,
         pre_nms_top_n: int = 1000,
         detections_per_img: int = 100,
         postprocess: str = "official",
     ) -> None:
         super().__init__()
+        given = {"anchor_offset": anchor_offset, "pred_kernel_size": pred_kernel_size, "num_convs": num_convs,
+                 "nms_thresh": nms_thresh}
+        own = {k: self.DEFAULTS.get(k, DenseHead.DEFAULTS[k]) if v is None else v for k, v in given.items()}
         self.num_classes = num_classes
         self.strides = tuple(strides)
-        self.anchor_offset = anchor_offset
+        self.anchor_offset = own["anchor_offset"]
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
-        self.post = PostprocessOptions(postprocess, score_thresh, pre_nms_top_n, nms_thresh, detections_per_img)
+        self.post = PostprocessOptions(postprocess, score_thresh, pre_nms_top_n, own["nms_thresh"], detections_per_img)
         self.nonnegative_reg = nonnegative_reg
 
         # registration order = state-dict order of the checkpoints we read and write
-        self.cls_tower = conv_tower(in_channels, num_convs, tower_norm)
-        self.bbox_tower = conv_tower(in_channels, num_convs, tower_norm)
-        k, a = pred_kernel_size, num_anchors
+        self.cls_tower = conv_tower(in_channels, own["num_convs"], tower_norm)
+        self.bbox_tower = conv_tower(in_channels, own["num_convs"], tower_norm)
+        k, a = own["pred_kernel_size"], num_anchors
         self.cls_logits = predictor(in_channels, a * num_classes, k, bias=prior_bias(prior_prob))
         self.bbox_pred = predictor(in_channels, a * 4, k)
         self.centerness = predictor(in_channels, a, k) if centerness else None
@@ -160,3 +169,28 @@ class DenseHead(nn.Module):
             return self.decode(deltas[level][image][loc], priors[level][loc], level)
 
         return postprocess_dense(cls, ctr, decode, image_sizes, self.post)
+
+
+class AnchorHead(DenseHead):
+    """A dense head whose priors are anchors (``cell_sizes`` around each grid centre) and whose box
+    predictions are ``BoxCoder`` deltas (``box_coder``, set by the head)."""
+
+    box_coder: BoxCoder
+
+    def cell_sizes(self, stride: int) -> Tensor:
+        """(A, 2) anchor widths and heights at one location of a level with this stride."""
+        raise NotImplementedError
+
+    def anchors(self, outputs: dict[str, list[Tensor]]) -> list[Tensor]:
+        """Per level (H*W*A, 4) anchors centred at ((j + offset) * stride, (i + offset) * stride), rows (y, x, anchor)."""
+        anchors = []
+        for x, stride in zip(outputs["cls_logits"], self.strides):
+            centers = grid_centers(x.shape[-2:], stride, self.anchor_offset, x.device)
+            anchors.append(anchors_from_centers(centers, self.cell_sizes(stride).to(x.device)))
+        return anchors
+
+    def priors(self, outputs: dict[str, list[Tensor]]) -> list[Tensor]:
+        return self.anchors(outputs)
+
+    def decode(self, deltas: Tensor, priors: Tensor, level: int) -> Tensor:
+        return self.box_coder.decode(deltas, priors)

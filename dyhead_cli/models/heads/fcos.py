@@ -19,8 +19,6 @@ from dyhead_cli.models.heads.dense import DenseHead, HeadSpec, dense_head_kwargs
 from dyhead_cli.models.heads.losses import check_targets, focal_giou_centerness_losses, one_hot_targets
 from dyhead_cli.recipe import ModelConfig
 
-ANCHOR_OFFSET = 0.5  # points at the centre of their cell
-PRED_KERNEL_SIZE = 3
 
 INF = float("inf")
 # Regression size ranges for P3..P7: the largest of (l, t, r, b) must fall in [low, high] (the official
@@ -65,23 +63,16 @@ class FCOSHead(DenseHead):
     ``options``: the ``DenseHead`` keyword arguments (towers, predictors, focal loss, post-processing).
     """
 
+    DEFAULTS = {"anchor_offset": 0.5, "pred_kernel_size": 3, "num_convs": 4, "nms_thresh": 0.6}  # points mid-cell
+
     def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        strides: tuple[int, ...],
-        center_sampling_radius: float = 1.5,
-        size_ranges: tuple[tuple[float, float], ...] = SIZE_RANGES,
-        anchor_offset: float = ANCHOR_OFFSET,
-        pred_kernel_size: int = PRED_KERNEL_SIZE,
-        num_convs: int = 4,
-        **options: Any,
+        self, in_channels: int, num_classes: int, strides: tuple[int, ...], center_sampling_radius: float = 1.5,
+        size_ranges: tuple[tuple[float, float], ...] = SIZE_RANGES, **options: Any,
     ) -> None:
         if len(size_ranges) != len(strides):
             raise DyheadError(f"FCOS needs one size range per level: {len(strides)} levels, {len(size_ranges)} ranges")
         super().__init__(
-            in_channels, num_classes, strides, anchor_offset=anchor_offset, centerness=True, scales=True,
-            nonnegative_reg=True, pred_kernel_size=pred_kernel_size, num_convs=num_convs, **options,
+            in_channels, num_classes, strides, centerness=True, scales=True, nonnegative_reg=True, **options
         )
         self.size_ranges = tuple(size_ranges)
         self.center_sampling_radius = center_sampling_radius
@@ -139,4 +130,4 @@ def build_fcos(cfg: ModelConfig, in_channels: int, strides: tuple[int, ...]) -> 
     )
 
 
-SPEC = HeadSpec(build_fcos, {"anchor_offset": ANCHOR_OFFSET, "pred_kernel_size": PRED_KERNEL_SIZE})
+SPEC = HeadSpec(build_fcos, FCOSHead)

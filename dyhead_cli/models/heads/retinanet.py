@@ -19,13 +19,11 @@ from torch import Tensor
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from dyhead_cli.errors import DyheadError
-from dyhead_cli.models.heads.boxes import BoxCoder, anchors_from_centers, grid_centers
-from dyhead_cli.models.heads.dense import DenseHead, HeadSpec, dense_head_kwargs
+from dyhead_cli.models.heads.boxes import BoxCoder
+from dyhead_cli.models.heads.dense import AnchorHead, HeadSpec, dense_head_kwargs
 from dyhead_cli.models.heads.losses import check_targets, num_positives, one_hot_targets
 from dyhead_cli.recipe import ModelConfig
 
-ANCHOR_OFFSET = 0.0  # detectron2's ANCHOR_GENERATOR.OFFSET default
-PRED_KERNEL_SIZE = 3
 BOX_LOSSES = ("giou", "smooth_l1")  # the recipe key model.head_options.box_loss is checked against this
 
 BACKGROUND, IGNORE = -1, -2
@@ -65,56 +63,32 @@ def cell_anchor_sizes(base_size: float, scales: tuple[float, ...], aspect_ratios
     return torch.tensor(sizes)
 
 
-class RetinaNetHead(DenseHead):
+class RetinaNetHead(AnchorHead):
     """Class logits (A*K) and box deltas (A*4) per location, A = len(scales) * len(aspect_ratios).
 
     ``options``: the ``DenseHead`` keyword arguments (towers, predictors, focal loss, post-processing).
     """
 
+    # detectron2's ANCHOR_GENERATOR.OFFSET default 0, 3x3 predictors, 4 tower convs, NMS 0.5
+    DEFAULTS = {"anchor_offset": 0.0, "pred_kernel_size": 3, "num_convs": 4, "nms_thresh": 0.5}
+
     def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        strides: tuple[int, ...],
-        anchor_scale: float = 4.0,
-        anchor_offset: float = ANCHOR_OFFSET,
-        scales: tuple[float, ...] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)),
-        aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
-        fg_iou: float = 0.5,
-        bg_iou: float = 0.4,
-        box_loss: str = "giou",
-        smooth_l1_beta: float = 0.0,
-        pred_kernel_size: int = PRED_KERNEL_SIZE,
-        num_convs: int = 4,
-        nms_thresh: float = 0.5,
-        **options: Any,
+        self, in_channels: int, num_classes: int, strides: tuple[int, ...], anchor_scale: float = 4.0,
+        scales: tuple[float, ...] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)), aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+        fg_iou: float = 0.5, bg_iou: float = 0.4, box_loss: str = "giou", smooth_l1_beta: float = 0.0, **options: Any,
     ) -> None:
         if box_loss not in BOX_LOSSES:
             raise DyheadError(f"RetinaNet box_loss must be one of {', '.join(BOX_LOSSES)}, got {box_loss!r}")
-        super().__init__(
-            in_channels, num_classes, strides, num_anchors=len(scales) * len(aspect_ratios),
-            anchor_offset=anchor_offset, pred_kernel_size=pred_kernel_size, num_convs=num_convs,
-            nms_thresh=nms_thresh, **options,
-        )
+        super().__init__(in_channels, num_classes, strides, num_anchors=len(scales) * len(aspect_ratios), **options)
         self.anchor_scale = anchor_scale
         self.octave_scales, self.aspect_ratios = tuple(scales), tuple(aspect_ratios)
         self.fg_iou, self.bg_iou = fg_iou, bg_iou
         self.box_loss, self.smooth_l1_beta = box_loss, smooth_l1_beta
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
 
-    def anchors(self, outputs: dict[str, list[Tensor]]) -> list[Tensor]:
-        """Per level (H*W*A, 4) anchors, rows ordered (y, x, anchor)."""
-        anchors = []
-        for x, stride in zip(outputs["cls_logits"], self.strides):
-            sizes = cell_anchor_sizes(self.anchor_scale * stride, self.octave_scales, self.aspect_ratios).to(x.device)
-            centers = grid_centers(x.shape[-2:], stride, self.anchor_offset, x.device)
-            anchors.append(anchors_from_centers(centers, sizes))
-        return anchors
-
-    priors = anchors
-
-    def decode(self, deltas: Tensor, priors: Tensor, level: int) -> Tensor:
-        return self.box_coder.decode(deltas, priors)
+    def cell_sizes(self, stride: int) -> Tensor:
+        """(A, 2): ``anchor_scale * stride`` times each octave scale, at each aspect ratio."""
+        return cell_anchor_sizes(self.anchor_scale * stride, self.octave_scales, self.aspect_ratios)
 
     def loss(
         self, outputs: dict[str, list[Tensor]], targets: list[dict[str, Tensor]], image_sizes: list[tuple[int, int]]
@@ -151,4 +125,4 @@ def build_retinanet(cfg: ModelConfig, in_channels: int, strides: tuple[int, ...]
     )
 
 
-SPEC = HeadSpec(build_retinanet, {"anchor_offset": ANCHOR_OFFSET, "pred_kernel_size": PRED_KERNEL_SIZE})
+SPEC = HeadSpec(build_retinanet, RetinaNetHead)
