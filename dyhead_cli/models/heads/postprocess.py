@@ -23,6 +23,7 @@ Either way the boxes returned are inside the (resized) image; ``Detector`` resca
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -118,13 +119,10 @@ def postprocess_dense(
     """
     results = []
     for i, image_size in enumerate(image_sizes):
-        parts = [
-            level_candidates(
-                cls[i], None if ctr_probs is None else ctr_probs[level][i],
-                lambda loc, level=level: decode(level, i, loc), image_size, opts,
-            )
-            for level, cls in enumerate(cls_probs)
-        ]
+        parts = []
+        for level, cls in enumerate(cls_probs):
+            ctr = None if ctr_probs is None else ctr_probs[level][i]
+            parts.append(level_candidates(cls[i], ctr, partial(decode, level, i), image_size, opts))
         boxes, scores, labels = (torch.cat(t) for t in zip(*parts))
         results.append(finalize_detections(boxes, scores, labels, image_size, opts.nms_thresh, opts.detections_per_img))
     return results
