@@ -241,14 +241,9 @@ def recipe_from_dict(values: dict[str, Any]) -> Recipe:
     return validate(from_dict(Recipe, values))
 
 
+# The [model] choices are checked where they are implemented (models.build.resolve_model_config, called
+# by engine.recipes.load); these are the choices of the training loop.
 CHOICES = {
-    "model.head": ("atss", "fcos", "retinanet"),
-    "model.input_format": ("RGB", "BGR"),
-    "model.fpn.extra_from": ("p5", "c5"),
-    "model.dyhead.offset_mode": ("official", "mmdet", "aligned"),
-    "model.dyhead.impl": ("fast", "reference"),
-    "model.head_options.box_loss": ("giou", "smooth_l1"),
-    "model.head_options.tower_norm": ("gn", "none"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("step", "cosine"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
