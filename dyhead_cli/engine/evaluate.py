@@ -136,9 +136,9 @@ def evaluate_checkpoint(
     from dyhead_cli.engine.checkpoint import load_model_weights, load_weights
     from dyhead_cli.engine.inference import choose_device
     from dyhead_cli.models.build import build_model
-    from dyhead_cli.recipe import load_recipe
+    from dyhead_cli.engine import recipes
 
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = recipes.load(recipe_path, overrides)
     dev = choose_device(device)
     state, _ = load_weights(weights)
     dataset = build_dataset(recipe.data, "val")

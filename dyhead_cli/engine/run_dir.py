@@ -21,15 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dyhead_cli.engine import recipes
 from dyhead_cli.engine.run_log import read_events
 from dyhead_cli.errors import DyheadError
-from dyhead_cli.recipe import (
-    Recipe,
-    apply_overrides,
-    load_recipe,
-    recipe_from_dict,
-    to_dict,
-)
+from dyhead_cli.recipe import Recipe, apply_overrides, to_dict
 
 STATE_FILE = "state.safetensors"
 RECIPE_FILE = "recipe.toml"
@@ -235,14 +230,14 @@ def saved_recipe(run: Path) -> Recipe:
         raise DyheadError(f"--resume {run}: no {STATE_FILE} there (was a checkpoint ever written?)")
     if not (run / RECIPE_FILE).is_file():
         raise DyheadError(f"--resume {run}: no {RECIPE_FILE} there")
-    values = to_dict(load_recipe(run / RECIPE_FILE))
+    values = to_dict(recipes.load(run / RECIPE_FILE))
     overrides = [
         f"{key}={_toml(new)}"
         for event in read_events(run / "metrics.jsonl")
         if event.get("event") == "resume"
         for key, (_, new) in (event.get("changed") or {}).items()
     ]
-    return recipe_from_dict(apply_overrides(values, overrides))
+    return recipes.from_dict(values, overrides)
 
 
 def resume_recipe(run: Path, recipe_path: Path | None, overrides: list[str]) -> tuple[Recipe, dict[str, list[Any]]]:
@@ -256,13 +251,13 @@ def resume_recipe(run: Path, recipe_path: Path | None, overrides: list[str]) -> 
     base = to_dict(saved)
     flat_base = flatten(base)
     if recipe_path is not None:
-        given = flatten(to_dict(load_recipe(recipe_path, overrides)))
+        given = flatten(to_dict(recipes.load(recipe_path, overrides)))
         if not given["model.class_names"] and given["model.num_classes"] == 80:
             given["model.class_names"], given["model.num_classes"] = flat_base["model.class_names"], flat_base["model.num_classes"]
         given["name"] = flat_base["name"]
     else:
         given = flatten(apply_overrides(to_dict(saved), overrides))
-        recipe_from_dict(apply_overrides(to_dict(saved), overrides))  # the same type and value checks as a fresh run
+        recipes.from_dict(to_dict(saved), overrides)  # the same type and value checks as a fresh run
     changes = {k: [flat_base[k], given[k]] for k in flat_base if k not in RESUME_OWN and given.get(k) != flat_base[k]}
     for key, (old, new) in changes.items():
         if key not in RESUME_SAFE:
@@ -272,7 +267,7 @@ def resume_recipe(run: Path, recipe_path: Path | None, overrides: list[str]) -> 
                 f"Keys that may change: {', '.join(RESUME_SAFE)}"
             )
     values = apply_overrides(base, [f"{k}={_toml(v[1])}" for k, v in changes.items()])
-    return recipe_from_dict(values), changes
+    return recipes.from_dict(values), changes
 
 
 def _toml(value: Any) -> str:

@@ -34,6 +34,7 @@ from dyhead_cli.data.loaders import (
     clean_worker_errors,
     train_loader,
 )
+from dyhead_cli.engine import recipes
 from dyhead_cli.engine.checkpoint import (
     atomic_write_text,
     load_model_weights,
@@ -81,7 +82,7 @@ from dyhead_cli.engine.run_dir import (
 )
 from dyhead_cli.engine.run_log import MetricsLog, read_events
 from dyhead_cli.errors import DyheadError
-from dyhead_cli.recipe import Recipe, dump_toml, load_recipe, to_dict
+from dyhead_cli.recipe import Recipe, dump_toml, to_dict
 
 __all__ = ["EpochSampler", "Reporter", "lr_factor", "train", "train_from_files"]
 
@@ -105,7 +106,7 @@ def train_from_files(
         return train(recipe, resume, resume=True, reporter=reporter, changes=changes)
     if recipe_path is None:
         raise DyheadError("give a RECIPE to train (or --resume RUN_DIR to continue a run)")
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = recipes.load(recipe_path, overrides)
     return train(recipe, Path(out) if out else default_run_dir(recipe), reporter=reporter, force=force, inputs=[Path(recipe_path)])
 
 
