@@ -8,7 +8,7 @@ from dyhead_cli.models.fpn import FPN
 from dyhead_cli.recipe import BackboneConfig, ModelConfig
 
 
-def build_backbone(cfg: BackboneConfig) -> TimmBackbone:
+def build_backbone(cfg: BackboneConfig, out_strides: tuple[int, ...] = (8, 16, 32)) -> TimmBackbone:
     return TimmBackbone(
         cfg.name,
         pretrained=cfg.pretrained,
@@ -18,6 +18,7 @@ def build_backbone(cfg: BackboneConfig) -> TimmBackbone:
         norm_eval=cfg.norm_eval,
         stride_in_1x1=cfg.stride_in_1x1,
         out_norm=cfg.out_norm,
+        out_strides=out_strides,
     )
 
 
@@ -37,8 +38,11 @@ def build_model(model_config: ModelConfig):
     cfg = model_config
     if cfg.head not in HEADS:
         raise DyheadError(f"unknown head '{cfg.head}'{suggest(cfg.head, HEADS)}; choose from {', '.join(HEADS)}")
-    backbone = build_backbone(cfg.backbone)
-    fpn = FPN(backbone.out_channels, cfg.fpn.channels, cfg.fpn.extra_from, p7_relu=cfg.fpn.p7_relu)
+    # The pyramid's levels (model.fpn.levels): the backbone gives C<l> for l <= 5, the FPN's top block the rest.
+    first_level = cfg.fpn.levels[0]
+    backbone = build_backbone(cfg.backbone, tuple(2**level for level in range(first_level, 6)))
+    fpn = FPN(backbone.out_channels, cfg.fpn.channels, cfg.fpn.extra_from, p7_relu=cfg.fpn.p7_relu,
+              top_block=cfg.fpn.top_block, first_level=first_level)
     dyhead = build_dyhead(cfg)
-    head = HEADS[cfg.head](cfg, cfg.fpn.channels, FPN.strides)
+    head = HEADS[cfg.head](cfg, cfg.fpn.channels, fpn.strides)
     return Detector(backbone, fpn, dyhead, head, cfg.pixel_mean, cfg.pixel_std, cfg.input_format)

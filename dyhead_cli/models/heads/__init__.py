@@ -5,7 +5,8 @@ The interface every head follows (forward / loss / postprocess) is described in 
 from __future__ import annotations
 
 from dyhead_cli.models.heads.atss import build_atss
+from dyhead_cli.models.heads.faster_rcnn import build_faster_rcnn
 from dyhead_cli.models.heads.fcos import build_fcos
 from dyhead_cli.models.heads.retinanet import build_retinanet
 
-HEADS = {"atss": build_atss, "fcos": build_fcos, "retinanet": build_retinanet}
+HEADS = {"atss": build_atss, "fcos": build_fcos, "retinanet": build_retinanet, "faster_rcnn": build_faster_rcnn}
