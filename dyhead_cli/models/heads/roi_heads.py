@@ -37,13 +37,13 @@ def pool_rois(features: list[Tensor], boxes: list[Tensor], strides: tuple[int, .
     rois = torch.cat([torch.cat([b.new_full((len(b), 1), float(i)), b], dim=1) for i, b in enumerate(boxes)])  # (R, 5)
     min_level = int(strides[0]).bit_length() - 1
     levels = assign_levels(rois[:, 1:], min_level, min_level + len(features) - 1)
-    x = features[0]
-    out = x.new_zeros(rois.shape[0], x.shape[1], output_size, output_size)
-    for level, (feature, stride) in enumerate(zip(features, strides)):
-        index = (levels == level).nonzero().squeeze(1)
-        pooled = roi_align(feature, rois[index].to(feature.dtype), output_size, 1.0 / stride, sampling_ratio=0, aligned=True)
-        out = out.index_put((index,), pooled.to(out.dtype))
-    return out
+    order = levels.argsort(stable=True)  # RoIs grouped by level; pooled per level, then put back in order
+    counts = torch.bincount(levels, minlength=len(features)).tolist()
+    pooled = [
+        roi_align(feature, level_rois.to(feature.dtype), output_size, 1.0 / stride, sampling_ratio=0, aligned=True)
+        for feature, stride, level_rois in zip(features, strides, rois[order].split(counts))
+    ]
+    return torch.cat(pooled)[order.argsort()]
 
 
 class BoxHead(nn.Module):
