@@ -109,3 +109,18 @@ def test_overfit_faster_rcnn_without_dyhead():
     steps, ap50, seconds = overfit(rcnn_config(num_blocks=0, **SMALL), images, targets, max_steps=250, lr=2e-3)
     print(f"\noverfit faster_rcnn dyhead=0: {steps} steps, AP50 {ap50:.3f}, {seconds:.1f} s")
     assert ap50 > 0.9
+
+
+def test_benchmark_compare_for_faster_rcnn_is_the_papers_comparison():
+    from dyhead_cli.commands.benchmark.measure import Settings, candidates_for
+
+    cfg = rcnn_config(num_blocks=1)
+    found = {c.key: c for c in candidates_for(cfg, Settings(size=(128, 160), compare=True))}
+    assert list(found) == ["dyhead", "no_dyhead", "atss_dyhead", "torchvision_faster_rcnn"]
+    assert found["dyhead"].name == "Faster R-CNN-test_resnet-DyHead"
+    assert found["no_dyhead"].config["dyhead"]["num_blocks"] == 0 and found["no_dyhead"].config["head"] == "faster_rcnn"
+    atss = found["atss_dyhead"].config
+    assert (atss["head"], atss["fpn"]["levels"], atss["fpn"]["top_block"]) == ("atss", [3, 4, 5, 6, 7], "p6p7")
+    assert atss["dyhead"]["num_blocks"] == 1 and atss["fpn"]["channels"] == 32
+    tv = found["torchvision_faster_rcnn"]
+    assert tv.config["torchvision"].startswith("fasterrcnn_resnet50_fpn(") and tv.config["num_classes"] == 4
