@@ -4,7 +4,11 @@ import math
 
 import pytest
 import torch
-from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from torchvision.models.detection._utils import (
+    BalancedPositiveNegativeSampler,
+    BoxCoder,
+    Matcher,
+)
 
 from dyhead_cli.models.heads.faster_rcnn import FasterRCNNHead
 from dyhead_cli.models.heads.roi_heads import (
@@ -14,7 +18,13 @@ from dyhead_cli.models.heads.roi_heads import (
     pool_rois,
     sample_proposals,
 )
-from dyhead_cli.models.heads.rpn import cell_anchor_sizes, find_top_proposals, label_anchors, level_anchors, rpn_losses
+from dyhead_cli.models.heads.rpn import (
+    cell_anchor_sizes,
+    find_top_proposals,
+    label_anchors,
+    level_anchors,
+    rpn_losses,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

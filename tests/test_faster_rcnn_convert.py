@@ -13,6 +13,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_reference_keys import (
+    detectron2_resnet_shapes,
+    dyhead_shapes,
+    resnet_stage_channels,
+)
 from torchvision.ops import batched_nms, roi_align
 
 from dyhead_cli.convert.capabilities import COCO_CLASSES
@@ -20,8 +25,6 @@ from dyhead_cli.convert.checkpoint import convert_state_dict
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.models.build import build_model
 from dyhead_cli.recipe import ModelConfig, from_dict
-
-from helpers_reference_keys import detectron2_resnet_shapes, dyhead_shapes, resnet_stage_channels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from torchvision.models.detection._utils import (
+    BalancedPositiveNegativeSampler,
+    BoxCoder,
+    Matcher,
+)
 
 from dyhead_cli.models.heads.common import check_targets
 from dyhead_cli.models.heads.roi_heads import (

@@ -17,7 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from torchvision.models.detection._utils import (
+    BalancedPositiveNegativeSampler,
+    BoxCoder,
+    Matcher,
+)
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align
 
 CANONICAL_BOX_SIZE = 224

@@ -20,10 +20,18 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from torchvision.models.detection._utils import (
+    BalancedPositiveNegativeSampler,
+    BoxCoder,
+    Matcher,
+)
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
-from dyhead_cli.models.heads.common import anchors_from_centers, flatten_level, grid_centers
+from dyhead_cli.models.heads.common import (
+    anchors_from_centers,
+    flatten_level,
+    grid_centers,
+)
 
 
 def cell_anchor_sizes(size: float, aspect_ratios: tuple[float, ...]) -> Tensor:
