@@ -114,13 +114,41 @@ def weight_matrix(weight: Tensor) -> Tensor:
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
 
 
+def onednn_gemm_available(dtype: torch.dtype) -> bool:
+    """True where the inference GEMMs can go to oneDNN: a float32 GEMM on a torch built with it."""
+    return dtype == torch.float32 and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class GemmWeight:
+    """A conv's weight matrix (C_out, 9*C), plus oneDNN's packed copy of it for inference GEMMs.
+
+    Why oneDNN: torch's float32 ``mm`` calls MKL, which on AMD CPUs runs its AVX2 kernels, while the
+    convolutions it is compared with run oneDNN's AVX-512 kernels; on a Zen 5 core (full-width AVX-512)
+    that left the deformable convs at a third of the convolutions' throughput. oneDNN's inner product
+    on a weight packed once per block call is as fast as MKL or faster everywhere we measured. Packing is
+    inference-only (no autograd), so with autograd the plain matrix and ``addmm`` are used.
+    """
+
+    def __init__(self, matrix: Tensor, pack: bool = True) -> None:
+        self.matrix = matrix
+        self.packed: Tensor | None = None
+        if pack and not matrix.requires_grad and onednn_gemm_available(matrix.dtype) and matrix.device.type == "cpu":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(matrix.contiguous(), CHUNK_POSITIONS)
+
+    def linear(self, cols: Tensor, bias: Tensor | None) -> Tensor:
+        """(n, 9*C) columns -> (n, C_out) = cols @ matrix^T + bias."""
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(cols, self.packed, bias, "none", [], "")
+        return F.linear(cols, self.matrix, bias)
+
+
 def deform_conv2d_from_table(
     table: Tensor,
     row_start: int,
     in_size: tuple[int, int],
     offset: Tensor,
     mask: Tensor | None,
-    weight_mat: Tensor,
+    weight: Tensor | GemmWeight,
     bias: Tensor | None,
     stride: tuple[int, int] = (1, 1),
     padding: tuple[int, int] = (1, 1),
@@ -128,38 +156,38 @@ def deform_conv2d_from_table(
 ) -> Tensor:
     """The deformable conv of a map stored in a sampling table (from ``row_start``, size ``in_size``).
 
-    offset (B, 18, h, w), mask (B, 9, h, w) or None, weight_mat (C_out, 9*C) from ``weight_matrix``
-    -> (B, C_out, h, w), contiguous. Without autograd it works ``chunk`` output positions at a time:
-    gather their (chunk*9, C) columns, view them as (chunk, 9*C), then one GEMM weight_mat @ columns^T
-    writes straight into the NCHW output. Chunks keep the columns in cache between gather and GEMM, and
+    offset (B, 18, h, w), mask (B, 9, h, w) or None, weight (C_out, 9*C) from ``weight_matrix`` (or a
+    ``GemmWeight`` of it) -> (B, C_out, h, w), contiguous. Without autograd it works ``chunk`` output
+    positions at a time: gather their (chunk*9, C) columns, view them as (chunk, 9*C), one GEMM gives
+    their (chunk, C_out) outputs, copied transposed into the output. Chunks keep the columns in cache between gather and GEMM, and
     keep buffers small enough for malloc to recycle (a fresh large buffer costs a page fault per 4 KiB).
     With autograd it gathers everything at once (see the comment there).
     """
+    gemm = weight if isinstance(weight, GemmWeight) else GemmWeight(weight, pack=False)
     b, _, h, w = offset.shape
-    hw = h * w
+    n_out = gemm.matrix.shape[0]
     index, weights = bilinear_taps(offset, mask, in_size, stride, padding, row_start)
-    bias_col = None if bias is None else bias[:, None]  # (C_out, 1)
 
-    def piece(start: int, stop: int, out: Tensor | None = None) -> Tensor:
-        """Outputs (C_out, stop - start) of positions [start, stop) (counted over the whole batch)."""
+    def piece(start: int, stop: int) -> Tensor:
+        """Outputs (stop - start, C_out) of positions [start, stop) (counted over the whole batch)."""
         cols = gather_columns(table, index[9 * start : 9 * stop], weights[9 * start : 9 * stop])
-        cols_t = cols.view(stop - start, -1).t()  # (9*C, n)
-        if bias_col is None:
-            return torch.mm(weight_mat, cols_t, out=out)
-        return torch.addmm(bias_col, weight_mat, cols_t, out=out)
+        return gemm.linear(cols.view(stop - start, -1), bias)
 
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (table, weights, weight_mat, bias)):
+    hw = h * w
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (table, weights, gemm.matrix, bias)):
         # Training: one gather and one GEMM over all positions. The backward of every embedding_bag call
         # zero-fills a gradient as large as the whole table, so per-chunk calls would pay that once per
         # chunk (70% of a small tower's backward); autograd keeps every chunk's columns anyway.
-        out = piece(0, b * hw)  # (C_out, B*h*w)
-        return out.view(-1, b, h, w).transpose(0, 1).contiguous()
-    out = table.new_empty(b, weight_mat.shape[0], hw)
+        # (B*h*w, C_out) -> (B, C_out, h, w)
+        return piece(0, b * hw).view(b, hw, n_out).transpose(1, 2).reshape(b, n_out, h, w)
+    out = table.new_empty(b, n_out, hw)
     for i in range(b):
         for a in range(0, hw, chunk):
             stop = min(a + chunk, hw)
-            piece(i * hw + a, i * hw + stop, out[i, :, a:stop])
-    return out.view(b, -1, h, w)
+            # (n, C_out) rows, still in cache, transposed into the NCHW output (GroupNorm's CPU kernel is
+            # accurate on NCHW only: on channels-last it loses 2-3 digits)
+            out[i, :, a:stop] = piece(i * hw + a, i * hw + stop).t()
+    return out.view(b, n_out, h, w)
 
 
 def output_size(in_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]) -> tuple[int, int]:
@@ -214,5 +242,5 @@ def deform_conv2d_fast(
         bias = None if bias is None else bias.to(dtype)
         mask = None if mask is None else mask.to(dtype)
         table, starts = sampling_table([input])
-        wm = weight_matrix(weight)
-        return deform_conv2d_from_table(table, starts[0], (in_h, in_w), offset, mask, wm, bias, stride, padding)
+        gemm = GemmWeight(weight_matrix(weight))
+        return deform_conv2d_from_table(table, starts[0], (in_h, in_w), offset, mask, gemm, bias, stride, padding)
