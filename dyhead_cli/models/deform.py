@@ -21,6 +21,8 @@ neighbour a valid row, so no bounds masks are needed.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -140,6 +142,32 @@ class GemmWeight:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(cols, self.packed, bias, "none", [], "")
         return F.linear(cols, self.matrix, bias)
+
+
+# id(weight) -> (weak reference to weight, (version, dtype), GemmWeight); a tensor's == is elementwise, so
+# no WeakKeyDictionary
+_PACKED: dict[int, tuple[weakref.ref, tuple[int, torch.dtype], GemmWeight]] = {}
+
+
+def gemm_weight(weight: Tensor, dtype: torch.dtype) -> GemmWeight:
+    """``GemmWeight(weight_matrix(weight.to(dtype)))``; without autograd, packed once per weight version.
+
+    A DyHead block call would otherwise re-pack its three (C, 9*C) weights every time (~1.5% of it).
+    The cache holds a weak reference to the parameter and checks its version counter, so in-place
+    updates (optimizer steps, ``load_state_dict``) are seen and the module itself stays picklable.
+    """
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return GemmWeight(weight_matrix(weight.to(dtype)))
+    key = (weight._version, dtype)
+    hit = _PACKED.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == key:
+        return hit[2]
+    with torch.no_grad():
+        gemm = GemmWeight(weight_matrix(weight.to(dtype)))
+    if not torch.is_inference(weight):
+        ident = id(weight)
+        _PACKED[ident] = (weakref.ref(weight, lambda _: _PACKED.pop(ident, None)), key, gemm)
+    return gemm
 
 
 def deform_conv2d_from_table(

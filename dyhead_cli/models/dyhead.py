@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
-from dyhead_cli.models.deform import GemmWeight, deform_conv2d_from_table, sampling_table, weight_matrix
+from dyhead_cli.models.deform import GemmWeight, deform_conv2d_from_table, gemm_weight, sampling_table
 
 OFFSET_MODES = ("official", "mmdet", "aligned")
 IMPLS = ("fast", "reference")
@@ -202,7 +202,7 @@ class DyHeadBlock(nn.Module):
         with torch.autocast("cpu", enabled=False):
             table, starts = sampling_table([x.to(dtype) for x in features])
             mid, low, high = self.spatial_mid, self.spatial_low, self.spatial_high
-            mats = {conv: GemmWeight(weight_matrix(conv.weight.to(dtype))) for conv in (mid, low, high)}
+            mats = {conv: gemm_weight(conv.weight, dtype) for conv in (mid, low, high)}
         sizes = [tuple(x.shape[-2:]) for x in features]
         mode = self.offset_mode
         outs = []
