@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dyhead_cli.engine.machine import cpu_description
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.recipe import CHOICES, ModelConfig, load_recipe
 
@@ -629,6 +630,8 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "cpu": cpu_model(),
+        "cpu_vector_extensions": " ".join(cpu_description()["vector_extensions"]),  # type: ignore[arg-type]
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_cores": os.cpu_count(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -722,7 +725,8 @@ def render_table(report: dict):
         parts.append(_rich_table("stages (median, each run alone)", STAGE_HEADERS, [stage_cells(r) for r in staged]))
     parts.append(_rich_table("size (GFLOPs per image)", MODEL_HEADERS, [model_cells(x) for x in report["models"].values()]))
     parts += [Text(ratio_line(x)) for x in report["ratios"]]
-    parts.append(Text(f"{m['cpu']} ({m['cpu_cores_usable']} cores){', ' + m['gpu'] if m['gpu'] else ''}; torch {m['torch']}, "
+    parts.append(Text(f"{m['cpu']} ({m['cpu_cores_usable']} cores; {m.get('cpu_vector_extensions') or 'vector extensions unknown'}; "
+                      f"torch kernels {m.get('torch_cpu_capability')}){', ' + m['gpu'] if m['gpu'] else ''}; torch {m['torch']}, "
                       f"torchvision {m['torchvision']}; load average {m['load_average_start']} -> {m['load_average_end']}",
                       style="dim"))
     return Group(*parts)
