@@ -1,4 +1,5 @@
-"""The ``dyhead`` command line: thin Typer commands that parse, call one function and print.
+"""The ``dyhead`` command line: Typer wiring only. Each command parses its options and calls one function
+in ``commands/`` (which calls the engine and prints).
 
 Every user mistake surfaces as a ``DyheadError`` and is printed as one line with exit code 1.
 """
@@ -9,8 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from dyhead_cli.commands.console import fail
 from dyhead_cli.errors import DyheadError
 
 app = typer.Typer(
@@ -22,20 +23,6 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Build and check COCO-format data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-
-console = Console()
-err_console = Console(stderr=True)
-
-NOT_BUILT = 2
-
-
-def fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def not_built(what: str) -> None:
-    fail(f"'{what}' is not built yet in this version of dyhead", NOT_BUILT)
 
 
 def run_guarded(fn, *args, **kwargs):
@@ -62,9 +49,9 @@ def train(
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Train a detector from a recipe."""
-    from dyhead_cli.engine import train as engine
+    from dyhead_cli.commands import train as command
 
-    run_guarded(engine.train_from_cli, recipe, out, resume, overrides or [])
+    run_guarded(command.run, recipe, out, resume, overrides or [])
 
 
 @app.command("eval")
@@ -72,12 +59,13 @@ def evaluate(
     recipe: Path = RecipeArg,
     weights: Path = typer.Option(..., "--weights", help="Checkpoint (.safetensors) to evaluate."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write AP, AP50, ... and per-class AP here."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Evaluate a checkpoint on the recipe's validation set with COCOeval."""
-    from dyhead_cli.engine import evaluate as engine
+    from dyhead_cli.commands import eval as command
 
-    run_guarded(engine.eval_from_cli, recipe, weights, json_out, overrides or [])
+    run_guarded(command.run, recipe, weights, json_out, overrides or [], device)
 
 
 @app.command()
@@ -96,10 +84,10 @@ def predict(
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Run a detector on images and write COCO-format results."""
-    from dyhead_cli.predict import predict_from_cli
+    from dyhead_cli.commands import predict as command
 
     run_guarded(
-        predict_from_cli, paths, weights, out, recipe, overrides or [], images_dir, device, batch_size, workers, score_thr, half, bf16
+        command.run, paths, weights, out, recipe, overrides or [], images_dir, device, batch_size, workers, score_thr, half, bf16
     )
 
 
@@ -122,15 +110,13 @@ def benchmark(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
 ) -> None:
     """Latency, throughput, memory, parameters and FLOPs of a detector, stage by stage (CPU, or GPU with --gpu)."""
-    from dyhead_cli.benchmark import benchmark_from_cli, render_table
+    from dyhead_cli.commands import benchmark as command
 
-    report = run_guarded(
-        benchmark_from_cli, recipe=recipe, model=model, gpu=gpu, batch_sizes=batch_sizes, size=size, precision=precision,
+    run_guarded(
+        command.run, recipe=recipe, model=model, gpu=gpu, batch_sizes=batch_sizes, size=size, precision=precision,
         channels_last=channels_last, compile=compile, iters=iters, warmup=warmup, json_out=json_out,
         markdown_out=markdown_out, compare=compare, impl=impl, threads=threads,
-        log=lambda message: err_console.print(message, style="dim", highlight=False),
     )
-    console.print(render_table(report))
 
 
 @app.command()
@@ -153,10 +139,10 @@ def visualize(
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Draw predictions / ground truth, or DyHead's attention (--attention)."""
-    from dyhead_cli.visualize import visualize_from_cli
+    from dyhead_cli.commands import visualize as command
 
     run_guarded(
-        visualize_from_cli, images=images or [], out=out, weights=weights, recipe_path=recipe, overrides=overrides or [],
+        command.run, images=images or [], out=out, weights=weights, recipe_path=recipe, overrides=overrides or [],
         preds=preds, ann=ann, images_dir=images_dir, score_thr=score_thr, size=size, limit=limit, device=device,
         attention=attention, point=point, level=level, block=block,
     )
@@ -175,23 +161,9 @@ def convert(
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Convert an official (detectron2) or MMDetection DyHead checkpoint."""
-    from dyhead_cli.models.convert_detector import convert_checkpoint
+    from dyhead_cli.commands import convert as command
 
-    summary = run_guarded(
-        convert_checkpoint, src, dst, source, recipe, offset_mode, resnet_style, approximate, overrides or [], recipe_out
-    )
-    console.print(
-        f"converted {summary.num_source_keys} source tensors into {summary.num_tensors} ({summary.backbone}, "
-        f"offset_mode {summary.offset_mode}): wrote {summary.dst} and {summary.recipe_toml}",
-        highlight=False,
-    )
-    for reason, keys in summary.dropped.items():
-        console.print(f"  dropped {len(keys)}: {reason}", highlight=False)
-    for gap in summary.gaps:
-        console.print(f"[yellow]approximation[/] {gap.describe()}", highlight=False)
-    for note in summary.notes:
-        console.print(f"  note: {note}", highlight=False)
-    console.print(f"evaluate with: dyhead eval {summary.recipe_toml} --weights {summary.dst}", highlight=False)
+    run_guarded(command.run, src, dst, source, recipe, offset_mode, resnet_style, approximate, overrides or [], recipe_out)
 
 
 @data_app.command("synth")
@@ -206,15 +178,9 @@ def data_synth(
     ),
 ) -> None:
     """Write the built-in synthetic COCO-format data set (coloured shapes on textures)."""
-    from dyhead_cli.data.synthetic import make_synthetic_coco
+    from dyhead_cli.commands import data as command
 
-    summary = run_guarded(
-        make_synthetic_coco, out, num_train, num_val, image_size=image_size, seed=seed, colour_by_class=colour_by_class
-    )
-    console.print(
-        f"wrote {summary['num_train']} train and {summary['num_val']} val images "
-        f"({', '.join(summary['categories'])}) to {out}: annotations in {summary['train_ann']} and {summary['val_ann']}"
-    )
+    run_guarded(command.synth, out, num_train, num_val, image_size, seed, colour_by_class)
 
 
 @data_app.command("check")
@@ -223,16 +189,9 @@ def data_check(
     images: Path = typer.Option(..., "--images", help="Folder with the images."),
 ) -> None:
     """Report missing/corrupt images, bad boxes, empty images and category problems."""
-    from dyhead_cli.data.check import check_dataset
+    from dyhead_cli.commands import data as command
 
-    report = run_guarded(check_dataset, ann, images)
-    for line in report.errors:
-        console.print(f"[red]error[/]   {line}", highlight=False)
-    for line in report.warnings:
-        console.print(f"[yellow]warning[/] {line}", highlight=False)
-    console.print(f"{len(report.errors)} errors, {len(report.warnings)} warnings")
-    if not report.ok:
-        raise typer.Exit(1)
+    run_guarded(command.check, ann, images)
 
 
 def main() -> None:  # pragma: no cover - entry point for python -m

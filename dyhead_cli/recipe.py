@@ -44,7 +44,7 @@ class FPNConfig:
 @dataclass
 class DyHeadConfig:
     num_blocks: int = 6
-    offset_mode: str = "official"  # "official" | "mmdet" | "aligned": see docs/dyhead-design
+    offset_mode: str = "official"  # "official" | "mmdet" | "aligned": see docs/dyhead-design.md
     zero_init_offset: bool = False  # mmdet's "simple" recipe
     impl: str = "fast"  # "fast" | "reference": same numbers, the reference is torchvision's op as-is
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dyhead_cli.benchmark import (
+from dyhead_cli.commands.benchmark.measure import (
     SAMPLING_FLOPS_PER_VALUE,
     Settings,
     Timing,

@@ -12,8 +12,9 @@ from dyhead_cli.cli import app
 from dyhead_cli.engine.checkpoint import load_model_weights, load_weights
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.models.build import build_model
-from dyhead_cli.models.convert import read_reference_checkpoint
-from dyhead_cli.models.convert_detector import COCO_CLASSES, convert_state_dict
+from dyhead_cli.convert.capabilities import COCO_CLASSES
+from dyhead_cli.convert.checkpoint import convert_state_dict
+from dyhead_cli.convert.reading import read_reference_checkpoint
 from dyhead_cli.recipe import ModelConfig, from_dict, load_recipe, recipe_from_dict, to_dict
 
 from helpers_reference_keys import (
@@ -29,7 +30,7 @@ from helpers_reference_keys import (
     timm_swin_to_mmdet,
     timm_swin_to_official,
 )
-from test_dyhead import load_fixture
+from helpers_fixtures import TOWER_FIXTURES, load_tower_fixture
 
 REPRO_CONFIG = (  # the lines of MMDetection's atss_r50_fpn_dyhead_for_reproduction_1x_coco.py the converter reads
     "model = dict(type='ATSS', backbone=dict(type='ResNet', depth=50, frozen_stages=1, norm_eval=True, style='caffe'), "
@@ -46,7 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unsupported(*keys: str) -> list[str]:
-    """The capability fields (see convert_detector.CAPABILITIES) our [model] table does not have yet."""
+    """The capability fields (see convert/capabilities.py CAPABILITIES) our [model] table does not have yet."""
     schema = to_dict(ModelConfig())
     missing = []
     for key in keys:
@@ -117,17 +118,18 @@ def test_mmdet_simple_recipe_with_3x3_predictors():
 # the DyHead part reproduces the parity fixtures after a whole-detector conversion
 
 
-@pytest.mark.parametrize("source", ["official", "mmdet"])
-def test_dyhead_parity_fixture_through_whole_detector(source):
-    meta, tower, inputs, outputs = load_fixture(source)
+@pytest.mark.parametrize("name", sorted(TOWER_FIXTURES))
+def test_dyhead_parity_fixture_through_whole_detector(name):
+    meta, tower, inputs, outputs = load_tower_fixture(name)
+    source, mode = TOWER_FIXTURES[name]
     channels, blocks = int(meta["channels"]), int(meta["num_blocks"])
     state = random_state(atss_dyhead_shapes(source, depth=18, channels=channels, num_blocks=blocks, num_classes=3))
     prefix = "backbone." if source == "official" else "neck.1."
     assert all(prefix + k in state for k in tower)  # the fixture's keys are exactly the reference layout
     state.update({prefix + k: v for k, v in tower.items()})
-    conv = convert_state_dict(state, source)
+    conv = convert_state_dict(state, source, offset_mode=None if mode == "official" else mode)
     assert conv.model["fpn"]["channels"] == channels and conv.model["dyhead"]["num_blocks"] == blocks
-    assert conv.model["dyhead"]["offset_mode"] == source
+    assert conv.model["dyhead"]["offset_mode"] == mode  # "official" is every released checkpoint's default
     model = rebuild(conv)
     with torch.no_grad():
         ours = model.dyhead(inputs)

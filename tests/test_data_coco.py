@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dyhead_cli.data.coco import CocoDetection, build_dataloader, collate
+from dyhead_cli.data.coco import CocoDetection
+from dyhead_cli.data.loaders import build_dataloader, collate
 from dyhead_cli.data.transforms import shortest_edge_size, test_transform, train_transform
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.recipe import DataConfig

@@ -1,15 +1,12 @@
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors import safe_open
 
 from dyhead_cli.errors import DyheadError
-from dyhead_cli.models.convert import convert_dyhead
+from dyhead_cli.convert.dyhead_keys import convert_dyhead
 from dyhead_cli.models.dyhead import DyHead, DyHeadBlock, fit_offset_to_output, make_divisible
 
-DATA = Path(__file__).parent / "data"
+from helpers_fixtures import TOWER_FIXTURES, load_tower_fixture
+
 SIZES = [(24, 32), (12, 16), (6, 8), (3, 4), (2, 2)]
 
 
@@ -18,19 +15,12 @@ def levels(channels=32, batch=2, sizes=SIZES, seed=0):
     return [torch.randn(batch, channels, h, w, generator=g) for h, w in sizes]
 
 
-def load_fixture(source):
-    with safe_open(str(DATA / f"dyhead_parity_{source}_a.safetensors"), "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    state = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
-    n = len(json.loads(meta["sizes"]))
-    return meta, state, [tensors[f"input.{i}"] for i in range(n)], [tensors[f"output.{i}"] for i in range(n)]
-
-
-@pytest.mark.parametrize("source", ["official", "mmdet"])
-def test_parity_with_reference_fixture(source):
-    meta, state, inputs, outputs = load_fixture(source)
-    tower = DyHead(int(meta["channels"]), int(meta["num_blocks"]), offset_mode=source)
+@pytest.mark.parametrize("name", sorted(TOWER_FIXTURES))
+def test_parity_with_reference_fixture(name):
+    meta, state, inputs, outputs = load_tower_fixture(name)
+    source, mode = TOWER_FIXTURES[name]
+    assert meta["dyhead_offset_mode"] == mode
+    tower = DyHead(int(meta["channels"]), int(meta["num_blocks"]), offset_mode=mode)
     tower.load_state_dict(convert_dyhead(state, source), strict=True)
     tower.eval()
     with torch.no_grad():
@@ -40,17 +30,21 @@ def test_parity_with_reference_fixture(source):
         assert (a - b).abs().max().item() < 1e-4
 
 
-def test_offset_modes_really_differ_on_fixture():
-    meta, state, inputs, outputs = load_fixture("official")
-    tower = DyHead(int(meta["channels"]), int(meta["num_blocks"]), offset_mode="mmdet")
-    tower.load_state_dict(convert_dyhead(state, "official"))
-    with torch.no_grad():
-        ours = tower(inputs)
-    assert (ours[0] - outputs[0]).abs().max().item() > 0.05
+@pytest.mark.parametrize("name", sorted(TOWER_FIXTURES))
+def test_offset_modes_really_differ_on_fixture(name):
+    """Each fixture is reproduced by its own mode only: the other two modes miss it by far."""
+    meta, state, inputs, outputs = load_tower_fixture(name)
+    source, mode = TOWER_FIXTURES[name]
+    for other in sorted({"official", "mmdet", "aligned"} - {mode}):
+        tower = DyHead(int(meta["channels"]), int(meta["num_blocks"]), offset_mode=other)
+        tower.load_state_dict(convert_dyhead(state, source))
+        with torch.no_grad():
+            ours = tower(inputs)
+        assert max((a - b).abs().max().item() for a, b in zip(ours, outputs)) > 0.01, other
 
 
 def test_convert_accepts_any_prefix_and_ignores_other_keys():
-    _, state, _, _ = load_fixture("mmdet")
+    _, state, _, _ = load_tower_fixture("mmdet_release")
     prefixed = {f"neck.1.{k}": v for k, v in state.items()}
     prefixed["neck.0.lateral_convs.0.conv.weight"] = torch.zeros(1)
     converted = convert_dyhead(prefixed, "mmdet")
@@ -131,12 +125,45 @@ def test_fit_offset_to_output(mode):
     mask = torch.rand(2, 9, 4, 6)
     o, m = fit_offset_to_output(off, mask, (2, 3), mode)
     assert o.shape == (2, 18, 2, 3) and m.shape == (2, 9, 2, 3)
-    if mode == "official":
+    if mode in ("official", "mmdet"):  # the offset is read as a flat prefix in both
         assert torch.equal(o[1].flatten(), off[1].flatten()[: 18 * 6])
-    if mode == "mmdet":
-        assert torch.equal(o, off[:, :, :2, :3])
+    if mode == "official":
+        assert torch.equal(m[1].flatten(), mask[1].flatten()[: 9 * 6])
+    if mode == "mmdet":  # only the mask is the true top-left crop
+        assert torch.equal(m, mask[:, :, :2, :3])
 
 
 def test_make_divisible_matches_official_rounding():
     assert make_divisible(64) == 64 and make_divisible(16) == 16 and make_divisible(10) == 12
     assert DyHeadBlock(48, 48).task_attn.fc1.out_features == 12
+
+
+def test_official_initialisation():
+    """DCN weights uniform in +-1/sqrt(9 C_in) with zero bias, offset conv at PyTorch's default (not zero),
+    scale branch N(0, 0.01); zero_init_offset is MMDetection's zeroed offset conv."""
+    torch.manual_seed(0)
+    block = DyHeadBlock(64, 64)
+    bound = 1.0 / (9 * 64) ** 0.5
+    for conv in (block.spatial_low, block.spatial_mid, block.spatial_high):
+        w = conv.weight
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound  # uniform fills the interval
+        assert abs(w.std().item() - bound / 3**0.5) < 0.05 * bound and torch.count_nonzero(conv.bias) == 0
+    assert block.offset.weight.abs().max() > 0 and torch.count_nonzero(block.offset.bias) > 0
+    assert abs(block.scale_attn.weight.std().item() - 0.01) < 0.003
+    zeroed = DyHeadBlock(64, 64, zero_init_offset=True)
+    assert torch.count_nonzero(zeroed.offset.weight) == 0 and torch.count_nonzero(zeroed.offset.bias) == 0
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_trace_records_every_block_and_equals_the_forward(impl):
+    tower = DyHead(32, 2, impl=impl).eval()
+    feats = levels()
+    traces = []
+    with torch.no_grad():
+        traced = tower(feats, traces=traces)
+        plain = tower(feats)
+    assert len(traces) == 2 and all(len(t.outputs) == len(feats) for t in traces)
+    assert set(traces[0].scale[0]) == {"mid", "high"} and set(traces[0].scale[2]) == {"low", "mid", "high"}
+    assert traces[0].offsets[0].shape == (2, 18, 24, 32) and traces[0].masks[0].shape == (2, 9, 24, 32)
+    for a, b, t in zip(traced, plain, traces[-1].outputs):
+        assert a is t and (a - b).abs().max().item() < 1e-5

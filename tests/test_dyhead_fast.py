@@ -3,11 +3,11 @@ import pytest
 import torch
 from torchvision.ops import deform_conv2d
 
-from dyhead_cli.models.convert import convert_dyhead
+from dyhead_cli.convert.dyhead_keys import convert_dyhead
 from dyhead_cli.models.deform import deform_conv2d_fast
 from dyhead_cli.models.dyhead import DyHead
 
-from test_dyhead import load_fixture
+from helpers_fixtures import TOWER_FIXTURES, load_tower_fixture
 
 # (batch, channels, H, W, stride, out channels): odd sizes, stride 2, 1-pixel-wide maps
 CASES = [
@@ -204,11 +204,12 @@ def test_fast_tower_gradients_match_reference(mode):
         assert (gp_fast[name] - e).abs().max().item() < 1e-8 * max(1.0, e.abs().max().item()), name
 
 
-@pytest.mark.parametrize("source", ["official", "mmdet"])
+@pytest.mark.parametrize("name", sorted(TOWER_FIXTURES))
 @pytest.mark.parametrize("impl", ["fast", "reference"])
-def test_parity_fixtures_through_each_impl(source, impl):
-    meta, state, inputs, outputs = load_fixture(source)
-    tower = DyHead(int(meta["channels"]), int(meta["num_blocks"]), offset_mode=source)
+def test_parity_fixtures_through_each_impl(name, impl):
+    meta, state, inputs, outputs = load_tower_fixture(name)
+    source, mode = TOWER_FIXTURES[name]
+    tower = DyHead(int(meta["channels"]), int(meta["num_blocks"]), offset_mode=mode)
     tower.load_state_dict(convert_dyhead(state, source), strict=True)
     with torch.no_grad():
         ours = tower.eval().set_impl(impl)(inputs)

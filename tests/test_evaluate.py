@@ -8,7 +8,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from dyhead_cli.engine.evaluate import coco_evaluate, detections_to_coco, metrics_json
+from dyhead_cli.engine.evaluate import coco_evaluate, metrics_json
+from dyhead_cli.engine.inference import detections_to_coco
 
 
 def small_case():

@@ -15,94 +15,11 @@ from typer.testing import CliRunner
 from dyhead_cli.cli import app
 from dyhead_cli.engine.evaluate import coco_evaluate, load_coco
 from dyhead_cli.errors import DyheadError
-from dyhead_cli.predict import (
-    JsonStream,
-    category_ids,
-    collect_images,
-    images_json_path,
-    load_detector,
-)
+from dyhead_cli.data.images import collect_images
+from dyhead_cli.engine.inference import category_ids, load_detector
+from dyhead_cli.engine.results import JsonStream, images_json_path
 
 runner = CliRunner()
-
-TINY = """
-name = "predict-tiny"
-
-[model]
-head = "atss"
-
-[model.backbone]
-name = "test_resnet"
-pretrained = false
-
-[model.fpn]
-channels = 32
-
-[model.dyhead]
-num_blocks = 1
-
-[model.head_options]
-score_thresh = 0.01  # a briefly trained model scores low: keep enough detections for a non-zero AP
-
-[data]
-synthetic = true
-train_images = "{root}/train"
-train_ann = "{root}/annotations/train.json"
-val_images = "{root}/val"
-val_ann = "{root}/annotations/val.json"
-synthetic_num_train = 12
-synthetic_num_val = 8
-synthetic_image_size = 128
-min_sizes = [128]
-max_size = 256
-test_min_size = 128
-num_workers = 0
-
-[train]
-epochs = 100
-max_steps = 8
-batch_size = 2
-optimizer = "adamw"
-lr = 0.003
-warmup_steps = 3
-log_every = 4
-eval_every = 0
-device = "cpu"
-
-[eval]
-batch_size = 4
-"""
-
-_RUN: dict[str, Path] = {}
-
-
-def trained_run(tmp_path_factory) -> dict[str, Path]:
-    """Train the tiny recipe once per session (shared with test_visualize); return its paths."""
-    if not _RUN:
-        from rich.console import Console
-
-        from dyhead_cli.engine.train import train
-        from dyhead_cli.recipe import load_recipe
-
-        root = tmp_path_factory.mktemp("predict_run")
-        recipe_path = root / "tiny.toml"
-        recipe_path.write_text(TINY.format(root=(root / "synthetic").as_posix()))
-        torch.manual_seed(0)
-        train(load_recipe(recipe_path), root / "run", console=Console(file=io.StringIO()))
-        _RUN.update(
-            root=root,
-            recipe=root / "run" / "recipe.toml",  # the resolved recipe train() writes (class names, num_classes)
-            weights=root / "run" / "last.safetensors",
-            val_ann=root / "synthetic" / "annotations" / "val.json",
-            val_images=root / "synthetic" / "val",
-        )
-    return dict(_RUN)
-
-
-@pytest.fixture(scope="session")
-def run(tmp_path_factory) -> dict[str, Path]:
-    return trained_run(tmp_path_factory)
-
 
 def invoke(args: list[str]):
     result = runner.invoke(app, [str(a) for a in args])
@@ -117,11 +34,11 @@ def ap_of(results: list[dict], ann: Path) -> float:
 
 def evaluation_rows(run) -> list[dict]:
     """What the evaluation pipeline predicts on the validation set (labels mapped to the data set's ids)."""
-    from dyhead_cli.engine.evaluate import predict_coco
-    from dyhead_cli.engine.train import build_val_loader
+    from dyhead_cli.data.loaders import val_loader
+    from dyhead_cli.engine.inference import predict_coco
 
     det = load_detector(run["weights"])
-    loader, dataset = build_val_loader(det.recipe)
+    loader, dataset = val_loader(det.recipe)
     return predict_coco(det.model, loader, torch.device("cpu"), list(dataset.cat_ids))
 
 

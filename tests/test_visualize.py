@@ -12,22 +12,11 @@ from typer.testing import CliRunner
 from dyhead_cli.cli import app
 from dyhead_cli.models.build import build_model
 from dyhead_cli.recipe import BackboneConfig, DyHeadConfig, FPNConfig, ModelConfig
-from dyhead_cli.visualize import (
-    Prepared,
-    heat_colours,
-    parse_level,
-    parse_point,
-    sampling_points,
-    trace_dyhead,
-)
-from test_predict import trained_run
+from dyhead_cli.commands.visualize.attention import Prepared, sampling_points, trace_dyhead
+from dyhead_cli.commands.visualize.command import parse_level, parse_point
+from dyhead_cli.commands.visualize.drawing import heat_colours
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="session")
-def run(tmp_path_factory) -> dict[str, Path]:
-    return trained_run(tmp_path_factory)
 
 
 def invoke(args: list) -> object:

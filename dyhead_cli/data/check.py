@@ -15,7 +15,8 @@ from typing import Any
 
 from PIL import Image
 
-from dyhead_cli.data.coco import IMAGE_ERRORS, is_id
+from dyhead_cli.data.annotations import is_id
+from dyhead_cli.data.images import IMAGE_ERRORS
 
 BOX_TOLERANCE = 1.0  # px a box may overhang the image (rounding in annotation tools); the loader clips it
 EXAMPLES = 5  # file names quoted in a message that stands for many

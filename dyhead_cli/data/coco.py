@@ -1,4 +1,4 @@
-"""COCO-format detection data: the Dataset, the batch collate and a DataLoader builder.
+"""COCO-format detection data: the Dataset and the data set of a recipe split.
 
 Category ids in COCO files have gaps (COCO itself uses 1..90 for 80 classes); the model wants labels
 0..K-1, so the dataset keeps both mappings. Every mistake in the user's files (bad JSON, missing keys,
@@ -9,105 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
-import struct
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from dyhead_cli.data.annotations import read_annotation_file
+from dyhead_cli.data.images import load_rgb
 from dyhead_cli.data.synthetic import ensure_synthetic
 from dyhead_cli.data.transforms import MIN_BOX_SIDE, test_transform, train_transform
 from dyhead_cli.errors import DyheadError
-
-# what PIL raises on unreadable files (UnidentifiedImageError is an OSError; plugins also raise the rest)
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
-REQUIRED_KEYS = {
-    "images": ("id", "file_name"),
-    "categories": ("id",),
-    "annotations": ("id", "image_id", "category_id", "bbox"),
-}
-
-
-def read_annotation_file(path: str | Path, require_annotations: bool = False) -> dict[str, Any]:
-    """Load a COCO JSON file and check the structure pycocotools relies on; a ``DyheadError`` otherwise.
-
-    'annotations' may be absent (test-dev style image lists) unless ``require_annotations``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DyheadError(f"annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DyheadError(f"annotation file {path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise DyheadError(f"annotation file {path} must hold a JSON object, got {type(data).__name__}")
-    if "annotations" not in data and not require_annotations:
-        data["annotations"] = []
-    for key, fields in REQUIRED_KEYS.items():
-        if key not in data:
-            raise DyheadError(f"annotation file {path} has no '{key}' list (is it a COCO detection file?)")
-        if not isinstance(data[key], list):
-            raise DyheadError(f"annotation file {path}: '{key}' must be a list, got {type(data[key]).__name__}")
-        for i, entry in enumerate(data[key]):
-            missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
-            if missing:
-                raise DyheadError(f"annotation file {path}: {key}[{i}] lacks {', '.join(repr(f) for f in missing)}")
-            bad = [f for f in ("id", "image_id", "category_id") if f in entry and not is_id(entry[f])]
-            if bad:
-                raise DyheadError(f"annotation file {path}: {key}[{i}] has a non-scalar {bad[0]!r}: {entry[bad[0]]!r}")
-    if not data["categories"]:
-        raise DyheadError(f"annotation file {path} has no categories")
-    if not data["images"]:
-        raise DyheadError(f"annotation file {path} lists no images")
-    return data
-
-
-def is_id(value: Any) -> bool:
-    """Ids are dictionary keys in pycocotools: ints (or strings), never lists, floats or booleans."""
-    return isinstance(value, (int, str)) and not isinstance(value, bool)
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as displayed (EXIF orientation applied) in RGB; a ``DyheadError`` naming it otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise DyheadError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
-    except IMAGE_ERRORS as e:
-        raise DyheadError(f"cannot read image {path}: {e}") from None
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparency is composited on white, 16/32-bit greys are scaled to 0..255."""
-    if im.mode == "RGB":
-        return im
-    if im.mode == "P":
-        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        im = im.convert("RGBA")
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, im).convert("RGB")
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-        grey = np.asarray(im, dtype=np.float32)
-        peak = float(grey.max()) if grey.size else 0.0
-        if peak > 255:  # 16-bit data: map its range (up to 65535) onto 0..255
-            grey = grey * (255.0 / (65535.0 if peak <= 65535 else peak))
-        return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).convert("RGB")
-    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
-
 
 class CocoDetection(Dataset):
     """Images and boxes of a COCO detection file.
@@ -214,44 +130,6 @@ def _nondegenerate(boxes: np.ndarray) -> np.ndarray:
     return ((boxes[:, 2] - boxes[:, 0]) >= MIN_BOX_SIDE) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_BOX_SIDE)
 
 
-def collate(batch: Sequence[dict[str, Any] | None], size_divisibility: int = 128) -> dict[str, Any]:
-    """Stack items into one zero-padded float batch (values stay 0..255; normalisation is the model's job).
-
-    ``images`` is (B, 3, Hp, Wp) with Hp, Wp the largest size rounded up to ``size_divisibility`` (so every
-    FPN level divides evenly); ``image_sizes`` keeps each image's real (h, w). ``None`` items (skipped
-    corrupt images) are dropped and counted in ``num_skipped``; a batch of only ``None`` has B = 0.
-    """
-    items = [b for b in batch if b is not None]
-    num_skipped = len(batch) - len(items)
-    div = max(1, int(size_divisibility))
-    if items:
-        max_h = max(it["image"].shape[1] for it in items)
-        max_w = max(it["image"].shape[2] for it in items)
-        pad_h, pad_w = -(-max_h // div) * div, -(-max_w // div) * div
-    else:
-        pad_h = pad_w = 0
-    images = torch.zeros((len(items), 3, pad_h, pad_w), dtype=torch.float32)
-    for i, it in enumerate(items):
-        _, h, w = it["image"].shape
-        images[i, :, :h, :w] = it["image"]
-    return {
-        "images": images,
-        "image_sizes": [tuple(it["size"]) for it in items],
-        "orig_sizes": [tuple(it["orig_size"]) for it in items],
-        "image_ids": [it["image_id"] for it in items],
-        "targets": [{"boxes": it["boxes"], "labels": it["labels"]} for it in items],
-        "num_skipped": num_skipped,
-    }
-
-
-def _seed_worker(worker_id: int) -> None:
-    """Give each DataLoader worker its own augmentation stream (forked workers would share the parent's)."""
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None) if info is not None else None
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(info.seed % 2**32)
-
-
 def build_dataset(cfg: Any, split: str, seed: int = 0) -> CocoDetection:
     """The ``split`` ("train" | "val") data set of a ``DataConfig``, with that split's transforms.
 
@@ -269,29 +147,4 @@ def build_dataset(cfg: Any, split: str, seed: int = 0) -> CocoDetection:
     transform = test_transform(cfg.test_min_size, cfg.max_size)
     return CocoDetection(cfg.val_images, cfg.val_ann, transform, cfg.skip_corrupt)
 
-
-def build_dataloader(
-    cfg: Any,
-    split: str,
-    batch_size: int,
-    shuffle: bool,
-    num_workers: int | None = None,
-    seed: int = 0,
-) -> DataLoader:
-    """A DataLoader over ``build_dataset(cfg, split)`` that yields ``collate`` batches.
-
-    ``seed`` fixes the shuffling order and the augmentations (per worker), so a run can be repeated.
-    """
-    dataset = build_dataset(cfg, split, seed=seed)
-    workers = cfg.num_workers if num_workers is None else num_workers
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=workers,
-        collate_fn=partial(collate, size_divisibility=cfg.size_divisibility),
-        worker_init_fn=_seed_worker if workers > 0 else None,
-        generator=torch.Generator().manual_seed(seed),
-        pin_memory=torch.cuda.is_available(),
-    )
 

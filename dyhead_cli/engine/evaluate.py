@@ -12,41 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torch import nn
 
 from dyhead_cli.errors import DyheadError
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
-
-
-@torch.no_grad()
-def predict_coco(model: nn.Module, loader, device: torch.device, cat_of_label: list[int], autocast_dtype=None, progress=None) -> list[dict]:
-    """Run ``model`` over a loader of the data set's collated batches; return COCO result dicts."""
-    model.eval()
-    results: list[dict] = []
-    for batch in loader:
-        images = batch["images"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            detections = model(images, batch["image_sizes"], original_sizes=batch["orig_sizes"])
-        for image_id, det in zip(batch["image_ids"], detections):
-            results.extend(detections_to_coco(det, int(image_id), cat_of_label))
-        if progress is not None:
-            progress(len(batch["image_ids"]))
-    return results
-
-
-def detections_to_coco(det: dict, image_id: int, cat_of_label: list[int]) -> list[dict]:
-    boxes = det["boxes"].float().cpu()
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    scores = det["scores"].float().cpu().tolist()
-    labels = det["labels"].cpu().tolist()
-    return [
-        {"image_id": image_id, "category_id": int(cat_of_label[label]), "bbox": [round(v, 2) for v in box], "score": round(score, 5)}
-        for box, score, label in zip(xywh, scores, labels)
-    ]
 
 
 def coco_evaluate(coco_gt: COCO, results: list[dict], image_ids: list[int] | None = None, verbose: bool = False) -> dict[str, Any]:
@@ -99,47 +70,23 @@ def metrics_json(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def print_metrics(metrics: dict[str, Any], console) -> None:
-    from rich.table import Table
-
-    table = Table(title="COCO bbox evaluation")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in zip(STAT_NAMES, metrics["stats"]):
-        table.add_row(name, "-" if math.isnan(value) else f"{value:.1f}")
-    console.print(table)
-    per = Table(title="per-class AP")
-    per.add_column("class")
-    per.add_column("AP", justify="right")
-    for name, value in metrics["per_class"].items():
-        per.add_row(name, "-" if math.isnan(value) else f"{value:.1f}")
-    console.print(per)
-
-
-def eval_from_cli(recipe_path: Path, weights: Path, json_out: Path | None, overrides: list[str]) -> dict[str, Any]:
-    """``dyhead eval RECIPE --weights W [--json OUT]``."""
-    from rich.console import Console
-
+def evaluate_checkpoint(recipe_path: Path, weights: Path, overrides: list[str], device: str = "auto") -> dict[str, Any]:
+    """``dyhead eval``'s engine: the checkpoint ``weights`` on the validation set of ``recipe_path``."""
+    from dyhead_cli.data.loaders import val_loader
     from dyhead_cli.engine.checkpoint import load_model_weights, load_weights
-    from dyhead_cli.engine.train import build_val_loader, choose_device
+    from dyhead_cli.engine.inference import choose_device, predict_coco
     from dyhead_cli.models.build import build_model
     from dyhead_cli.recipe import load_recipe
 
-    console = Console()
     recipe = load_recipe(recipe_path, overrides)
-    state, meta = load_weights(weights)
-    loader, dataset = build_val_loader(recipe)
+    dev = choose_device(device)
+    state, _ = load_weights(weights)
+    loader, dataset = val_loader(recipe)
     if not recipe.model.class_names:
         recipe.model.class_names = list(dataset.class_names)
         recipe.model.num_classes = len(dataset.class_names)
     model = build_model(recipe.model)
     load_model_weights(model, state, source=str(weights))
-    device = choose_device(recipe.train.device)
-    model.to(device)
-    results = predict_coco(model, loader, device, list(dataset.cat_ids))
-    metrics = coco_evaluate(dataset.coco, results)
-    print_metrics(metrics, console)
-    if json_out is not None:
-        Path(json_out).write_text(json.dumps(metrics_json(metrics), indent=2))
-        console.print(f"wrote {json_out}")
-    return metrics
+    model.to(dev)
+    results = predict_coco(model, loader, dev, list(dataset.cat_ids))
+    return coco_evaluate(dataset.coco, results)

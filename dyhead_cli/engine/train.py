@@ -14,15 +14,13 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dyhead_cli.data.coco import build_dataset, collate
+from dyhead_cli.data.coco import build_dataset
 from dyhead_cli.engine.checkpoint import (
     load_model_weights,
     load_train_state,
@@ -30,7 +28,9 @@ from dyhead_cli.engine.checkpoint import (
     save_train_state,
     save_weights,
 )
-from dyhead_cli.engine.evaluate import coco_evaluate, metrics_json, predict_coco
+from dyhead_cli.data.loaders import EpochSampler, EpochSeeded, train_loader, val_loader
+from dyhead_cli.engine.evaluate import coco_evaluate, metrics_json
+from dyhead_cli.engine.inference import choose_device, predict_coco
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.models.build import build_model
 from dyhead_cli.recipe import Recipe, TrainConfig, load_recipe, save_recipe, to_dict
@@ -38,81 +38,8 @@ from dyhead_cli.recipe import Recipe, TrainConfig, load_recipe, save_recipe, to_
 STATE_FILE = "state.safetensors"
 
 
-def choose_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DyheadError("train.device = 'cuda' but no CUDA device is available")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
-
-
 # ----------------------------------------------------------------------------------------------------
 # data
-
-
-class EpochSampler(Sampler[list[int]]):
-    """Batches of an epoch: a (seed, epoch)-seeded permutation, this process's shard, minus ``skip`` batches."""
-
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0, multiple: int = 1) -> None:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(size, generator=g).tolist()
-        per_rank = size // world
-        if per_rank < batch_size * multiple:
-            raise DyheadError(
-                f"the training set has {size} images: too few for batch_size {batch_size} x grad_accum {multiple} on {world} process(es)"
-            )
-        mine = order[rank * per_rank : (rank + 1) * per_rank]
-        num_batches = per_rank // batch_size // multiple * multiple  # whole accumulation groups only
-        self.batches = [mine[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)][skip:]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-class EpochSeeded(Dataset):
-    """Seeds the augmentation of each sample from (seed, epoch, index), whichever worker loads it."""
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        transform = getattr(self.dataset, "transform", None)
-        if hasattr(transform, "set_random_seed"):
-            transform.set_random_seed((self.seed * 1_000_003 + self.epoch * 100_003 + index) % 2**32)
-        return self.dataset[index]
-
-
-def build_val_loader(recipe: Recipe) -> tuple[DataLoader, Any]:
-    dataset = build_dataset(recipe.data, "val")
-    loader = DataLoader(
-        dataset,
-        batch_size=recipe.eval.batch_size,
-        shuffle=False,
-        num_workers=recipe.data.num_workers,
-        collate_fn=partial(collate, size_divisibility=recipe.data.size_divisibility),
-    )
-    return loader, dataset
-
-
-def train_loader(dataset: EpochSeeded, recipe: Recipe, epoch: int, rank: int, world: int, skip: int) -> DataLoader:
-    dataset.epoch = epoch
-    t = recipe.train
-    sampler = EpochSampler(len(dataset), t.batch_size, t.seed, epoch, rank, world, skip, t.grad_accum)
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=recipe.data.num_workers,
-        collate_fn=partial(collate, size_divisibility=recipe.data.size_divisibility),
-        pin_memory=torch.cuda.is_available(),
-    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,28 +126,48 @@ def default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def train_from_cli(recipe_path: Path, out: Path | None, resume: Path | None, overrides: list[str]) -> dict[str, Any]:
+def train_from_files(
+    recipe_path: Path, out: Path | None, resume: Path | None, overrides: list[str], reporter: Reporter | None = None
+) -> dict[str, Any]:
     """``dyhead train RECIPE [--out DIR] [--resume DIR] [--set k=v]``."""
     recipe = load_recipe(recipe_path, overrides)
     if resume is not None:
         if not (Path(resume) / STATE_FILE).is_file():
             raise DyheadError(f"--resume {resume}: no {STATE_FILE} there (was a checkpoint ever written?)")
-        return train(recipe, Path(resume), resume=True)
-    return train(recipe, Path(out) if out else default_run_dir(recipe))
+        return train(recipe, Path(resume), resume=True, reporter=reporter)
+    return train(recipe, Path(out) if out else default_run_dir(recipe), reporter=reporter)
 
 
-def train(recipe: Recipe, run_dir: Path, resume: bool = False, console=None) -> dict[str, Any]:
+class Reporter:
+    """What a training run tells whoever watches it; the command layer draws it (the base class is silent).
+
+    Only the main process reports.
+    """
+
+    def start(self, total_steps: int, completed: int) -> None:
+        """The run begins (or resumes at ``completed``) and will end at ``total_steps``."""
+
+    def step(self, step: int, info: dict[str, Any] | None) -> None:
+        """Optimizer step ``step`` is done; ``info`` (loss, named losses, lr, images/s) every ``log_every`` steps."""
+
+    def message(self, text: str) -> None:
+        """A line worth showing (resume, evaluation results, the end)."""
+
+    def finish(self) -> None:
+        """The run ended (normally or not)."""
+
+
+def train(recipe: Recipe, run_dir: Path, resume: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
     """Train ``recipe`` into ``run_dir``; return the last evaluation's metrics (empty if none ran)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from rich.console import Console
 
     t = recipe.train
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise DyheadError("train.mixed_precision = 'fp16' needs a CUDA device; use 'bf16' on CPU")
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=choose_device(t.device).type == "cpu")
-    console = console or Console()
     main = accelerator.is_main_process
+    reporter = reporter if reporter is not None and main else Reporter()
     set_seed(t.seed)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -254,14 +201,14 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, console=None) -> 
         if ema is not None and ema_tensors:
             ema.shadow = ema_tensors
         log.write("resume", step=state.step, epoch=state.epoch)
-        console.print(f"resuming {run_dir} at step {state.step} (epoch {state.epoch})")
+        reporter.message(f"resuming {run_dir} at step {state.step} (epoch {state.epoch})")
     model, optimizer = accelerator.prepare(model, optimizer)
 
     seeded = EpochSeeded(dataset, t.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     steps_per_epoch = len(EpochSampler(len(dataset), t.batch_size, t.seed, 0, rank, world, 0, t.grad_accum)) // t.grad_accum
     total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
-    val_loader = val_dataset = None
+    val_batches = val_data = None
     metrics: dict[str, Any] = {}
 
     def checkpoint() -> None:
@@ -275,24 +222,18 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, console=None) -> 
         log.write("checkpoint", step=state.step, epoch=state.epoch, path=str(run_dir / "last.safetensors"))
 
     def evaluate_now() -> dict[str, Any]:
-        nonlocal val_loader, val_dataset
-        if val_loader is None:
-            val_loader, val_dataset = build_val_loader(recipe)
+        nonlocal val_batches, val_data
+        if val_batches is None:
+            val_batches, val_data = val_loader(recipe)
         raw = accelerator.unwrap_model(model)
         net = raw if ema is None else _with_weights(build_model(recipe.model), ema.shadow).to(accelerator.device)
-        results = predict_coco(net, val_loader, accelerator.device, list(val_dataset.cat_ids))
+        results = predict_coco(net, val_batches, accelerator.device, list(val_data.cat_ids))
         raw.train()
-        return coco_evaluate(val_dataset.coco, results)
+        return coco_evaluate(val_data.coco, results)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    progress = Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not main, transient=False,
-    )
     model.train()
-    with progress:
-        task = progress.add_task("train", total=total_steps, completed=state.step, info="")
+    reporter.start(total_steps, state.step)
+    try:
         last_time, last_step = time.perf_counter(), state.step
         while state.step < total_steps and state.epoch < t.epochs:
             loader = train_loader(seeded, recipe, state.epoch, rank, world, state.batch_in_epoch)
@@ -332,8 +273,9 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, console=None) -> 
                     total = round(sum(values.values()), 6)
                     lr = optimizer.param_groups[0]["lr"]
                     log.write("train", step=state.step, epoch=state.epoch, loss=total, lr=lr, images_per_s=round(speed, 2), **values)
-                    progress.update(task, info=f"loss {total:.3f}  lr {lr:.2e}  {speed:.1f} img/s")
-                progress.update(task, completed=state.step)
+                    reporter.step(state.step, {"loss": total, "lr": lr, "images_per_s": speed, **values})
+                else:
+                    reporter.step(state.step, None)
                 if t.checkpoint_every and state.step % t.checkpoint_every == 0:
                     checkpoint()
                 if state.step >= total_steps:
@@ -348,13 +290,15 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, console=None) -> 
                 metrics = evaluate_now() if main else {}
                 if main:
                     log.write("eval", step=state.step, epoch=state.epoch, **metrics_json(metrics))
-                    console.print(f"epoch {state.epoch} step {state.step}: AP {metrics['AP']:.1f}  AP50 {metrics['AP50']:.1f}")
+                    reporter.message(f"epoch {state.epoch} step {state.step}: AP {metrics['AP']:.1f}  AP50 {metrics['AP50']:.1f}")
                     if metrics["AP"] > state.best_ap:
                         state.best_ap = metrics["AP"]
                         raw = accelerator.unwrap_model(model)
                         save_weights(run_dir / "best.safetensors", raw if ema is None else _with_weights(raw, ema.shadow), recipe_dict, {"step": state.step, "AP": metrics["AP"], "category_ids": category_ids})
             checkpoint()
             accelerator.wait_for_everyone()
+    finally:
+        reporter.finish()
     if world > 1:
         # DDP broadcasts rank 0's buffers (BatchNorm statistics) at each forward; after the last one every
         # replica has updated its own, so make them rank 0's again.
@@ -363,7 +307,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, console=None) -> 
     if os.environ.get("DYHEAD_SAVE_EVERY_RANK") == "1":  # debugging aid: compare replicas after a DDP run
         save_weights(run_dir / f"rank{rank}.safetensors", accelerator.unwrap_model(model), recipe_dict)
     if main:
-        console.print(f"done: {run_dir} (last.safetensors, best.safetensors, metrics.jsonl)")
+        reporter.message(f"done: {run_dir} (last.safetensors, best.safetensors, metrics.jsonl)")
     return metrics
 
 

@@ -11,12 +11,20 @@ The official code, its hard sigmoid (ReLU6(x + 3) / 6) and its quirks win over t
 differ; see docs/dyhead-design.md. The "high" conv's offsets come from level l's larger map and must be
 fitted to level l+1's output size: ``offset_mode`` says how (each set of published weights needs its own).
 
-Two implementations (``DyHead.set_impl``): "reference" calls torchvision's ``deform_conv2d`` per conv (the
-test oracle); "fast" (the default) runs a block's deformable convs on CPU with ``models/deform.py``
-(one channels-last sampling table of all levels, weighted row gathers, GEMMs), ~4x faster on 2 cores
-and equal to the reference to float32 rounding. On other devices "fast" runs the reference code.
+Two implementations (the ``impl`` constructor argument): "reference" calls torchvision's ``deform_conv2d``
+per conv (the test oracle); "fast" (the default) runs a block's deformable convs on CPU with
+``models/deform.py`` (one channels-last sampling table of all levels, weighted row gathers, GEMMs), ~4x
+faster on 2 cores and equal to the reference to float32 rounding. On other devices "fast" runs the
+reference code.
+
+Initialisation follows the official code: the DCN weights keep the DCN's own init (uniform in
++-1/sqrt(9 C_in), bias 0), the offset conv keeps PyTorch's default, the scale branch's 1x1 conv is
+N(0, 0.01); ``zero_init_offset=True`` is MMDetection's zero-initialised offset conv.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,22 +45,25 @@ def hard_sigmoid(x: Tensor) -> Tensor:
 def fit_offset_to_output(offset: Tensor, mask: Tensor, size: tuple[int, int], mode: str) -> tuple[Tensor, Tensor]:
     """Fit an offset (B, 18, H, W) and mask (B, 9, H, W) to a convolution's output size (h, w) <= (H, W).
 
-    official: the official CUDA kernel reads offset[b] as a flat buffer laid out for (h, w), so it uses the
-              first 18*h*w values of each image's map (microsoft/DynamicHead issue #25).
-    mmdet:    the top-left (h, w) corner (mmdetection PR #11150).
+    official: the official CUDA kernel and mmcv's kernel (every MMDetection release up to 3.3.0) read each
+              image's map as a flat buffer laid out for (h, w): the first 18*h*w offset values and the
+              first 9*h*w mask values (microsoft/DynamicHead issue #25).
+    mmdet:    MMDetection's main branch after PR #11150 slices ``[:, :, :h, :w]``; the mask is a new,
+              truly cropped tensor, but the sliced offset stays a view that mmcv does not make contiguous,
+              so its kernel still reads the offset as the same flat prefix. Flat offset, cropped mask.
     aligned:  the map resampled to (h, w), offsets rescaled to the coarser grid (what the paper describes).
     """
     b, _, big_h, big_w = offset.shape
     h, w = size
     if (big_h, big_w) == (h, w):
         return offset, mask
-    if mode == "official":
+    if mode in ("official", "mmdet"):
         # (B, 18, H, W) -> (B, 18*H*W) -> first 18*h*w values -> (B, 18, h, w)
         offset = offset.reshape(b, -1)[:, : 18 * h * w].reshape(b, 18, h, w)
-        mask = mask.reshape(b, -1)[:, : 9 * h * w].reshape(b, 9, h, w)
-    elif mode == "mmdet":
-        offset = offset[:, :, :h, :w]
-        mask = mask[:, :, :h, :w]
+        if mode == "official":
+            mask = mask.reshape(b, -1)[:, : 9 * h * w].reshape(b, 9, h, w)
+        else:
+            mask = mask[:, :, :h, :w]
     elif mode == "aligned":
         offset = F.interpolate(offset, size=(h, w), mode="bilinear", align_corners=False)
         # (B, 18, h, w) -> (B, 9, 2, h, w): (dy, dx) per tap, each in the coarser grid's pixels
@@ -64,6 +75,21 @@ def fit_offset_to_output(offset: Tensor, mask: Tensor, size: tuple[int, int], mo
     return offset.contiguous(), mask.contiguous()
 
 
+@dataclass
+class BlockTrace:
+    """What one DyHead block did, per level (P3 first); tensors are (B, C, H, W) unless noted.
+
+    Filled by ``DyHead.forward(features, traces=[])`` for ``dyhead visualize --attention``.
+    """
+
+    inputs: list[Tensor] = field(default_factory=list)
+    offsets: list[Tensor] = field(default_factory=list)  # (B, 18, H, W): (dy, dx) per tap, in feature cells
+    masks: list[Tensor] = field(default_factory=list)  # (B, 9, H, W) in 0..1
+    scale: list[dict[str, float]] = field(default_factory=list)  # pi_L of the "low" / "mid" / "high" map (image 0)
+    fused: list[Tensor] = field(default_factory=list)  # mean of pi_L(f) * f over the 2-3 maps
+    outputs: list[Tensor] = field(default_factory=list)  # after DyReLU: the block's output
+
+
 class DeformConvNorm(nn.Module):
     """Modulated deformable 3x3 conv (DCNv2, torchvision's op) followed by GroupNorm(16)."""
 
@@ -73,7 +99,9 @@ class DeformConvNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
         self.bias = nn.Parameter(torch.zeros(out_channels))
         self.norm = nn.GroupNorm(16, out_channels)
-        nn.init.normal_(self.weight, 0.0, 0.01)
+        # the official ModulatedDeformConv's own init: uniform in +-1/sqrt(fan_in), bias 0
+        bound = 1.0 / math.sqrt(in_channels * 9)
+        nn.init.uniform_(self.weight, -bound, bound)
 
     def output_size(self, x: Tensor) -> tuple[int, int]:
         h, w = x.shape[-2:]
@@ -147,12 +175,21 @@ class DyReLU(nn.Module):
 class DyHeadBlock(nn.Module):
     """One block: spatial-, scale- and task-aware attention over a list of levels (largest first)."""
 
-    def __init__(self, in_channels: int, channels: int, offset_mode: str = "official", zero_init_offset: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        offset_mode: str = "official",
+        zero_init_offset: bool = False,
+        impl: str = "fast",
+    ) -> None:
         super().__init__()
         if offset_mode not in OFFSET_MODES:
             raise ValueError(f"offset_mode must be one of {OFFSET_MODES}, got {offset_mode!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.offset_mode = offset_mode
-        self.impl = "fast"  # or "reference"; see DyHead.set_impl
+        self.impl = impl
         self.offset = nn.Conv2d(in_channels, 27, 3, padding=1)
         self.spatial_high = DeformConvNorm(in_channels, channels, stride=1)
         self.spatial_mid = DeformConvNorm(in_channels, channels, stride=1)
@@ -175,20 +212,32 @@ class DyHeadBlock(nn.Module):
         om = self.offset(x)  # (B, 27, H, W): 9 (dy, dx) pairs, then 9 mask logits
         return om[:, :18], om[:, 18:].sigmoid()
 
-    def forward(self, features: list[Tensor]) -> list[Tensor]:
-        if self.impl == "fast" and features[0].device.type == "cpu":
+    def forward(self, features: list[Tensor], trace: BlockTrace | None = None) -> list[Tensor]:
+        """levels (B, C_in, H_l, W_l), P3 first -> the same levels with C channels.
+
+        ``trace``: record the block's intermediates into it (runs the reference convs).
+        """
+        if trace is None and self.impl == "fast" and features[0].device.type == "cpu":
             return self.forward_fast(features)
         outs = []
         for level, x in enumerate(features):
             offset, mask = self.offset_and_mask(x)
-            maps = [self.spatial_mid(x, offset, mask, self.offset_mode)]
+            maps = {"mid": self.spatial_mid(x, offset, mask, self.offset_mode)}
             if level > 0:
-                maps.append(self.spatial_low(features[level - 1], offset, mask, self.offset_mode))
+                maps["low"] = self.spatial_low(features[level - 1], offset, mask, self.offset_mode)
             if level < len(features) - 1:
                 high = self.spatial_high(features[level + 1], offset, mask, self.offset_mode)
-                maps.append(F.interpolate(high, size=x.shape[-2:], mode="bilinear", align_corners=True))
-            fused = torch.stack([f * self.scale_weight(f) for f in maps]).mean(dim=0)
+                maps["high"] = F.interpolate(high, size=x.shape[-2:], mode="bilinear", align_corners=True)
+            weights = {name: self.scale_weight(f) for name, f in maps.items()}  # (B, 1, 1, 1) each
+            fused = torch.stack([f * weights[name] for name, f in maps.items()]).mean(dim=0)
             outs.append(self.task_attn(fused))
+            if trace is not None:
+                trace.inputs.append(x)
+                trace.offsets.append(offset)
+                trace.masks.append(mask)
+                trace.scale.append({name: float(w.flatten()[0]) for name, w in weights.items()})
+                trace.fused.append(fused)
+                trace.outputs.append(outs[-1])
         return outs
 
     def forward_fast(self, features: list[Tensor]) -> list[Tensor]:
@@ -239,27 +288,36 @@ class DyHead(nn.Module):
         offset_mode: str = "official",
         in_channels: int | None = None,
         zero_init_offset: bool = False,
+        impl: str = "fast",
     ) -> None:
         super().__init__()
         in_channels = channels if in_channels is None else in_channels
         self.channels = channels
         self.offset_mode = offset_mode
+        self.impl = impl
         self.blocks = nn.ModuleList(
-            DyHeadBlock(in_channels if i == 0 else channels, channels, offset_mode, zero_init_offset)
+            DyHeadBlock(in_channels if i == 0 else channels, channels, offset_mode, zero_init_offset, impl)
             for i in range(num_blocks)
         )
 
     def set_impl(self, impl: str) -> DyHead:
-        """Choose the deformable conv implementation: "fast" (default; CPU only, elsewhere it is the
-        reference) or "reference" (torchvision's ``deform_conv2d``, one call per conv)."""
+        """Switch the deformable conv implementation of a built tower (tests and benchmarks compare both
+        on the same weights); models are built with the ``impl`` constructor argument."""
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.impl = impl
         for block in self.blocks:
             block.impl = impl
         return self
 
-    def forward(self, features: list[Tensor]) -> list[Tensor]:
+    def forward(self, features: list[Tensor], traces: list[BlockTrace] | None = None) -> list[Tensor]:
+        """levels P3 first, (B, C_in, H_l, W_l) -> (B, C, H_l, W_l); ``traces``: a list to append one
+        ``BlockTrace`` per block to (``dyhead visualize --attention``)."""
         features = list(features)
         for block in self.blocks:
-            features = block(features)
+            trace = None
+            if traces is not None:
+                trace = BlockTrace()
+                traces.append(trace)
+            features = block(features, trace)
         return features

@@ -1,0 +1,34 @@
+"""``dyhead data synth`` and ``dyhead data check``: write the synthetic set, or report a data set's problems."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from dyhead_cli.commands.console import console, say
+from dyhead_cli.data.check import CheckReport, check_dataset
+from dyhead_cli.data.synthetic import make_synthetic_coco
+
+
+def synth(out: Path, num_train: int, num_val: int, image_size: int, seed: int, colour_by_class: bool) -> dict[str, Any]:
+    summary = make_synthetic_coco(out, num_train, num_val, image_size=image_size, seed=seed, colour_by_class=colour_by_class)
+    say(
+        f"wrote {summary['num_train']} train and {summary['num_val']} val images "
+        f"({', '.join(summary['categories'])}) to {out}: annotations in {summary['train_ann']} and {summary['val_ann']}"
+    )
+    return summary
+
+
+def check(ann: Path, images: Path) -> CheckReport:
+    report = check_dataset(ann, images)
+    for line in report.errors:
+        console.print("[red]error[/]   ", end="", highlight=False)
+        say(line)
+    for line in report.warnings:
+        console.print("[yellow]warning[/] ", end="", highlight=False)
+        say(line)
+    say(f"{len(report.errors)} errors, {len(report.warnings)} warnings")
+    if not report.ok:
+        raise typer.Exit(1)
+    return report

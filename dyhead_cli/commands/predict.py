@@ -1,0 +1,53 @@
+"""``dyhead predict PATH... --weights W [--out preds.json] ...``: a progress bar, then one summary line."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from dyhead_cli.commands.console import err_console, say
+from dyhead_cli.engine.predict import PredictSummary, predict
+
+
+def run(
+    paths: list[Path],
+    weights: Path,
+    out: Path,
+    recipe_path: Path | None,
+    overrides: list[str],
+    images_dir: Path | None,
+    device: str,
+    batch_size: int | None,
+    workers: int | None,
+    score_thr: float | None,
+    half: bool,
+    bf16: bool,
+) -> PredictSummary:
+    progress = Progress(
+        TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True,  # the summary line replaces it
+    )
+    task = None
+
+    def on_start(total: int) -> None:
+        nonlocal task
+        task = progress.add_task("predict", total=total, speed="")
+
+    def on_batch(s: PredictSummary) -> None:
+        progress.update(task, completed=s.num_predicted + s.num_skipped, speed=f"{s.images_per_s:.1f} img/s")
+
+    def on_skip(message: str) -> None:
+        progress.console.print(f"[yellow]skipped[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+    with progress:
+        summary = predict(
+            paths, weights, out, recipe_path, overrides, images_dir, device, batch_size, workers, score_thr, half, bf16,
+            on_start=on_start, on_batch=on_batch, on_skip=on_skip,
+        )
+    skipped = f" ({summary.num_skipped} unreadable, skipped)" if summary.num_skipped else ""
+    say(
+        f"predicted {summary.num_predicted} of {summary.num_images} images{skipped}: {summary.num_detections} detections, "
+        f"{summary.images_per_s:.1f} images/s -> {summary.out} (image list: {summary.images_json})"
+    )
+    return summary

@@ -1,0 +1,168 @@
+"""Every DataLoader of the project: training (seeded, sharded, resumable), validation, and plain images.
+
+All of them yield ``collate`` batches: a zero-padded (B, 3, Hp, Wp) float batch of 0..255 pixels plus each
+image's real size; the detector normalises and zeroes the padding itself.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dyhead_cli.data.coco import CocoDetection, build_dataset
+from dyhead_cli.data.images import ImageEntry, ImageFiles
+from dyhead_cli.errors import DyheadError
+from dyhead_cli.recipe import Recipe
+
+def collate(batch: Sequence[dict[str, Any] | None], size_divisibility: int = 128) -> dict[str, Any]:
+    """Stack items into one zero-padded float batch (values stay 0..255; normalisation is the model's job).
+
+    ``images`` is (B, 3, Hp, Wp) with Hp, Wp the largest size rounded up to ``size_divisibility`` (so every
+    FPN level divides evenly); ``image_sizes`` keeps each image's real (h, w). ``None`` items (skipped
+    corrupt images) are dropped and counted in ``num_skipped``; a batch of only ``None`` has B = 0.
+    """
+    items = [b for b in batch if b is not None]
+    num_skipped = len(batch) - len(items)
+    div = max(1, int(size_divisibility))
+    if items:
+        max_h = max(it["image"].shape[1] for it in items)
+        max_w = max(it["image"].shape[2] for it in items)
+        pad_h, pad_w = -(-max_h // div) * div, -(-max_w // div) * div
+    else:
+        pad_h = pad_w = 0
+    images = torch.zeros((len(items), 3, pad_h, pad_w), dtype=torch.float32)
+    for i, it in enumerate(items):
+        _, h, w = it["image"].shape
+        images[i, :, :h, :w] = it["image"]
+    return {
+        "images": images,
+        "image_sizes": [tuple(it["size"]) for it in items],
+        "orig_sizes": [tuple(it["orig_size"]) for it in items],
+        "image_ids": [it["image_id"] for it in items],
+        "targets": [{"boxes": it["boxes"], "labels": it["labels"]} for it in items],
+        "num_skipped": num_skipped,
+    }
+
+
+def collate_images(items: list[dict[str, Any]], size_divisibility: int) -> dict[str, Any]:
+    """``data.coco.collate`` of the readable items (same padding as evaluation) plus the ``failed`` ones."""
+    good = [it for it in items if "error" not in it]
+    batch = collate(good, size_divisibility=size_divisibility)
+    batch["file_names"] = [it["file_name"] for it in good]
+    batch["failed"] = [it for it in items if "error" in it]
+    return batch
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give each DataLoader worker its own augmentation stream (forked workers would share the parent's)."""
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(info.seed % 2**32)
+
+
+class EpochSampler(Sampler[list[int]]):
+    """Batches of an epoch: a (seed, epoch)-seeded permutation, this process's shard, minus ``skip`` batches."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0, multiple: int = 1) -> None:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(size, generator=g).tolist()
+        per_rank = size // world
+        if per_rank < batch_size * multiple:
+            raise DyheadError(
+                f"the training set has {size} images: too few for batch_size {batch_size} x grad_accum {multiple} on {world} process(es)"
+            )
+        mine = order[rank * per_rank : (rank + 1) * per_rank]
+        num_batches = per_rank // batch_size // multiple * multiple  # whole accumulation groups only
+        self.batches = [mine[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)][skip:]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+class EpochSeeded(Dataset):
+    """Seeds the augmentation of each sample from (seed, epoch, index), whichever worker loads it."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        transform = getattr(self.dataset, "transform", None)
+        if hasattr(transform, "set_random_seed"):
+            transform.set_random_seed((self.seed * 1_000_003 + self.epoch * 100_003 + index) % 2**32)
+        return self.dataset[index]
+
+
+def train_loader(dataset: EpochSeeded, recipe: Recipe, epoch: int, rank: int, world: int, skip: int) -> DataLoader:
+    dataset.epoch = epoch
+    t = recipe.train
+    sampler = EpochSampler(len(dataset), t.batch_size, t.seed, epoch, rank, world, skip, t.grad_accum)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=recipe.data.num_workers,
+        collate_fn=partial(collate, size_divisibility=recipe.data.size_divisibility),
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def val_loader(recipe: Recipe) -> tuple[DataLoader, CocoDetection]:
+    """The validation set of ``recipe`` in ``eval.batch_size`` batches, in order."""
+    dataset = build_dataset(recipe.data, "val")
+    loader = DataLoader(
+        dataset,
+        batch_size=recipe.eval.batch_size,
+        shuffle=False,
+        num_workers=recipe.data.num_workers,
+        collate_fn=partial(collate, size_divisibility=recipe.data.size_divisibility),
+    )
+    return loader, dataset
+
+
+def image_loader(entries: list[ImageEntry], recipe: Recipe, batch_size: int, workers: int, pin: bool = False) -> DataLoader:
+    d = recipe.data
+    return DataLoader(
+        ImageFiles(entries, d.test_min_size, d.max_size),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=partial(collate_images, size_divisibility=d.size_divisibility),
+        pin_memory=pin,
+        persistent_workers=False,
+    )
+
+
+def build_dataloader(
+    cfg: Any,
+    split: str,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int | None = None,
+    seed: int = 0,
+) -> DataLoader:
+    """A DataLoader over ``build_dataset(cfg, split)`` that yields ``collate`` batches.
+
+    ``seed`` fixes the shuffling order and the augmentations (per worker), so a run can be repeated.
+    """
+    dataset = build_dataset(cfg, split, seed=seed)
+    workers = cfg.num_workers if num_workers is None else num_workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        collate_fn=partial(collate, size_divisibility=cfg.size_divisibility),
+        worker_init_fn=_seed_worker if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(),
+    )
