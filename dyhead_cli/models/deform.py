@@ -158,15 +158,16 @@ def gemm_weight(weight: Tensor, dtype: torch.dtype) -> GemmWeight:
     """
     if torch.is_grad_enabled() and weight.requires_grad:
         return GemmWeight(weight_matrix(weight.to(dtype)))
+    if torch.is_inference(weight):  # made under inference_mode: no version counter, so no cache
+        return GemmWeight(weight_matrix(weight.to(dtype)))
     key = (weight._version, dtype)
     hit = _PACKED.get(id(weight))
     if hit is not None and hit[0]() is weight and hit[1] == key:
         return hit[2]
     with torch.no_grad():
         gemm = GemmWeight(weight_matrix(weight.to(dtype)))
-    if not torch.is_inference(weight):
-        ident = id(weight)
-        _PACKED[ident] = (weakref.ref(weight, lambda _: _PACKED.pop(ident, None)), key, gemm)
+    ident = id(weight)
+    _PACKED[ident] = (weakref.ref(weight, lambda _: _PACKED.pop(ident, None)), key, gemm)
     return gemm
 
 
