@@ -1,13 +1,12 @@
 """The fast deformable conv and the fast DyHead tower against torchvision's op (the oracle)."""
 import pytest
 import torch
+from helpers_fixtures import TOWER_FIXTURES, load_tower_fixture
 from torchvision.ops import deform_conv2d
 
 from dyhead_cli.convert.dyhead_keys import convert_dyhead
 from dyhead_cli.models.deform import deform_conv2d_fast
 from dyhead_cli.models.dyhead import DyHead
-
-from helpers_fixtures import TOWER_FIXTURES, load_tower_fixture
 
 # (batch, channels, H, W, stride, out channels): odd sizes, stride 2, 1-pixel-wide maps
 CASES = [
@@ -114,7 +113,7 @@ def test_fast_conv_gradients_match_torchvision(case, offsets):
 
 def test_fast_conv_float32_gradients_and_no_mask():
     x, offset, weight, bias, _ = conv_inputs(2, 8, 9, 7, 2, 6)
-    leaves = lambda: [t.clone().requires_grad_() for t in (x, offset, weight, bias)]  # noqa: E731
+    leaves = lambda: [t.clone().requires_grad_() for t in (x, offset, weight, bias)]
     outs = []
     for fn in (deform_conv2d, deform_conv2d_fast):
         ts = leaves()

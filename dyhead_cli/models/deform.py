@@ -260,7 +260,7 @@ def deform_conv2d_fast(
     if not fast_path_applies(input, offset, weight):
         return tv_deform_conv2d(input, offset, weight, bias, stride=stride, padding=padding, mask=mask)
     stride, padding = _pair(stride), _pair(padding)
-    b, _, in_h, in_w = input.shape
+    _, _, in_h, in_w = input.shape
     h, w = output_size((in_h, in_w), stride, padding)
     if offset.shape[-2:] != (h, w) or (mask is not None and mask.shape[-2:] != (h, w)):
         got = tuple(offset.shape[-2:]) if mask is None else (tuple(offset.shape[-2:]), tuple(mask.shape[-2:]))

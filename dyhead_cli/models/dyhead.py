@@ -31,7 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
-from dyhead_cli.models.deform import GemmWeight, deform_conv2d_from_table, gemm_weight, sampling_table
+from dyhead_cli.models.deform import (
+    GemmWeight,
+    deform_conv2d_from_table,
+    gemm_weight,
+    sampling_table,
+)
 
 OFFSET_MODES = ("official", "mmdet", "aligned")
 IMPLS = ("fast", "reference")
