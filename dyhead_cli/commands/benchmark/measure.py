@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dyhead_cli.engine.machine import cpu_description
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.engine import recipes
 from dyhead_cli.models.dyhead import IMPLS
@@ -670,6 +671,8 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "cpu": cpu_model(),
+        "cpu_vector_extensions": " ".join(cpu_description()["vector_extensions"]),  # type: ignore[arg-type]
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_cores": os.cpu_count(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -802,7 +805,8 @@ def render_table(report: dict):
     parts.append(_rich_table("size (GFLOPs per image)", MODEL_HEADERS, [model_cells(x) for x in report["models"].values()]))
     parts += [Text(ratio_line(x)) for x in report["ratios"]]
     gpu = f", {m['gpu']} (driver {m.get('driver') or '?'}, CUDA {m['cuda']})" if m["gpu"] else ""
-    parts.append(Text(f"{m['cpu']} ({m['cpu_cores_usable']} cores){gpu}; torch {m['torch']}, "
+    parts.append(Text(f"{m['cpu']} ({m['cpu_cores_usable']} cores; {m.get('cpu_vector_extensions') or 'vector extensions unknown'}; "
+                      f"torch kernels {m.get('torch_cpu_capability')}){gpu}; torch {m['torch']}, "
                       f"torchvision {m['torchvision']}; {s.get('timer', 'timer ?')}; load average {m['load_average_start']} -> "
                       f"{m['load_average_end']}", style="dim"))
     return Group(*parts)
