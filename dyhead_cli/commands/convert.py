@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dyhead_cli.commands.console import console, say
+from dyhead_cli.commands.console import note, say
 from dyhead_cli.convert.checkpoint import ConvertSummary, convert_checkpoint
 
 
@@ -26,8 +26,7 @@ def run(
     for reason, keys in summary.dropped.items():
         say(f"  dropped {len(keys)}: {reason}")
     for gap in summary.gaps:
-        console.print("[yellow]approximation[/] ", end="", highlight=False)
-        say(gap.describe())
+        note("approximation", gap.describe())
     for note in summary.notes:
         say(f"  note: {note}")
     say(f"evaluate with: dyhead eval {summary.recipe_toml} --weights {summary.dst}")

@@ -6,7 +6,7 @@ from typing import Any
 
 import typer
 
-from dyhead_cli.commands.console import console, say
+from dyhead_cli.commands.console import note, say
 from dyhead_cli.data.check import CheckReport, check_dataset
 from dyhead_cli.data.synthetic import make_synthetic_coco
 
@@ -23,11 +23,9 @@ def synth(out: Path, num_train: int, num_val: int, image_size: int, seed: int, c
 def check(ann: Path, images: Path) -> CheckReport:
     report = check_dataset(ann, images)
     for line in report.errors:
-        console.print("[red]error[/]   ", end="", highlight=False)
-        say(line)
+        note("error  ", line, style="red")
     for line in report.warnings:
-        console.print("[yellow]warning[/] ", end="", highlight=False)
-        say(line)
+        note("warning", line)
     say(f"{len(report.errors)} errors, {len(report.warnings)} warnings")
     if not report.ok:
         raise typer.Exit(1)
