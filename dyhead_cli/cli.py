@@ -202,12 +202,13 @@ def convert(
     resnet_style: str = typer.Option("auto", "--resnet-style", help="auto | caffe | pytorch: where the ResNet's stride sits (caffe: 1x1 conv, BGR input) when the checkpoint does not say."),
     approximate: bool = typer.Option(False, "--approximate", help="Convert even where our model cannot express the reference architecture (listed); for fine-tuning, not for the published AP."),
     recipe_out: Optional[Path] = typer.Option(None, "--recipe-out", help="Where to write the recipe TOML (default: DST with .toml)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing DST (and its recipe TOML)."),
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Convert an official (detectron2) or MMDetection DyHead checkpoint."""
     from dyhead_cli.commands import convert as command
 
-    run_guarded(command.run, src, dst, source, recipe, offset_mode, resnet_style, approximate, overrides or [], recipe_out)
+    run_guarded(command.run, src, dst, source, recipe, offset_mode, resnet_style, approximate, overrides or [], recipe_out, force)
 
 
 @data_app.command("synth")
@@ -220,11 +221,12 @@ def data_synth(
     colour_by_class: bool = typer.Option(
         False, "--colour-by-class", help="Each class keeps to its own band of hues (as the quickstart's data)."
     ),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty folder that holds no synthetic data set."),
 ) -> None:
     """Write the built-in synthetic COCO-format data set (coloured shapes on textures)."""
     from dyhead_cli.commands import data as command
 
-    run_guarded(command.synth, out, num_train, num_val, image_size, seed, colour_by_class)
+    run_guarded(command.synth, out, num_train, num_val, image_size, seed, colour_by_class, force)
 
 
 @data_app.command("check")

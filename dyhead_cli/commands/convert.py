@@ -17,8 +17,11 @@ def run(
     approximate: bool,
     overrides: list[str],
     recipe_out: Path | None,
+    force: bool = False,
 ) -> ConvertSummary:
-    summary = convert_checkpoint(src, dst, source, recipe, offset_mode, resnet_style, approximate, overrides, recipe_out)
+    summary = convert_checkpoint(
+        src, dst, source, recipe, offset_mode, resnet_style, approximate, overrides, recipe_out, force=force
+    )
     say(
         f"converted {summary.num_source_keys} source tensors into {summary.num_tensors} ({summary.backbone}, "
         f"offset_mode {summary.offset_mode}): wrote {summary.dst} and {summary.recipe_toml}"

@@ -88,6 +88,14 @@ SCHEMA: dict[str, dict[str, Field]] = {
 }
 
 
+RESULT_FIELDS: dict[str, Field] = {
+    "image_id": Field(_id),
+    "category_id": Field(_id),
+    "bbox": Field(_box),
+    "score": Field(lambda v: None if is_number(v) else "must be a number"),
+}
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a file: where (``images[3].file_name``; ``index`` -1 = the file as a whole)."""
@@ -167,6 +175,22 @@ def _between_records(data: dict[str, Any], bad: set[tuple[str, int]]) -> Iterato
             if r[name] not in ids[target]:
                 kind = target[:-1].replace("categorie", "category")
                 yield Problem("annotations", i, f"annotations[{i}].{name}: unknown {kind} id {shown(r[name])} (not among the {target})")
+
+
+def check_results(rows: Any, path: Path) -> list[dict[str, Any]]:
+    """A COCO results list (``dyhead predict``'s output) with every row checked; ``DyheadError`` naming the row."""
+    if not isinstance(rows, list):
+        raise DyheadError(f"{path} is not a COCO results list (a JSON array of detections)")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DyheadError(f"{path}: [{i}] must be an object, got {shown(row)}")
+        for name, spec in RESULT_FIELDS.items():
+            if name not in row:
+                raise DyheadError(f"{path}: [{i}] lacks '{name}'")
+            why = spec.check(row[name])
+            if why is not None:
+                raise DyheadError(f"{path}: [{i}].{name} {why}, got {shown(row[name])}")
+    return rows
 
 
 def read_annotation_file(path: str | Path, require_annotations: bool = False) -> dict[str, Any]:

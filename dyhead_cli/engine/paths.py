@@ -16,8 +16,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from dyhead_cli.errors import DyheadError
 
@@ -154,11 +157,14 @@ def describe_os_error(e: OSError, path: Path | str | None = None, verb: str = "w
 
 @contextlib.contextmanager
 def writing(path: Path | str) -> Iterator[None]:
-    """Turn an ``OSError`` raised while writing ``path`` into a ``DyheadError`` naming it."""
+    """Turn an ``OSError`` raised while writing ``path`` (or safetensors' I/O error) into a ``DyheadError`` naming it."""
     try:
         yield
     except OSError as e:
         raise DyheadError(describe_os_error(e, path)) from None
+    except SafetensorError as e:
+        found = re.search(r'message: "([^"]*)"', str(e))
+        raise DyheadError(f"cannot write {path}: {found.group(1) if found else str(e).splitlines()[0]}") from None
 
 
 def temporary_name(path: Path) -> Path:
