@@ -121,7 +121,7 @@ def test_new_fields_round_trip_and_are_checked(tmp_path):
     assert (d.head_options.anchor_offset, d.head_options.pred_kernel_size, d.head_options.tower_norm) == (-1.0, 0, "gn")
     with pytest.raises(DyheadError, match=r"tower_norm' = 'bn' is not one of gn, none"):
         recipe_from_dict(small(tower_norm="bn"))
-    with pytest.raises(DyheadError, match="pred_kernel_size must be odd"):
+    with pytest.raises(DyheadError, match="pred_kernel_size' = 2 must be odd"):
         recipe_from_dict(small(pred_kernel_size=2))
-    with pytest.raises(DyheadError, match="anchor_offset must be in"):
+    with pytest.raises(DyheadError, match="anchor_offset' = 1.5 is out of range"):
         recipe_from_dict(small(anchor_offset=1.5))
