@@ -109,7 +109,12 @@ class DyHeadConfig:
 
 @dataclass
 class HeadOptions:
-    """Knobs of the detector heads; each head reads the ones it uses."""
+    """Knobs of the detector heads; each head reads the ones it uses.
+
+    ``None`` means "the head's own default" (declared in the head's module, filled in by
+    ``models.build.resolve_model_config``); TOML has no null, so a missing key is None and ``dump_toml``
+    leaves None out. Scores and thresholds: ``models/heads/postprocess.py``.
+    """
 
     num_convs: int = ranged(0, ge=0, le=16)  # extra tower convs before the predictors (0 with DyHead, 4 for the baselines)
     prior_prob: float = ranged(0.01, gt=0.0, lt=1.0)
@@ -121,13 +126,15 @@ class HeadOptions:
     smooth_l1_beta: float = ranged(0.0, ge=0.0)  # RetinaNet with box_loss = "smooth_l1" (0 = L1, the official DyHead config)
     box_loss_weight: float = ranged(2.0, ge=0.0)  # ATSS: weight of the GIoU loss (the official REG_LOSS_WEIGHT)
     center_sampling_radius: float = ranged(1.5, ge=0.0)  # FCOS
+    # The head's CANDIDATE threshold: a (location, class) is considered only when sigmoid(cls) > score_thresh
+    # (before the centerness factor). Not a threshold on final scores: that is predict's --score-thr.
     score_thresh: float = ranged(0.05, ge=0.0, le=1.0)
     nms_thresh: float = ranged(0.6, ge=0.0, le=1.0)
-    pre_nms_top_n: int = ranged(1000, ge=1, le=1_000_000)
+    pre_nms_top_n: int = ranged(1000, ge=1, le=1_000_000)  # candidates kept per level before NMS
     detections_per_img: int = ranged(100, ge=1, le=100_000)
-    # Per-head defaults: TOML has no null, so a sentinel means "the head's own default".
-    anchor_offset: float = ranged(-1.0, ge=0.0, lt=1.0, also=(-1.0,))  # anchor centres at (i + offset) * stride; < 0 = head default (ATSS 0.5, RetinaNet 0)
-    pred_kernel_size: int = ranged(0, ge=0, le=15)  # predictor conv kernel; 0 = head default (ATSS 1, FCOS/RetinaNet 3)
+    postprocess: str = "official"  # "official" | "mmdet": the candidate ranking and clipping order of that code
+    anchor_offset: float | None = ranged(None, ge=0.0, lt=1.0)  # prior centres at (i + offset) * stride; None = head default (ATSS 0.5, RetinaNet 0)
+    pred_kernel_size: int | None = ranged(None, ge=1, le=15)  # predictor conv kernel; None = head default (ATSS 1, FCOS/RetinaNet 3)
     tower_norm: str = "gn"  # norm in the num_convs tower convs: "gn" | "none" (detectron2's RetinaNet)
 
 
@@ -225,6 +232,11 @@ def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
 
 
 def _convert(hint: Any, value: Any, dotted: str) -> Any:
+    args = typing.get_args(hint)
+    if type(None) in args:  # Optional[X]: None stays None (only code makes it: TOML has no null)
+        (hint,) = [a for a in args if a is not type(None)]
+        if value is None:
+            return None
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise DyheadError(f"recipe key '{dotted}' must be a table, got {value!r}")
@@ -320,7 +332,7 @@ def check_ranges(obj: Any, where: str = "") -> None:
             check_ranges(value, dotted + ".")
             continue
         rng: Range | None = f.metadata.get("range")
-        if rng is None:
+        if rng is None or value is None:  # None: "the head's default" (code only; TOML has no null)
             continue
         if isinstance(value, list):
             lo, hi = rng.length or (0, None)
@@ -361,8 +373,8 @@ def validate(recipe: Recipe) -> Recipe:
             f"model.class_names has {len(m.class_names)} names but model.num_classes = {m.num_classes}"
         )
     o = m.head_options
-    if o.pred_kernel_size > 0 and o.pred_kernel_size % 2 == 0:
-        raise DyheadError(f"recipe key 'model.head_options.pred_kernel_size' = {o.pred_kernel_size} must be odd (or 0: the head's default)")
+    if o.pred_kernel_size is not None and o.pred_kernel_size % 2 == 0:
+        raise DyheadError(f"recipe key 'model.head_options.pred_kernel_size' = {o.pred_kernel_size} must be odd (or absent: the head's default)")
     return recipe
 
 
@@ -375,11 +387,11 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 def dump_toml(values: dict[str, Any]) -> str:
-    """Write a nested dict of str/int/float/bool/list values as TOML (scalars before tables)."""
+    """Write a nested dict of str/int/float/bool/list values as TOML (scalars before tables); None is left out."""
     lines: list[str] = []
 
     def emit(table: dict[str, Any], prefix: str) -> None:
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and v is not None}
         tables = {k: v for k, v in table.items() if isinstance(v, dict)}
         if prefix and scalars:
             lines.append(f"\n[{prefix}]")
