@@ -133,8 +133,8 @@ class HeadOptions:
     pre_nms_top_n: int = ranged(1000, ge=1, le=1_000_000)  # candidates kept per level before NMS
     detections_per_img: int = ranged(100, ge=1, le=100_000)
     postprocess: str = "official"  # "official" | "mmdet": the candidate ranking and clipping order of that code
-    anchor_offset: float | None = ranged(None, ge=0.0, lt=1.0)  # prior centres at (i + offset) * stride; None = head default (ATSS 0.5, RetinaNet 0)
-    pred_kernel_size: int | None = ranged(None, ge=1, le=15)  # predictor conv kernel; None = head default (ATSS 1, FCOS/RetinaNet 3)
+    anchor_offset: float | None = None  # checked by models.build.resolve_model_config; prior centres at (i + offset) * stride; None = head default (ATSS 0.5, RetinaNet 0)
+    pred_kernel_size: int | None = None  # checked by models.build.resolve_model_config; predictor conv kernel; None = head default (ATSS 1, FCOS/RetinaNet 3)
     tower_norm: str = "gn"  # norm in the num_convs tower convs: "gn" | "none" (detectron2's RetinaNet)
 
 
@@ -308,14 +308,9 @@ def recipe_from_dict(values: dict[str, Any]) -> Recipe:
     return validate(from_dict(Recipe, values))
 
 
+# The [model] choices are checked where they are implemented (models.build.resolve_model_config, called
+# by engine.recipes.load); these are the choices of the training loop.
 CHOICES = {
-    "model.head": ("atss", "fcos", "retinanet"),
-    "model.input_format": ("RGB", "BGR"),
-    "model.fpn.extra_from": ("p5", "c5"),
-    "model.dyhead.offset_mode": ("official", "mmdet", "aligned"),
-    "model.dyhead.impl": ("fast", "reference"),
-    "model.head_options.box_loss": ("giou", "smooth_l1"),
-    "model.head_options.tower_norm": ("gn", "none"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("step", "cosine"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
@@ -372,9 +367,6 @@ def validate(recipe: Recipe) -> Recipe:
         raise DyheadError(
             f"model.class_names has {len(m.class_names)} names but model.num_classes = {m.num_classes}"
         )
-    o = m.head_options
-    if o.pred_kernel_size is not None and o.pred_kernel_size % 2 == 0:
-        raise DyheadError(f"recipe key 'model.head_options.pred_kernel_size' = {o.pred_kernel_size} must be odd (or absent: the head's default)")
     return recipe
 
 

@@ -49,7 +49,9 @@ import torch
 from torch import Tensor, nn
 
 from dyhead_cli.errors import DyheadError
-from dyhead_cli.recipe import CHOICES, ModelConfig, load_recipe
+from dyhead_cli.engine import recipes
+from dyhead_cli.models.dyhead import IMPLS
+from dyhead_cli.recipe import ModelConfig
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 STAGES = ("backbone", "fpn", "dyhead", "head", "postprocess")
@@ -150,8 +152,8 @@ def resolve_device(gpu: bool) -> str:
 def check_settings(s: Settings) -> None:
     if s.precision not in PRECISIONS:
         raise DyheadError(f"--precision must be one of {', '.join(PRECISIONS)}, got {s.precision!r}")
-    if s.impl is not None and s.impl not in CHOICES["model.dyhead.impl"]:
-        raise DyheadError(f"--impl must be one of {', '.join(CHOICES['model.dyhead.impl'])}, got {s.impl!r}")
+    if s.impl is not None and s.impl not in IMPLS:
+        raise DyheadError(f"--impl must be one of {', '.join(IMPLS)}, got {s.impl!r}")
     if s.iters is not None and s.iters < 1:
         raise DyheadError("--iters must be at least 1")
     if s.warmup is not None and s.warmup < 0:
@@ -168,7 +170,7 @@ def model_config_from(recipe: Path | None, model: str | None) -> tuple[ModelConf
     if recipe is not None and model is not None:
         raise DyheadError("use --recipe or --model, not both")
     if recipe is not None:
-        cfg = load_recipe(recipe).model
+        cfg = recipes.load(recipe).model
         cfg.backbone.pretrained, cfg.backbone.pretrained_file = False, ""
         return cfg, f"recipe {recipe}"
     cfg = ModelConfig()
