@@ -97,6 +97,10 @@ class FPNConfig:
     channels: int = ranged(256, ge=16, le=4096, multiple_of=16)  # GroupNorm(16 groups) in the head towers
     extra_from: str = "p5"  # P6 is computed from "p5" (FCOS/ATSS, DyHead) or "c5" (RetinaNet)
     p7_relu: bool = True  # P7 = conv(relu(P6)) as torchvision/detectron2; false: conv(P6) (MMDetection)
+    # The pyramid levels the FPN and DyHead produce: [3, 4, 5, 6, 7] with P6/P7 by stride-2 convs (the dense
+    # heads), or [2, 3, 4, 5, 6] with P6 = max-pool(P5) (top_block = "maxpool": Faster R-CNN, detectron2's).
+    levels: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])
+    top_block: str = "p6p7"  # "p6p7" | "maxpool"
 
 
 @dataclass
@@ -139,14 +143,28 @@ class HeadOptions:
 
 
 @dataclass
+class RCNNConfig:
+    """Faster R-CNN (``head = "faster_rcnn"``) knobs; the defaults are detectron2's, as in the official DyHead
+    R-CNN config. Test score threshold and detections per image come from ``head_options``, and so does the
+    box NMS threshold (set it to 0.5, detectron2's, in Faster R-CNN recipes)."""
+
+    rpn_pre_nms_top_n_train: int = 2000  # proposals kept per level before the RPN's NMS (0.7)
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n: int = 1000  # proposals kept per image after it (training and test)
+    roi_batch_size_per_image: int = 512  # RoIs sampled per image for the box head's losses (25% positives)
+    fc_dim: int = 1024  # width of the box head's two fully connected layers
+
+
+@dataclass
 class ModelConfig:
     num_classes: int = ranged(80, ge=1, le=100_000)
     class_names: list[str] = field(default_factory=list)
-    head: str = "atss"  # "atss" | "fcos" | "retinanet"
+    head: str = "atss"  # "atss" | "fcos" | "retinanet" | "faster_rcnn"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn: FPNConfig = field(default_factory=FPNConfig)
     dyhead: DyHeadConfig = field(default_factory=DyHeadConfig)
     head_options: HeadOptions = field(default_factory=HeadOptions)
+    rcnn: RCNNConfig = field(default_factory=RCNNConfig)
     # Images enter the detector as 0..255 RGB; these say how the backbone wants them.
     input_format: str = "RGB"  # "RGB" | "BGR" (detectron2's caffe ResNets)
     pixel_mean: list[float] = ranged(lambda: [123.675, 116.28, 103.53], ge=-1e6, le=1e6, length=(3, 3))

@@ -135,7 +135,7 @@ class DeformConvNorm(nn.Module):
         y = deform_conv2d_from_table(
             table, row_start, in_size, offset, mask, weight_mat, bias, (self.stride,) * 2, channels_last=channels_last
         )
-        return self.norm(y)
+        return self.norm(y.to(self.norm.weight.dtype))  # GroupNorm in float32 after a low-precision GEMM, as autocast
 
 
 def make_divisible(v: float, divisor: int = 4) -> int:
