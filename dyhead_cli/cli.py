@@ -5,6 +5,8 @@ Every user mistake surfaces as a ``DyheadError`` and is printed as one line with
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,6 +14,7 @@ from typing import Optional
 import typer
 
 from dyhead_cli.commands.console import fail
+from dyhead_cli.engine.paths import describe_os_error
 from dyhead_cli.errors import DyheadError
 
 app = typer.Typer(
@@ -26,15 +29,56 @@ app.add_typer(data_app, name="data")
 
 
 def run_guarded(fn, *args, **kwargs):
-    """Call ``fn``; turn user errors (and Ctrl-C) into one readable line and a non-zero exit."""
+    """Call ``fn``; turn every failure into one readable line on stderr and a non-zero exit, never a traceback.
+
+    ``DyheadError`` (the user's mistake): exit 1. ``OSError`` (a full disk, a read-only folder, a file that
+    vanished): exit 1, naming the path. Ctrl-C: exit 130. Anything else is our bug: one line asking for a
+    report, exit 2; ``DYHEAD_DEBUG=1`` re-raises it with its traceback.
+    """
     try:
         return fn(*args, **kwargs)
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
     except DyheadError as e:
-        # Errors raised in DataLoader workers come back with the worker's traceback in front: keep the message.
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        fail(lines[-1] if lines else type(e).__name__)
+        fail(last_line(e))
     except KeyboardInterrupt:
         fail("interrupted", 130)
+    except OSError as e:
+        if debug():
+            raise
+        fail(describe_os_error(e))
+    except MemoryError:
+        if debug():
+            raise
+        fail("out of memory: use smaller images or batches")
+    except RecursionError:
+        if debug():
+            raise
+        fail("input nested too deeply to read (recursion limit)")
+    except Exception as e:  # noqa: BLE001 - the last line of defence: never show a traceback to a user
+        if debug():
+            raise
+        fail(f"internal error ({type(e).__name__}: {last_line(e)}); please report it with the command you ran "
+             f"(DYHEAD_DEBUG=1 shows the traceback)", 2)
+
+
+def debug() -> bool:
+    return os.environ.get("DYHEAD_DEBUG", "") not in ("", "0")
+
+
+def last_line(e: BaseException) -> str:
+    """The message of ``e``, without what DataLoader workers put in front of it.
+
+    An error raised in a worker comes back as "Caught X in DataLoader worker process 0. Original Traceback
+    ... dyhead_cli.errors.DyheadError: <message>": keep the message, drop the traceback and the class path.
+    """
+    text = str(e)
+    if "Traceback (most recent call last)" in text:
+        lines = [line for line in text.splitlines() if line.strip() and not line.startswith((" ", "\t"))]
+        text = lines[-1] if lines else ""
+        text = re.sub(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Interrupt)\s*:\s*", "", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines) if lines else type(e).__name__
 
 
 RecipeArg = typer.Argument(..., help="Recipe TOML file (see recipes/).")
@@ -158,12 +202,13 @@ def convert(
     resnet_style: str = typer.Option("auto", "--resnet-style", help="auto | caffe | pytorch: where the ResNet's stride sits (caffe: 1x1 conv, BGR input) when the checkpoint does not say."),
     approximate: bool = typer.Option(False, "--approximate", help="Convert even where our model cannot express the reference architecture (listed); for fine-tuning, not for the published AP."),
     recipe_out: Optional[Path] = typer.Option(None, "--recipe-out", help="Where to write the recipe TOML (default: DST with .toml)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing DST (and its recipe TOML)."),
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Convert an official (detectron2) or MMDetection DyHead checkpoint."""
     from dyhead_cli.commands import convert as command
 
-    run_guarded(command.run, src, dst, source, recipe, offset_mode, resnet_style, approximate, overrides or [], recipe_out)
+    run_guarded(command.run, src, dst, source, recipe, offset_mode, resnet_style, approximate, overrides or [], recipe_out, force)
 
 
 @data_app.command("synth")
@@ -176,11 +221,12 @@ def data_synth(
     colour_by_class: bool = typer.Option(
         False, "--colour-by-class", help="Each class keeps to its own band of hues (as the quickstart's data)."
     ),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty folder that holds no synthetic data set."),
 ) -> None:
     """Write the built-in synthetic COCO-format data set (coloured shapes on textures)."""
     from dyhead_cli.commands import data as command
 
-    run_guarded(command.synth, out, num_train, num_val, image_size, seed, colour_by_class)
+    run_guarded(command.synth, out, num_train, num_val, image_size, seed, colour_by_class, force)
 
 
 @data_app.command("check")

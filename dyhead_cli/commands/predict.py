@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dyhead_cli.commands.console import err_console, say
+from dyhead_cli.commands.console import err_console, note, say
+from dyhead_cli.engine.paths import check_distinct, check_output_file
 from dyhead_cli.engine.predict import PredictSummary, predict
+from dyhead_cli.engine.results import images_json_path
 
 
 def run(
@@ -24,6 +25,7 @@ def run(
     half: bool,
     bf16: bool,
 ) -> PredictSummary:
+    check_outputs(paths, weights, out, recipe_path, images_dir)
     progress = Progress(
         TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True,  # the summary line replaces it
@@ -38,7 +40,7 @@ def run(
         progress.update(task, completed=s.num_predicted + s.num_skipped, speed=f"{s.images_per_s:.1f} img/s")
 
     def on_skip(message: str) -> None:
-        progress.console.print(f"[yellow]skipped[/] {escape(message)}", highlight=False, soft_wrap=True)
+        note("skipped", message, to=progress.console)
 
     with progress:
         summary = predict(
@@ -51,3 +53,13 @@ def run(
         f"{summary.images_per_s:.1f} images/s -> {summary.out} (image list: {summary.images_json})"
     )
     return summary
+
+
+def check_outputs(paths: list[Path], weights: Path, out: Path, recipe_path: Path | None, images_dir: Path | None) -> None:
+    """Refuse, before any work, a ``--out`` (or its ``.images.json``) that is an input or not a JSON file."""
+    inputs = [("checkpoint --weights", weights), ("--recipe", recipe_path), ("--images folder", images_dir)]
+    inputs += [("input", p) for p in paths]
+    images_json = images_json_path(out)
+    check_output_file(out, "--out", inputs, suffixes=(".json",))
+    check_output_file(images_json, "--out's image list", inputs, suffixes=(".json",))
+    check_distinct({"--out": out, "its image list": images_json})

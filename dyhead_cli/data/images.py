@@ -81,12 +81,33 @@ class ImageList:
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
-def find_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, by extension, case-insensitive), sorted; hidden files skipped."""
-    found = []
+def find_images(folder: Path, seen: set[str] | None = None) -> list[Path]:
+    """Image files under ``folder`` (recursive, by extension, case-insensitive), sorted; hidden files skipped.
+
+    Symbolic links are followed, but each real folder is entered and each real file listed once: a link
+    loop ends, and an image reached by two paths is listed under the first (in sorted order). ``seen``
+    (real paths) carries this across several folders of one command line.
+    """
+    seen = set() if seen is None else seen
+    found: list[Path] = []
+    real = os.path.realpath(folder)
+    if real in seen:
+        return found
+    seen.add(real)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_file(Path(f)))
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            target = os.path.realpath(os.path.join(dirpath, d))
+            if target not in seen:  # a loop, or a folder already listed through another path
+                seen.add(target)
+                keep.append(d)
+        dirnames[:] = keep
+        for f in sorted(f for f in filenames if not f.startswith(".") and is_image_file(Path(f))):
+            path = Path(dirpath) / f
+            target = os.path.realpath(path)
+            if target not in seen:
+                seen.add(target)
+                found.append(path)
     return sorted(found)
 
 def collect_images(paths: Sequence[Path], images_dir: Path | None = None, recipe: Recipe | None = None) -> ImageList:
@@ -105,12 +126,13 @@ def collect_images(paths: Sequence[Path], images_dir: Path | None = None, recipe
     if images_dir is not None:
         raise DyheadError("--images is only used with a COCO annotation file as PATH")
     files: dict[Path, None] = {}
+    seen: set[str] = set()  # real paths already listed (find_images)
     bases: list[Path] = []
     for p in paths:
         p = absolute(p)  # absolute, symlinks kept: a linked image is named where it is linked
         if p.is_dir():
             bases.append(p)
-            for f in find_images(p):
+            for f in find_images(p, seen):
                 files.setdefault(f, None)
         else:  # an explicitly named file is tried whatever its extension
             bases.append(p.parent)

@@ -25,8 +25,10 @@ import torch
 from dyhead_cli.data.images import collect_images
 from dyhead_cli.data.loaders import image_loader
 from dyhead_cli.engine.inference import autocast_dtype, category_ids, choose_device, detections_to_coco, load_detector, run_model
-from dyhead_cli.engine.results import JsonStream, images_json_path
+from dyhead_cli.engine.results import JsonStream, images_json_path, json_safe
 from dyhead_cli.errors import DyheadError
+
+MAX_WORKERS = 64  # DataLoader processes: more only exhausts memory
 
 
 @dataclass
@@ -71,8 +73,8 @@ def predict(
     """
     if batch_size is not None and batch_size < 1:
         raise DyheadError(f"--batch-size must be at least 1, got {batch_size}")
-    if workers is not None and workers < 0:
-        raise DyheadError(f"--workers must be >= 0, got {workers}")
+    if workers is not None and not 0 <= workers <= MAX_WORKERS:
+        raise DyheadError(f"--workers must be within 0..{MAX_WORKERS}, got {workers}")
     if score_thr is not None and not 0.0 <= score_thr <= 1.0:
         raise DyheadError(f"--score-thr must be within 0..1, got {score_thr}")
     dev = choose_device(device)
@@ -97,11 +99,15 @@ def predict(
     if images.ann_file is not None:
         info["annotation_file"] = str(images.ann_file)
     head = (
-        "{" + f'"info":{json.dumps(info)},"root":{json.dumps(str(images.root or ""))},'
-        f'"categories":{json.dumps(cats)},"annotations":[],"images":['
+        "{" + f'"info":{json.dumps(json_safe(info))},"root":{json.dumps(json_safe(str(images.root or "")))},'
+        f'"categories":{json.dumps(json_safe(cats))},"annotations":[],"images":['
     )
     results = JsonStream(out)
-    image_list = JsonStream(summary.images_json, head=head, tail="")
+    try:
+        image_list = JsonStream(summary.images_json, head=head, tail="")
+    except BaseException:
+        results.abort()
+        raise
     if on_start is not None:
         on_start(len(images.entries))
     start = time.perf_counter()
@@ -127,7 +133,10 @@ def predict(
             if on_batch is not None:
                 on_batch(summary)
         summary.seconds = time.perf_counter() - start
-        image_list.file.write("\n]," + f'"skipped":{json.dumps(summary.skipped)}' + "}\n")
+        if summary.num_images and not summary.num_predicted:
+            first = f" (first: {summary.skipped[0]})" if summary.skipped else ""
+            raise DyheadError(f"none of the {summary.num_images} images could be read{first}: nothing predicted, {out} not written")
+        image_list.write_raw("\n]," + f'"skipped":{json.dumps(json_safe(summary.skipped))}' + "}\n")
         results.close()
         image_list.close()
     except BaseException:
