@@ -157,7 +157,7 @@ def collect_images(
         where = ", ".join(str(p) for p in paths)
         why = f" ({'; '.join(ignored)})" if ignored else ""
         raise DyheadError(
-            f"no images or videos found in {where}{why} (extensions: {' '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})"
+            f"no images found in {where}{why} (image and video extensions: {' '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})"
         )
     found.sort(key=lambda t: (t[1].relative_to(root).as_posix(), -1 if t[2] is None else t[2]))
     ids, rule = number_images([(name, frame) for name, _, frame in found])
