@@ -275,14 +275,14 @@ class ImageFiles(Dataset):
 
     def prepare(self, rgb: np.ndarray, image_id: int, file_name: str) -> dict[str, Any]:
         """One item from (H, W, 3) uint8 RGB pixels: the resized image, its sizes, maybe tiles and the original."""
-        item = self.transformed(rgb)
+        item = dict(self.transformed(rgb), image_id=image_id, file_name=file_name)
         height, width = rgb.shape[:2]
         if self.windows is not None:
             tiles = [dict(item, offset=(0, 0))]  # the whole image too: large objects stay whole
             for x0, y0, x1, y1 in self.windows(height, width):
-                tiles.append(dict(self.transformed(np.ascontiguousarray(rgb[y0:y1, x0:x1])), offset=(x0, y0)))
+                crop = self.transformed(np.ascontiguousarray(rgb[y0:y1, x0:x1]))
+                tiles.append(dict(crop, image_id=image_id, file_name=file_name, offset=(x0, y0)))
             item["tiles"] = tiles
-        item.update(image_id=image_id, file_name=file_name)
         if self.keep_original:
             item["original"] = rgb
         return item
