@@ -49,6 +49,8 @@ def create_features_model(name: str, pretrained: bool, pretrained_file: str, img
             raise DyheadError(f"timm model '{name}' cannot be used with features_only: {e}") from None
         raise DyheadError(f"could not create timm model '{name}': {str(e).splitlines()[0]}") from None
     except OSError as e:  # no network / missing cache for pretrained=True
+        if name.startswith(SOURCE_PREFIXES):
+            raise DyheadError(f"could not fetch timm model '{name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         raise DyheadError(f"could not load pretrained weights for '{name}': {str(e).splitlines()[0]}") from None
     except Exception as e:  # noqa: BLE001 - the Hub client's own errors (offline, no such repo) for hf-hub: names
         if not name.startswith(SOURCE_PREFIXES) or isinstance(e, DyheadError):
