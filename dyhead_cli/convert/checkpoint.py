@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dyhead_cli.convert.capabilities import Conversion, Gap, default_model_section, find_gaps
+from dyhead_cli.convert.capabilities import REFERENCE_SETTINGS, Conversion, Gap, default_model_section, find_gaps
 from dyhead_cli.convert.mapping import check_complete, map_state_dict
 from dyhead_cli.convert.reading import read_reference_checkpoint
 from dyhead_cli.convert.reference import check_source, describe_reference
@@ -106,7 +106,8 @@ def convert_checkpoint(
     """``dyhead convert``: read ``src`` safely, convert, write ``dst`` (+ its recipe as TOML next to it)."""
     from dyhead_cli.engine.checkpoint import load_model_weights, save_weights
     from dyhead_cli.models.build import build_model
-    from dyhead_cli.recipe import Recipe, apply_overrides, dump_toml, load_recipe, recipe_from_dict, to_dict
+    from dyhead_cli.engine import recipes
+    from dyhead_cli.recipe import Recipe, dump_toml, load_recipe, recipe_from_dict, to_dict
 
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
@@ -127,7 +128,15 @@ def convert_checkpoint(
             "a starting point for fine-tuning, not the published AP)"
         )
     recipe["model"] = conv.model
-    recipe = to_dict(recipe_from_dict(apply_overrides(recipe, list(overrides or []))))
+    settings = REFERENCE_SETTINGS[source]
+    if recipe_path is not None:
+        if recipe["model"]["head_options"].get("postprocess") != settings["postprocess"]:
+            conv.notes.append(f"head_options.postprocess = {settings['postprocess']!r}, as the reference (was {recipe['model']['head_options'].get('postprocess')!r})")
+        if recipe["data"]["size_divisibility"] != settings["size_divisibility"]:
+            conv.notes.append(f"data.size_divisibility = {settings['size_divisibility']}, as the reference (was {recipe['data']['size_divisibility']})")
+    recipe["model"]["head_options"]["postprocess"] = settings["postprocess"]
+    recipe["data"]["size_divisibility"] = settings["size_divisibility"]
+    recipe = to_dict(recipes.from_dict(recipe, list(overrides or [])))
     detector = build_model(recipe_from_dict(recipe).model)
     load_model_weights(detector, conv.state_dict, source=f"the converted {src.name} (after --set)")
     dropped = dict(conv.dropped)

@@ -20,7 +20,8 @@ from torch import nn
 from dyhead_cli.engine.checkpoint import load_model_weights, load_weights
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.models.build import build_model
-from dyhead_cli.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
+from dyhead_cli.engine import recipes
+from dyhead_cli.recipe import Recipe
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # the choices of every --device option and of train.device
 
@@ -36,12 +37,12 @@ def load_detector(weights: Path, recipe_path: Path | None = None, overrides: Seq
     state, meta = load_weights(weights)
     stored = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else None
     if recipe_path is not None:
-        recipe = load_recipe(recipe_path, list(overrides))
+        recipe = recipes.load(recipe_path, list(overrides))
         names = (stored or {}).get("model", {}).get("class_names") or []
         if not recipe.model.class_names and names and recipe.model.num_classes in (len(names), 80):
             recipe.model.class_names, recipe.model.num_classes = list(names), len(names)
     elif stored is not None:
-        recipe = recipe_from_dict(apply_overrides(json.loads(json.dumps(stored)), list(overrides)))
+        recipe = recipes.from_dict(json.loads(json.dumps(stored)), list(overrides))
     else:
         raise DyheadError(f"{weights} carries no recipe in its metadata: pass --recipe (or convert it with 'dyhead convert')")
     model = build_model(recipe.model)
