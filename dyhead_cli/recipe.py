@@ -7,7 +7,7 @@ get the same checks.
 
 Built-in recipes ship inside the package (``dyhead_cli/recipes/NAME.toml``), so they work after a plain
 ``pip install``: ``load_recipe("quickstart")`` names one. A missing ``recipes/NAME.toml`` (the README's
-paths, run from a folder without the repository's ``recipes/``) falls back to the built-in ``NAME``.
+paths, and the repository's layout before the recipes moved into the package) is the built-in ``NAME``.
 A recipe may start from another with a top-level ``extends = "NAME"`` (a built-in) or
 ``extends = "base.toml"`` (relative to the extending file): its tables are merged key by key over the
 base's (lists and scalars replace), and ``name`` is never inherited.
@@ -51,6 +51,10 @@ class FPNConfig:
     channels: int = 256
     extra_from: str = "p5"  # P6 is computed from "p5" (FCOS/ATSS, DyHead) or "c5" (RetinaNet)
     p7_relu: bool = True  # P7 = conv(relu(P6)) as torchvision/detectron2; false: conv(P6) (MMDetection)
+    # The pyramid levels the FPN and DyHead produce: [3, 4, 5, 6, 7] with P6/P7 by stride-2 convs (the dense
+    # heads), or [2, 3, 4, 5, 6] with P6 = max-pool(P5) (top_block = "maxpool": Faster R-CNN, detectron2's).
+    levels: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])
+    top_block: str = "p6p7"  # "p6p7" | "maxpool"
 
 
 @dataclass
@@ -93,14 +97,28 @@ class HeadOptions:
 
 
 @dataclass
+class RCNNConfig:
+    """Faster R-CNN (``head = "faster_rcnn"``) knobs; the defaults are detectron2's, as in the official DyHead
+    R-CNN config. Test score threshold and detections per image come from ``head_options``, and so does the
+    box NMS threshold (set it to 0.5, detectron2's, in Faster R-CNN recipes)."""
+
+    rpn_pre_nms_top_n_train: int = 2000  # proposals kept per level before the RPN's NMS (0.7)
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n: int = 1000  # proposals kept per image after it (training and test)
+    roi_batch_size_per_image: int = 512  # RoIs sampled per image for the box head's losses (25% positives)
+    fc_dim: int = 1024  # width of the box head's two fully connected layers
+
+
+@dataclass
 class ModelConfig:
     num_classes: int = 80
     class_names: list[str] = field(default_factory=list)
-    head: str = "atss"  # "atss" | "fcos" | "retinanet"
+    head: str = "atss"  # "atss" | "fcos" | "retinanet" | "faster_rcnn"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn: FPNConfig = field(default_factory=FPNConfig)
     dyhead: DyHeadConfig = field(default_factory=DyHeadConfig)
     head_options: HeadOptions = field(default_factory=HeadOptions)
+    rcnn: RCNNConfig = field(default_factory=RCNNConfig)
     # Images enter the detector as 0..255 RGB; these say how the backbone wants them.
     input_format: str = "RGB"  # "RGB" | "BGR" (detectron2's caffe ResNets)
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
@@ -263,7 +281,7 @@ def builtin_recipe_text(name: str) -> str:
 def read_recipe_source(ref: str | Path) -> tuple[str, Path | None, str]:
     """(TOML text, the file it came from or None for a built-in, default name) for a file or a name.
 
-    An existing file wins. Otherwise a bare name (``quickstart``) or a missing ``recipes/NAME.toml``
+    An existing file wins. Otherwise a bare name (``quickstart``) or a missing ``.../recipes/NAME.toml``
     is the built-in recipe ``NAME``.
     """
     path = Path(ref)
@@ -274,7 +292,7 @@ def read_recipe_source(ref: str | Path) -> tuple[str, Path | None, str]:
             raise DyheadError(f"cannot read recipe {path}: {e}") from None
     text = str(ref)
     bare = "/" not in text and "\\" not in text and path.suffix == ""
-    in_recipes = path.suffix == ".toml" and path.parent.as_posix() in ("recipes", "./recipes")
+    in_recipes = path.suffix == ".toml" and path.parent.name == "recipes"  # the repository's old layout
     names = builtin_recipe_names()
     if (bare or in_recipes) and path.stem in names:
         return builtin_recipe_text(path.stem), None, path.stem

@@ -26,6 +26,7 @@ def test_builtin_recipes_load_by_name_and_by_the_readme_path_from_anywhere(tmp_p
     by_name = load_recipe("quickstart")
     assert by_name.name == "quickstart" and by_name.model.backbone.name == "regnetx_002"
     assert load_recipe("recipes/quickstart.toml") == by_name  # the README's path still works after pip install
+    assert load_recipe(tmp_path / "old-clone" / "recipes" / "quickstart.toml") == by_name  # the old layout
     assert load_recipe("quickstart", ["train.lr=0.5"]).train.lr == 0.5
     with pytest.raises(DyheadError, match="did you mean 'quickstart'"):
         load_recipe("quickstrat")

@@ -1,4 +1,7 @@
-"""Any timm model as a detection backbone: its stride 8/16/32 features (C3, C4, C5), channels first."""
+"""Any timm model as a detection backbone: its stride 8/16/32 features (C3, C4, C5), channels first.
+
+Two-stage detectors (Faster R-CNN) also take the stride-4 map C2: ``out_strides=(4, 8, 16, 32)``.
+"""
 from __future__ import annotations
 
 import logging
@@ -138,7 +141,8 @@ def move_stride_to_1x1(body: nn.Module, name: str) -> None:
 
 
 class TimmBackbone(nn.Module):
-    """Wraps ``timm.create_model(name, features_only=True)`` and returns [C3, C4, C5] in NCHW."""
+    """Wraps ``timm.create_model(name, features_only=True)`` and returns [C3, C4, C5] in NCHW
+    (one map per stride of ``out_strides``, finest first: [C2, C3, C4, C5] for (4, 8, 16, 32))."""
 
     def __init__(
         self,
@@ -150,19 +154,22 @@ class TimmBackbone(nn.Module):
         norm_eval: bool = False,
         stride_in_1x1: bool = False,
         out_norm: bool = False,
+        out_strides: tuple[int, ...] = STRIDES,
     ) -> None:
         super().__init__()
+        self.out_strides = tuple(out_strides)
         self.body = create_features_model(name, pretrained, pretrained_file, list(img_size or []))
         if stride_in_1x1:
             move_stride_to_1x1(self.body, name)
         info = self.body.feature_info
         reductions = info.reduction()
-        missing = [s for s in STRIDES if s not in reductions]
+        missing = [s for s in self.out_strides if s not in reductions]
         if missing:
+            *first, last = self.out_strides
             raise DyheadError(
-                f"timm model '{name}' has feature strides {reductions}; a detector needs 8, 16 and 32"
+                f"timm model '{name}' has feature strides {reductions}; a detector needs {', '.join(map(str, first))} and {last}"
             )
-        self.indices = [reductions.index(s) for s in STRIDES]
+        self.indices = [reductions.index(s) for s in self.out_strides]
         self.out_channels = [info.channels()[i] for i in self.indices]
         self.channels_last_output = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
         # detection Swins' norm1..norm3 (keys backbone.out_norms.{0,1,2}), applied channels-last
