@@ -208,12 +208,45 @@ def test_tiled_prediction_finds_small_objects_that_whole_image_prediction_misses
         found[tile], ap50[tile] = found_objects(rows, gt), coco_evaluate(load_coco(gt), rows)["AP50"]
     total = len(json.loads(gt.read_text())["annotations"])
     print(f"mosaic of {total} objects: whole image finds {found['0']} (AP50 {ap50['0']:.1f}), tiled {found['128']} (AP50 {ap50['128']:.1f})")
-    # the briefly trained tiny model finds few objects at all; shrunk 4x it finds (next to) none
-    assert found["128"] >= 4 and found["128"] >= 2 * found["0"] + 2
-    assert ap50["128"] >= ap50["0"]
+    # the 8-step tiny model finds few objects at all (see the slow test below for a trained one);
+    # shrunk 4x as a whole image, it finds fewer still
+    assert found["128"] > found["0"] and ap50["128"] >= ap50["0"]
     # and the API gives the same tiled detections
     model = dyhead_cli.load(run["weights"], device="cpu", tile=128, tile_overlap=0.25)
     (result,) = model(image)
     assert sorted(map(json.dumps, result.to_coco(1))) == sorted(map(json.dumps, json.loads((tmp_path / "tile128.json").read_text())))
     with pytest.raises(Exception, match="--tile must be at least 32"):
         dyhead_cli.load(run["weights"], device="cpu", tile=8)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny model trained long enough to find most objects (colour-by-class shapes, 200 steps)."""
+    from conftest import TINY
+
+    from dyhead_cli.engine.train import train
+    from dyhead_cli.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("tiling_run")
+    text = TINY.format(root=(root / "synthetic").as_posix())
+    text = text.replace("max_steps = 8", "max_steps = 200").replace("synthetic_num_train = 12", "synthetic_num_train = 64")
+    text = text.replace("synthetic = true", "synthetic = true\nsynthetic_colour_by_class = true").replace("batch_size = 2", "batch_size = 4")
+    (root / "tiny.toml").write_text(text)
+    torch.manual_seed(0)
+    train(load_recipe(root / "tiny.toml"), root / "run")
+    return {"weights": root / "run" / "last.safetensors", "val_ann": root / "synthetic" / "annotations" / "val.json",
+            "val_images": root / "synthetic" / "val"}
+
+
+@pytest.mark.slow
+def test_tiling_ap_on_a_mosaic_with_a_trained_model(trained_run, tmp_path):
+    image, gt = mosaic_case(trained_run, tmp_path)
+    figures = {}
+    for tile in (0, 128):
+        (res,) = dyhead_cli.load(trained_run["weights"], device="cpu", tile=tile, tile_overlap=0.25)(image)
+        rows = res.to_coco(1)
+        m = coco_evaluate(load_coco(gt), [dict(r) for r in rows])
+        figures[tile] = (m["AP"], m["AP50"], found_objects(rows, gt))
+    total = len(json.loads(gt.read_text())["annotations"])
+    print(f"mosaic of {total} objects, (AP, AP50, found at IoU 0.5): whole image {figures[0]}, tiled {figures[128]}")
+    assert figures[128][0] > figures[0][0] + 5.0 and figures[128][2] > figures[0][2]
