@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "build_model", "load_recipe", "builtin_recipe_names", "Predictor", "Detections"]
+__all__ = ["Detections", "Predictor", "__version__", "build_model", "builtin_recipe_names", "load", "load_recipe"]
 
 _LAZY = {
     "load": "dyhead_cli.api",

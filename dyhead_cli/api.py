@@ -13,7 +13,7 @@ from dyhead_cli.engine.predictor import Predictor, load_predictor
 from dyhead_cli.models.build import build_model
 from dyhead_cli.recipe import ModelConfig, Recipe, load_recipe
 
-__all__ = ["load", "build_model", "load_recipe", "Predictor", "Recipe", "ModelConfig"]
+__all__ = ["ModelConfig", "Predictor", "Recipe", "build_model", "load", "load_recipe"]
 
 
 def load(

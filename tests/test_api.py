@@ -23,7 +23,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def readme_python() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
     assert len(blocks) == 1, "the README has one Python example, and this test runs it"
     return blocks[0]
 

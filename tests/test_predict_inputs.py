@@ -124,7 +124,7 @@ def test_classes_iou_max_det_and_save(run, tmp_path):
         return json.loads(out.read_text())
 
     everything = rows_of()
-    per_image = lambda rows: max(sum(r["image_id"] == i for r in rows) for i in {r["image_id"] for r in rows})  # noqa: E731
+    per_image = lambda rows: max(sum(r["image_id"] == i for r in rows) for i in {r["image_id"] for r in rows})
     assert per_image(everything) > 2
     assert per_image(rows_of("--max-det", "2")) == 2
     squares = rows_of("--classes", "square,10")  # a class name and a category id (cross)
@@ -189,7 +189,7 @@ def found_objects(rows: list[dict], gt: Path, iou: float = 0.5) -> int:
     """Ground-truth boxes that some detection overlaps by IoU >= ``iou`` (any class, any score)."""
     from torchvision.ops import box_iou
 
-    xyxy = lambda b: [b[0], b[1], b[0] + b[2], b[1] + b[3]]  # noqa: E731
+    xyxy = lambda b: [b[0], b[1], b[0] + b[2], b[1] + b[3]]
     truth = torch.tensor([xyxy(a["bbox"]) for a in json.loads(gt.read_text())["annotations"]])
     if not rows:
         return 0

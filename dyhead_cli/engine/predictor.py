@@ -20,7 +20,14 @@ from PIL import Image
 from dyhead_cli.data.images import ImageEntry, ImageFiles, _to_rgb, collect_images
 from dyhead_cli.data.loaders import collate_images
 from dyhead_cli.engine.detections import Detections
-from dyhead_cli.engine.inference import LoadedDetector, autocast_dtype, category_ids, choose_device, load_detector, run_model
+from dyhead_cli.engine.inference import (
+    LoadedDetector,
+    autocast_dtype,
+    category_ids,
+    choose_device,
+    load_detector,
+    run_model,
+)
 from dyhead_cli.engine.tiling import check_tiling, merge_tiles, tile_windows
 from dyhead_cli.errors import DyheadError, suggest
 
