@@ -26,6 +26,23 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Build and check COCO-format data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+recipes_app = typer.Typer(help="The built-in recipes: list them, or print one to edit.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from dyhead_cli import __version__
+
+        typer.echo(f"dyhead {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Train, evaluate, run and benchmark Dynamic Head object detectors on any timm backbone."""
 
 
 def run_guarded(fn, *args, **kwargs):
@@ -81,7 +98,7 @@ def last_line(e: BaseException) -> str:
     return " ".join(lines) if lines else type(e).__name__
 
 
-RecipeArg = typer.Argument(..., help="Recipe TOML file (see recipes/).")
+RecipeArg = typer.Argument(..., help="Recipe TOML file, or a built-in recipe name (dyhead recipes lists them).")
 SetOpt = typer.Option(None, "--set", help="Dotted override, e.g. --set train.lr=0.02 (repeatable).")
 
 
@@ -114,7 +131,7 @@ def evaluate(
 
 @app.command()
 def predict(
-    paths: list[Path] = typer.Argument(..., help="Images, folders (recursive) or one COCO annotation file (its image list)."),
+    paths: list[Path] = typer.Argument(..., help="Images, videos, folders (recursive) or one COCO annotation file (its image list)."),
     weights: Path = typer.Option(..., "--weights", help="Checkpoint (.safetensors); its metadata carries the recipe."),
     out: Path = typer.Option(Path("preds.json"), "--out", help="COCO results JSON to write (the image list goes to <stem>.images.json)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Use this recipe instead of the checkpoint's."),
@@ -123,15 +140,24 @@ def predict(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch (default: the recipe's eval.batch_size)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (default: the recipe's data.num_workers)."),
     score_thr: Optional[float] = typer.Option(None, "--score-thr", help="Drop detections scoring below this (default: keep all the model gives)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Keep only these classes: comma-separated names or category ids."),
+    iou: Optional[float] = typer.Option(None, "--iou", help="NMS IoU threshold (default: the recipe's model.head_options.nms_thresh)."),
+    max_det: Optional[int] = typer.Option(None, "--max-det", help="Detections kept per image (default: the recipe's detections_per_img)."),
+    tile: int = typer.Option(0, "--tile", help="Tiled inference for large images: crops of SIZE pixels (plus the whole image), merged by NMS."),
+    tile_overlap: float = typer.Option(0.2, "--tile-overlap", help="With --tile: how much neighbouring crops overlap (fraction of SIZE)."),
+    vid_stride: int = typer.Option(1, "--vid-stride", help="Videos: predict every N-th frame."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Folder for annotated images (videos: an annotated video); boxes scoring >= --score-thr, else 0.3."),
     half: bool = typer.Option(False, "--half", help="float16 autocast (CUDA)."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast (CPU or CUDA)."),
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Run a detector on images and write COCO-format results."""
+    """Run a detector on images and videos and write COCO-format results."""
     from dyhead_cli.commands import predict as command
 
+    wanted = [c for c in (classes or "").split(",") if c.strip()] or None
     run_guarded(
-        command.run, paths, weights, out, recipe, overrides or [], images_dir, device, batch_size, workers, score_thr, half, bf16
+        command.run, paths, weights, out, recipe, overrides or [], images_dir, device, batch_size, workers, score_thr, half, bf16,
+        vid_stride, save, wanted, iou, max_det, tile, tile_overlap,
     )
 
 
@@ -209,6 +235,23 @@ def convert(
     from dyhead_cli.commands import convert as command
 
     run_guarded(command.run, src, dst, source, recipe, offset_mode, resnet_style, approximate, overrides or [], recipe_out, force)
+
+
+@recipes_app.callback()
+def recipes_list(ctx: typer.Context) -> None:
+    """List the built-in recipes (run one with: dyhead train NAME)."""
+    if ctx.invoked_subcommand is None:
+        from dyhead_cli.commands import recipes as command
+
+        run_guarded(command.list_recipes)
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="Built-in recipe name, e.g. quickstart.")) -> None:
+    """Print a built-in recipe's TOML (dyhead recipes show quickstart > my.toml)."""
+    from dyhead_cli.commands import recipes as command
+
+    run_guarded(command.show, name)
 
 
 @data_app.command("synth")

@@ -4,19 +4,31 @@ A recipe has four tables, ``[model]``, ``[data]``, ``[train]`` and ``[eval]`` (p
 Every key is a dataclass field; an unknown key is an error that suggests the closest field. Dotted
 overrides (``train.lr=0.02``) are applied on top of the file before the dataclasses are built, so they
 get the same checks.
+
+Built-in recipes ship inside the package (``dyhead_cli/recipes/NAME.toml``), so they work after a plain
+``pip install``: ``load_recipe("quickstart")`` names one. A missing ``recipes/NAME.toml`` (the README's
+paths, and the repository's layout before the recipes moved into the package) is the built-in ``NAME``.
+A recipe may start from another with a top-level ``extends = "NAME"`` (a built-in) or
+``extends = "base.toml"`` (relative to the extending file): its tables are merged key by key over the
+base's (lists and scalars replace), and ``name`` is never inherited.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import tomllib
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from dyhead_cli.errors import DyheadError, suggest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (a dependency there)
+    import tomli as tomllib  # type: ignore[no-redef]
 
 
 # Sizes beyond these exhaust memory long before they help: refused with the limit named.
@@ -301,25 +313,91 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
-    if path.is_dir():
-        raise DyheadError(f"recipe {path} is a folder: give a recipe TOML file (see recipes/)")
-    if not path.is_file():
-        raise DyheadError(f"recipe file not found: {path}")
-    try:
-        text = path.read_bytes().decode("utf-8")
-        values = tomllib.loads(text)
-    except OSError as e:
-        raise DyheadError(f"cannot read recipe {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise DyheadError(f"recipe {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
-    except tomllib.TOMLDecodeError as e:
-        raise DyheadError(f"recipe {path} is not valid TOML: {e}") from None
-    except RecursionError:
-        raise DyheadError(f"recipe {path} is nested too deeply to be a recipe") from None
+    """A recipe file or built-in recipe name, its ``extends`` chain merged, then ``overrides``, checked."""
+    text, where, name = read_recipe_source(path)
+    values = _resolve_extends(_parse_toml(text, where), where, [str(where or name)])
     values = apply_overrides(values, overrides or [])
-    values.setdefault("name", path.stem)
+    values.setdefault("name", name)
     return validate(from_dict(Recipe, values))
+
+
+def builtin_recipe_names() -> list[str]:
+    """The recipes shipped in the package, by name (file stem), sorted."""
+    folder = resources.files("dyhead_cli") / "recipes"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def builtin_recipe_text(name: str) -> str:
+    """The TOML text of the built-in recipe ``name`` (``quickstart`` or ``quickstart.toml``)."""
+    name = name[: -len(".toml")] if name.endswith(".toml") else name
+    names = builtin_recipe_names()
+    if name not in names:
+        raise DyheadError(f"no built-in recipe '{name}'{suggest(name, names)} (built-in: {', '.join(names)})")
+    return (resources.files("dyhead_cli") / "recipes" / f"{name}.toml").read_text(encoding="utf-8")
+
+
+def read_recipe_source(ref: str | Path) -> tuple[str, Path | None, str]:
+    """(TOML text, the file it came from or None for a built-in, default name) for a file or a name.
+
+    An existing file wins. Otherwise a bare name (``quickstart``) or a missing ``.../recipes/NAME.toml``
+    is the built-in recipe ``NAME``.
+    """
+    path = Path(ref)
+    if path.is_dir():
+        raise DyheadError(f"recipe {path} is a folder: give a recipe TOML file or a built-in recipe name")
+    if path.is_file():
+        try:
+            return path.read_bytes().decode("utf-8"), path, path.stem
+        except OSError as e:
+            raise DyheadError(f"cannot read recipe {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise DyheadError(f"recipe {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    text = str(ref)
+    bare = "/" not in text and "\\" not in text and path.suffix == ""
+    in_recipes = path.suffix == ".toml" and path.parent.name == "recipes"  # the repository's old layout
+    names = builtin_recipe_names()
+    if (bare or in_recipes) and path.stem in names:
+        return builtin_recipe_text(path.stem), None, path.stem
+    if bare:
+        raise DyheadError(f"no recipe file or built-in recipe '{text}'{suggest(text, names)} (built-in: {', '.join(names)})")
+    raise DyheadError(f"recipe file not found: {path}")
+
+
+def _parse_toml(text: str, where: Path | None) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise DyheadError(f"recipe {where or 'text'} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise DyheadError(f"recipe {where or 'text'} is nested too deeply to be a recipe") from None
+
+
+def _resolve_extends(values: dict[str, Any], where: Path | None, chain: list[str]) -> dict[str, Any]:
+    """Merge ``values`` over the recipe it ``extends`` (recursively); ``chain`` catches cycles."""
+    base_ref = values.pop("extends", None)
+    if base_ref is None:
+        return values
+    if not isinstance(base_ref, str) or not base_ref:
+        raise DyheadError(f"recipe key 'extends' must be a recipe name or file, got {base_ref!r}")
+    candidate = (where.parent / base_ref) if where is not None else None
+    ref: str | Path = candidate if candidate is not None and candidate.is_file() else base_ref
+    text, base_where, base_name = read_recipe_source(ref)
+    key = str(base_where.resolve() if base_where is not None else base_name)
+    if key in chain:
+        raise DyheadError(f"recipe 'extends' goes round in a circle: {' -> '.join(chain + [key])}")
+    base = _resolve_extends(_parse_toml(text, base_where), base_where, chain + [key])
+    base.pop("name", None)  # a recipe is named after itself, never after its base
+    return _deep_merge(base, values)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def recipe_from_dict(values: dict[str, Any]) -> Recipe:

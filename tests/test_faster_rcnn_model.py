@@ -17,7 +17,6 @@ from dyhead_cli.recipe import (
     ModelConfig,
     RCNNConfig,
     load_recipe,
-    recipe_from_dict,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")

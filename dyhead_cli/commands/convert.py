@@ -30,7 +30,7 @@ def run(
         say(f"  dropped {len(keys)}: {reason}")
     for gap in summary.gaps:
         note("approximation", gap.describe())
-    for note in summary.notes:
-        say(f"  note: {note}")
+    for text in summary.notes:
+        say(f"  note: {text}")
     say(f"evaluate with: dyhead eval {summary.recipe_toml} --weights {summary.dst}")
     return summary
