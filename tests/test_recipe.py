@@ -62,7 +62,7 @@ def test_round_trip_through_toml(tmp_path):
     assert tomllib.loads(dump_toml(to_dict(Recipe())))["model"]["dyhead"]["offset_mode"] == "official"
 
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parent.parent / "dyhead_cli" / "recipes"
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.toml")), ids=lambda p: p.name)

@@ -129,7 +129,7 @@ class ReferenceModel:
     source: str
     backbone_kind: str  # "resnet" | "swin"
     backbone: str  # the timm model with the same weights layout
-    head: str  # "atss" | "retinanet"
+    head: str  # "atss" | "retinanet" | "faster_rcnn"
     num_classes: int
     fpn_channels: int
     extra_from: str
@@ -147,6 +147,8 @@ class ReferenceModel:
     requires: dict[str, Any]  # capability key -> what the reference does
     class_names: list[str]
     notes: list[str] = field(default_factory=list)
+    fpn_levels: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])  # [2, .., 6]: P6 = max-pool(P5)
+    fc_dim: int = 1024  # Faster R-CNN's box head width
 
 
 @dataclass
@@ -238,7 +240,13 @@ def default_model_section(ref: ReferenceModel) -> dict[str, Any]:
         num_convs=ref.num_convs, nms_thresh=ref.nms_thresh, score_thresh=0.05, pre_nms_top_n=1000, detections_per_img=100,
         postprocess=REFERENCE_SETTINGS[ref.source]["postprocess"],
     )
-    if ref.head == "atss":
+    if ref.head == "faster_rcnn":
+        # configs/dyhead_r50_rcnn_fpn_1x.yaml on detectron2's defaults: P2-P6 (LastLevelMaxPool), anchors
+        # 32..512 = 8 x stride, 1000 proposals (pre-NMS 2000 train / 1000 test per level), 512 RoIs per image
+        model["fpn"].update(levels=list(ref.fpn_levels), top_block="maxpool")
+        model["head_options"].update(anchor_scale=8.0)
+        model["rcnn"].update(fc_dim=ref.fc_dim)
+    elif ref.head == "atss":
         model["head_options"].update(anchor_scale=ref.anchor_scale, atss_topk=9)
     elif "smooth_l1_beta" in model["head_options"]:
         # configs/dyhead_r50_retina_fpn_1x.yaml: detectron2's smooth L1 with SMOOTH_L1_LOSS_BETA 0 (training only)
