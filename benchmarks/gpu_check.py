@@ -199,7 +199,7 @@ def plan(out: Path, work: Path, args: argparse.Namespace) -> list[Step]:
                 "train.epochs=1000", "train.eval_every=0", "train.log_every=10"]
         cmd = [PY, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                "--mixed_precision", precision, "--dynamo_backend", "no", "-m", "dyhead_cli.cli", "train",
-               str(ROOT / "recipes" / "quickstart.toml"), "--out", str(run)]
+               str(ROOT / "recipes" / "quickstart.toml"), "--out", str(run), "--force"]
         for s in sets:
             cmd += ["--set", s]
         steps.append(Step(f"train {precision}", cmd, 120, check_training(run), needs="data synth"))
@@ -224,7 +224,7 @@ def plan(out: Path, work: Path, args: argparse.Namespace) -> list[Step]:
                "data.synthetic=false", f"data.num_workers={max(args.workers, 8)}", "train.device=auto"]
     for name in args.quickstarts:
         run = work / f"run_{name}"
-        cmd = [*CLI, "train", str(ROOT / "recipes" / f"{name}.toml"), "--out", str(run)]
+        cmd = [*CLI, "train", str(ROOT / "recipes" / f"{name}.toml"), "--out", str(run), "--force"]
         for s_ in qs_sets:
             cmd += ["--set", s_]
         steps.append(Step(f"train {name}", cmd, 240, check_training(run), needs="data synth quickstart"))
