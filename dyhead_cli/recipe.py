@@ -234,7 +234,7 @@ CHOICES = {
     "model.input_format": ("RGB", "BGR"),
     "model.fpn.extra_from": ("p5", "c5"),
     "model.dyhead.offset_mode": ("official", "mmdet", "aligned"),
-    "model.dyhead.impl": ("fast", "reference"),
+    "model.dyhead.impl": ("fast", "reference", "export"),
     "model.head_options.box_loss": ("giou", "smooth_l1"),
     "model.head_options.tower_norm": ("gn", "none"),
     "train.optimizer": ("sgd", "adamw"),

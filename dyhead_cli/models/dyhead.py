@@ -32,9 +32,10 @@ from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
 from dyhead_cli.models.deform import deform_conv2d_from_table, sampling_table, weight_matrix
+from dyhead_cli.models.deform_export import deform_conv2d_export
 
 OFFSET_MODES = ("official", "mmdet", "aligned")
-IMPLS = ("fast", "reference")
+IMPLS = ("fast", "reference", "export")  # "export": grid_sample + matmul (models/deform_export.py), for ONNX
 
 
 def hard_sigmoid(x: Tensor) -> Tensor:
@@ -107,9 +108,11 @@ class DeformConvNorm(nn.Module):
         h, w = x.shape[-2:]
         return (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
 
-    def forward(self, x: Tensor, offset: Tensor, mask: Tensor, offset_mode: str) -> Tensor:
+    def forward(self, x: Tensor, offset: Tensor, mask: Tensor, offset_mode: str, exportable: bool = False) -> Tensor:
+        """``exportable``: standard ops only (``deform_export``) instead of torchvision's op; same result."""
         offset, mask = fit_offset_to_output(offset, mask, self.output_size(x), offset_mode)
-        y = deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride, padding=1, mask=mask)
+        conv = deform_conv2d_export if exportable else deform_conv2d
+        y = conv(x, offset, self.weight, self.bias, stride=self.stride, padding=1, mask=mask)
         return self.norm(y)
 
     def forward_from_table(
@@ -215,13 +218,14 @@ class DyHeadBlock(nn.Module):
         if trace is None and self.impl == "fast" and features[0].device.type == "cpu":
             return self.forward_fast(features)
         outs = []
+        mode, exportable = self.offset_mode, self.impl == "export"
         for level, x in enumerate(features):
             offset, mask = self.offset_and_mask(x)
-            maps = {"mid": self.spatial_mid(x, offset, mask, self.offset_mode)}
+            maps = {"mid": self.spatial_mid(x, offset, mask, mode, exportable)}
             if level > 0:
-                maps["low"] = self.spatial_low(features[level - 1], offset, mask, self.offset_mode)
+                maps["low"] = self.spatial_low(features[level - 1], offset, mask, mode, exportable)
             if level < len(features) - 1:
-                high = self.spatial_high(features[level + 1], offset, mask, self.offset_mode)
+                high = self.spatial_high(features[level + 1], offset, mask, mode, exportable)
                 maps["high"] = F.interpolate(high, size=x.shape[-2:], mode="bilinear", align_corners=True)
             weights = {name: self.scale_weight(f) for name, f in maps.items()}  # (B, 1, 1, 1) each
             fused = torch.stack([f * weights[name] for name, f in maps.items()]).mean(dim=0)
