@@ -51,7 +51,12 @@ class DyHeadConfig:
 
 @dataclass
 class HeadOptions:
-    """Knobs of the detector heads; each head reads the ones it uses."""
+    """Knobs of the detector heads; each head reads the ones it uses.
+
+    ``None`` means "the head's own default" (declared in the head's module, filled in by
+    ``models.build.resolve_model_config``); TOML has no null, so a missing key is None and ``dump_toml``
+    leaves None out. Scores and thresholds: ``models/heads/postprocess.py``.
+    """
 
     num_convs: int = 0  # extra tower convs before the predictors (0 with DyHead, 4 for the baselines)
     prior_prob: float = 0.01
@@ -63,13 +68,15 @@ class HeadOptions:
     smooth_l1_beta: float = 0.0  # RetinaNet with box_loss = "smooth_l1" (0 = L1, the official DyHead config)
     box_loss_weight: float = 2.0  # ATSS: weight of the GIoU loss (the official REG_LOSS_WEIGHT)
     center_sampling_radius: float = 1.5  # FCOS
+    # The head's CANDIDATE threshold: a (location, class) is considered only when sigmoid(cls) > score_thresh
+    # (before the centerness factor). Not a threshold on final scores: that is predict's --score-thr.
     score_thresh: float = 0.05
     nms_thresh: float = 0.6
-    pre_nms_top_n: int = 1000
+    pre_nms_top_n: int = 1000  # candidates kept per level before NMS
     detections_per_img: int = 100
-    # Per-head defaults: TOML has no null, so a sentinel means "the head's own default".
-    anchor_offset: float = -1.0  # anchor centres at (i + offset) * stride; < 0 = head default (ATSS 0.5, RetinaNet 0)
-    pred_kernel_size: int = 0  # predictor conv kernel; 0 = head default (ATSS 1, FCOS/RetinaNet 3)
+    postprocess: str = "official"  # "official" | "mmdet": the candidate ranking and clipping order of that code
+    anchor_offset: float | None = None  # prior centres at (i + offset) * stride; None = head default (ATSS 0.5, RetinaNet 0)
+    pred_kernel_size: int | None = None  # predictor conv kernel; None = head default (ATSS 1, FCOS/RetinaNet 3)
     tower_norm: str = "gn"  # norm in the num_convs tower convs: "gn" | "none" (detectron2's RetinaNet)
 
 
@@ -167,6 +174,11 @@ def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
 
 
 def _convert(hint: Any, value: Any, dotted: str) -> Any:
+    args = typing.get_args(hint)
+    if type(None) in args:  # Optional[X]: None stays None (only code makes it: TOML has no null)
+        (hint,) = [a for a in args if a is not type(None)]
+        if value is None:
+            return None
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise DyheadError(f"recipe key '{dotted}' must be a table, got {value!r}")
@@ -264,10 +276,6 @@ def validate(recipe: Recipe) -> Recipe:
     if m.dyhead.num_blocks < 0:
         raise DyheadError("recipe key 'model.dyhead.num_blocks' must be >= 0")
     o = m.head_options
-    if o.pred_kernel_size < 0 or (o.pred_kernel_size > 0 and o.pred_kernel_size % 2 == 0):
-        raise DyheadError(f"model.head_options.pred_kernel_size must be odd (or 0: the head's default), got {o.pred_kernel_size}")
-    if o.anchor_offset >= 1.0 or (o.anchor_offset < 0 and o.anchor_offset != -1.0):
-        raise DyheadError(f"model.head_options.anchor_offset must be in [0, 1) (or -1: the head's default), got {o.anchor_offset}")
     if o.smooth_l1_beta < 0:
         raise DyheadError("model.head_options.smooth_l1_beta must be >= 0")
     if len(m.pixel_mean) != 3 or len(m.pixel_std) != 3:
@@ -288,11 +296,11 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 def dump_toml(values: dict[str, Any]) -> str:
-    """Write a nested dict of str/int/float/bool/list values as TOML (scalars before tables)."""
+    """Write a nested dict of str/int/float/bool/list values as TOML (scalars before tables); None is left out."""
     lines: list[str] = []
 
     def emit(table: dict[str, Any], prefix: str) -> None:
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and v is not None}
         tables = {k: v for k, v in table.items() if isinstance(v, dict)}
         if prefix and scalars:
             lines.append(f"\n[{prefix}]")

@@ -89,6 +89,8 @@ def test_json_report_has_consistent_figures(compare_report):
     assert row["peak_memory_bytes"] > 0
     assert set(row["stages_ms"]) == {"backbone", "fpn", "dyhead", "head", "postprocess"}
     assert all(v >= 0 for v in row["stages_ms"].values())
+    assert row["dyhead_share"] == pytest.approx(row["stages_ms"]["dyhead"] / sum(row["stages_ms"].values()))
+    assert 0 < row["dyhead_share"] < 1 and s["timer"] == "time.perf_counter"
 
     model = report["models"]["dyhead"]
     cfg = ModelConfig()

@@ -77,3 +77,41 @@ def test_bgr_input_format_flips_channels_before_normalising():
     assert len(flipped) == 5 and [f.shape[1] for f in flipped] == [32] * 5
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(flipped, reference))
     assert not torch.allclose(flipped[0], unflipped[0], atol=1e-5)
+
+
+def test_padding_is_zero_after_normalising_whatever_its_pixels():
+    """Both references normalise, then pad with zeros: the backbone sees 0 outside each image's (h, w)."""
+    model = detector().eval()
+    images, _ = synthetic_batch(2)
+    sizes = [(96, 128), (128, 112)]
+    black, white = images.clone(), images.clone()
+    for i, (h, w) in enumerate(sizes):
+        black[i, :, h:], black[i, :, :, w:] = 0.0, 0.0
+        white[i, :, h:], white[i, :, :, w:] = 255.0, 255.0
+    seen = []
+    hook = model.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    with torch.no_grad():
+        from_black, from_white = model(black, sizes), model(white, sizes)
+        unmasked = model.features(black)  # no image_sizes: the pixel-space zeros become -mean/std
+    hook.remove()
+    normalized = model.normalize(black)
+    for x in seen[:2]:
+        assert x[0, :, 96:].abs().max() == 0 and x[1, :, :, 112:].abs().max() == 0
+        assert torch.equal(x[0, :, :96], normalized[0, :, :96]) and torch.equal(x[1, :, :, :112], normalized[1, :, :, :112])
+    assert (seen[2][0, :, 96:] != 0).all()
+    for a, b in zip(from_black, from_white):
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+    with torch.no_grad():
+        masked = model.features(black, sizes)
+    assert not torch.allclose(masked[0], unmasked[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["official", "mmdet"])
+def test_postprocess_mode_reaches_the_head_and_boxes_stay_in_the_original_image(mode):
+    model = detector(head_options=tiny_config("atss", 1, score_thresh=0.0, postprocess=mode).head_options).eval()
+    assert model.head.post.mode == mode
+    images, _ = synthetic_batch(1)
+    with torch.no_grad():
+        (det,) = model(images, [(96, 120)], original_sizes=[(48, 60)])
+    assert len(det["boxes"]) == 100 and torch.all(det["scores"][:-1] >= det["scores"][1:])
+    assert det["boxes"].min() >= 0 and det["boxes"][:, 2].max() <= 60 and det["boxes"][:, 3].max() <= 48

@@ -4,7 +4,13 @@ import torch
 from torchvision.ops import deform_conv2d
 
 from dyhead_cli.convert.dyhead_keys import convert_dyhead
-from dyhead_cli.models.deform import deform_conv2d_fast
+from dyhead_cli.models.deform import (
+    bilinear_taps,
+    conv_all_at_once,
+    deform_conv2d_fast,
+    sampling_table,
+    weight_matrix,
+)
 from dyhead_cli.models.dyhead import DyHead
 
 from helpers_fixtures import TOWER_FIXTURES, load_tower_fixture
@@ -131,6 +137,23 @@ def test_fast_conv_under_cpu_autocast_computes_in_float32():
         got = deform_conv2d_fast(x, offset.bfloat16(), weight, bias, padding=1, mask=mask)
     assert got.dtype == torch.float32
     assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()  # bf16 offsets only
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[6]])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_all_at_once_conv_the_cuda_layout_matches_torchvision(case, channels_last):
+    """``conv_all_at_once`` (what the table conv does off CPU: one gather, one GEMM), checked on CPU."""
+    x, offset, weight, bias, mask = conv_inputs(*case)
+    b, _, h, w, stride, _ = case
+    want = deform_conv2d(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
+    table, starts = sampling_table([x])
+    index, weights = bilinear_taps(offset, mask, (h, w), (stride, stride), (1, 1), starts[0])
+    got = conv_all_at_once(table, index, weights, weight_matrix(weight), bias, (b, *want.shape[-2:]), channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert got.shape == want.shape and got.is_contiguous(memory_format=fmt)
+    assert (got - want).abs().max().item() < 1e-4
+    no_bias = conv_all_at_once(table, index, weights, weight_matrix(weight), None, (b, *want.shape[-2:]), channels_last)
+    assert (no_bias + bias[:, None, None] - want).abs().max().item() < 1e-4
 
 
 def test_other_kernel_sizes_go_to_torchvision():

@@ -1,6 +1,6 @@
 """ATSS head: anchors, assignment, losses and post-processing worked out by hand; overfitting; bf16.
 
-Also covers the post-processing and box coder shared by all heads (heads/common.py).
+Also covers the post-processing and box coder shared by all heads (heads/boxes.py, heads/postprocess.py).
 """
 import math
 
@@ -11,7 +11,8 @@ from helpers_detection import overfit, synthetic_batch, tiny_config
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.models.build import build_model
 from dyhead_cli.models.heads.atss import ATSSHead, atss_assign
-from dyhead_cli.models.heads.common import BoxCoder, finalize_detections, postprocess_dense
+from dyhead_cli.models.heads.boxes import BoxCoder
+from dyhead_cli.models.heads.postprocess import PostprocessOptions, finalize_detections, postprocess_dense
 
 # Hand-made layout: P3 4x4 (stride 8, 16 px anchors, ids 0..15), P4 2x2 (stride 16, 32 px anchors, ids 16..19).
 #   P3 centres x, y in (4, 12, 20, 28): id = 4 * row + col;  P4 centres in (8, 24): id = 16 + 2 * row + col.
@@ -147,7 +148,7 @@ def test_box_coder_weights_clamp_and_inverse():
     assert huge[0, 2] - huge[0, 0] == pytest.approx(10 * 1000 / 16, rel=1e-5)
 
 
-def test_postprocess_decodes_the_firing_anchor_with_sqrt_score():
+def test_postprocess_decodes_the_firing_anchor_with_cls_times_centerness_score():
     head = tiny_head()
     outputs = head(zero_features())
     outputs["cls_logits"][0] = torch.full((1, 2, 4, 4), -10.0)
@@ -157,7 +158,7 @@ def test_postprocess_decodes_the_firing_anchor_with_sqrt_score():
     outputs["bbox_reg"][0][0, :, 1, 2] = torch.tensor([2.5, 0.0, 0.0, 5 * math.log(0.5)])  # x + 16/4, half height
     (result,) = head.postprocess(outputs, [(30, 36)])
     assert result["boxes"].tolist() == [pytest.approx([16.0, 8.0, 32.0, 16.0])]
-    assert result["scores"].tolist() == pytest.approx([math.sqrt(0.8 * 0.5)])
+    assert result["scores"].tolist() == pytest.approx([0.8 * 0.5])  # no square root (official and MMDetection)
     assert result["labels"].tolist() == [1]
     (clipped,) = head.postprocess(outputs, [(30, 26)])  # (h, w): x clipped at 26
     assert clipped["boxes"].tolist() == [pytest.approx([16.0, 8.0, 26.0, 16.0])]
@@ -207,7 +208,9 @@ def test_postprocess_dense_threshold_and_per_level_top_n():
     s2 = torch.tensor([[[0.06, 0.5], [0.02, 0.03], [0.4, 0.0]]])
     b1 = torch.tensor([[[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]]]).float()
     b2 = torch.tensor([[[0, 40, 10, 50], [20, 40, 30, 50], [40, 40, 50, 50]]]).float()
-    (out,) = postprocess_dense([s1, s2], [s1 > 0.05, s2 > 0.05], [b1, b2], [(64, 64)], 2, 0.6, 100)
+    boxes = [b1[0], b2[0]]
+    opts = PostprocessOptions(score_thresh=0.05, pre_nms_top_n=2, nms_thresh=0.6, detections_per_img=100)
+    (out,) = postprocess_dense([s1, s2], None, lambda level, i, loc: boxes[level][loc], [(64, 64)], opts)
     # Level 1 keeps its best 2 of {0.9, 0.3, 0.2, 0.7}; level 2 its best 2 of {0.06, 0.5, 0.4}.
     assert out["scores"].tolist() == pytest.approx([0.9, 0.7, 0.5, 0.4])
     assert out["labels"].tolist() == [0, 1, 1, 0]

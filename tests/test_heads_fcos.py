@@ -6,7 +6,7 @@ import torch
 from helpers_detection import overfit, synthetic_batch, tiny_config
 
 from dyhead_cli.models.build import build_model
-from dyhead_cli.models.heads.common import decode_ltrb, encode_ltrb
+from dyhead_cli.models.heads.boxes import decode_ltrb, encode_ltrb
 from dyhead_cli.models.heads.fcos import FCOSHead, fcos_assign
 
 # Hand-made layout for a 64 x 64 image: P3 8x8 points (stride 8, ids 0..63, centres 4, 12, ..., 60),
@@ -107,7 +107,7 @@ def test_postprocess_decodes_distances_in_strides():
     outputs["bbox_reg"][0][0, :, 1, 2] = torch.tensor([1.0, 0.5, 2.0, 1.0])  # l, t, r, b in strides (8 px)
     (result,) = head.postprocess(outputs, [(64, 30)])
     assert result["boxes"].tolist() == [[12.0, 8.0, 30.0, 20.0]]  # [12, 8, 36, 20] clipped to width 30
-    assert result["scores"].tolist() == pytest.approx([math.sqrt(0.8 * 0.5)])
+    assert result["scores"].tolist() == pytest.approx([0.8 * 0.5])
     assert result["labels"].tolist() == [2]
 
 

@@ -7,7 +7,7 @@ from helpers_detection import overfit, synthetic_batch, tiny_config
 
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.models.build import build_model
-from dyhead_cli.models.heads.common import BoxCoder
+from dyhead_cli.models.heads.boxes import BoxCoder
 from dyhead_cli.models.heads.retinanet import RetinaNetHead, retinanet_match
 
 R2 = math.sqrt(2)

@@ -233,34 +233,36 @@ def _map_tower(mp: _Mapping, src_prefix: str, ours: str, layout: str) -> None:
                 mp.put(f"{norms[n]}.{name}", f"{src_prefix}{i}.{name}")
 
 
+# per source: the head's key prefix, its predictor names -> ours, its tower prefixes (cls, box) per head
+HEAD_KEYS = {
+    "official": (
+        "head.",
+        {"cls_logits": "cls_logits", "bbox_pred": "bbox_pred", "centerness": "centerness", "cls_score": "cls_logits"},
+        {"atss": ("cls_tower", "bbox_tower"), "retinanet": ("cls_subnet", "bbox_subnet")},
+    ),
+    "mmdet": (
+        "bbox_head.",
+        {"atss_cls": "cls_logits", "atss_reg": "bbox_pred", "atss_centerness": "centerness"},
+        {"atss": ("cls_convs", "reg_convs")},
+    ),
+}
+
+
 def _map_head(mp: _Mapping, ref: ReferenceModel) -> None:
+    """Predictors, per-level scales and towers of a dense head (see ``HEAD_KEYS``)."""
     state = mp.state
-    if ref.source == "official":
-        names = {"cls_logits": "cls_logits", "bbox_pred": "bbox_pred", "centerness": "centerness", "cls_score": "cls_logits"}
-        for key in list(state):
-            m = re.match(r"^head\.(cls_logits|bbox_pred|centerness|cls_score)\.(weight|bias)$", key)
-            if m:
-                mp.put(f"head.{names[m.group(1)]}.{m.group(2)}", key)
-            m = re.match(r"^head\.scales\.(\d+)\.scale$", key)
-            if m:
-                mp.put(key, key, state[key].reshape(1))
-        if ref.head == "atss":
-            _map_tower(mp, "head.cls_tower.", "cls_tower", "official")
-            _map_tower(mp, "head.bbox_tower.", "bbox_tower", "official")
-        else:
-            _map_tower(mp, "head.cls_subnet.", "cls_tower", "official")
-            _map_tower(mp, "head.bbox_subnet.", "bbox_tower", "official")
-    else:
-        names = {"atss_cls": "cls_logits", "atss_reg": "bbox_pred", "atss_centerness": "centerness"}
-        for key in list(state):
-            m = re.match(r"^bbox_head\.(atss_cls|atss_reg|atss_centerness)\.(weight|bias)$", key)
-            if m:
-                mp.put(f"head.{names[m.group(1)]}.{m.group(2)}", key)
-            m = re.match(r"^bbox_head\.scales\.(\d+)\.scale$", key)
-            if m:
-                mp.put(f"head.scales.{m.group(1)}.scale", key, state[key].reshape(1))  # mmcv Scale is 0-d
-        _map_tower(mp, "bbox_head.cls_convs.", "cls_tower", "mmdet")
-        _map_tower(mp, "bbox_head.reg_convs.", "bbox_tower", "mmdet")
+    prefix, names, towers = HEAD_KEYS[ref.source]
+    pattern = re.compile(rf"^{re.escape(prefix)}({'|'.join(names)})\.(weight|bias)$")
+    for key in list(state):
+        m = pattern.match(key)
+        if m:
+            mp.put(f"head.{names[m.group(1)]}.{m.group(2)}", key)
+        m = re.match(rf"^{re.escape(prefix)}scales\.(\d+)\.scale$", key)
+        if m:  # mmcv's Scale is 0-d, ours (1,)
+            mp.put(f"head.scales.{m.group(1)}.scale", key, state[key].reshape(1))
+    cls_tower, box_tower = towers.get(ref.head, towers["atss"])
+    _map_tower(mp, f"{prefix}{cls_tower}.", "cls_tower", ref.source)
+    _map_tower(mp, f"{prefix}{box_tower}.", "bbox_tower", ref.source)
 
 
 def _drop_known_extras(mp: _Mapping) -> None:

@@ -1,11 +1,57 @@
-"""The model factory: recipe dataclasses in, modules out (backbone -> FPN -> DyHead -> head)."""
+"""The model factory: recipe dataclasses in, modules out (backbone -> FPN -> DyHead -> head).
+
+``resolve_model_config`` is the one place a ``ModelConfig`` gets its per-head defaults and its choice keys
+checked, each against the tuple declared where that choice is implemented.
+"""
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 from dyhead_cli.errors import DyheadError, suggest
 from dyhead_cli.models.backbone import TimmBackbone
-from dyhead_cli.models.dyhead import DyHead
+from dyhead_cli.models.detector import INPUT_FORMATS, Detector
+from dyhead_cli.models.dyhead import IMPLS, OFFSET_MODES, DyHead
 from dyhead_cli.models.fpn import FPN
+from dyhead_cli.models.heads import HEADS
+from dyhead_cli.models.heads.layers import TOWER_NORMS
+from dyhead_cli.models.heads.postprocess import POSTPROCESS_MODES
+from dyhead_cli.models.heads.retinanet import BOX_LOSSES
 from dyhead_cli.recipe import BackboneConfig, ModelConfig
+
+
+def model_choices(cfg: ModelConfig) -> dict[str, tuple[Any, tuple[str, ...]]]:
+    """Every model key with a fixed set of values: dotted recipe key -> (its value, the allowed values)."""
+    o = cfg.head_options
+    return {
+        "model.head": (cfg.head, tuple(HEADS)),
+        "model.input_format": (cfg.input_format, INPUT_FORMATS),
+        "model.dyhead.offset_mode": (cfg.dyhead.offset_mode, OFFSET_MODES),
+        "model.dyhead.impl": (cfg.dyhead.impl, IMPLS),
+        "model.head_options.box_loss": (o.box_loss, BOX_LOSSES),
+        "model.head_options.tower_norm": (o.tower_norm, TOWER_NORMS),
+        "model.head_options.postprocess": (o.postprocess, POSTPROCESS_MODES),
+    }
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """A copy of ``cfg`` with every choice key checked and the head's defaults in its ``None`` head_options.
+
+    Idempotent (a resolved config comes back equal). Raises ``DyheadError`` with one line naming the key.
+    """
+    for key, (value, choices) in model_choices(cfg).items():
+        if value not in choices:
+            raise DyheadError(
+                f"recipe key '{key}' = {value!r} is not one of {', '.join(choices)}{suggest(str(value), choices)}"
+            )
+    o = cfg.head_options
+    filled = {k: v for k, v in HEADS[cfg.head].defaults.items() if getattr(o, k, 0) is None}
+    o = dataclasses.replace(o, **filled)
+    if o.pred_kernel_size < 1 or o.pred_kernel_size % 2 == 0:
+        raise DyheadError(f"recipe key 'model.head_options.pred_kernel_size' must be a positive odd number, got {o.pred_kernel_size}")
+    if not 0.0 <= o.anchor_offset < 1.0:
+        raise DyheadError(f"recipe key 'model.head_options.anchor_offset' must be in [0, 1), got {o.anchor_offset}")
+    return dataclasses.replace(cfg, head_options=o)
 
 
 def build_backbone(cfg: BackboneConfig) -> TimmBackbone:
@@ -23,22 +69,16 @@ def build_backbone(cfg: BackboneConfig) -> TimmBackbone:
 
 def build_dyhead(cfg: ModelConfig) -> DyHead:
     d = cfg.dyhead
-    tower = DyHead(cfg.fpn.channels, d.num_blocks, offset_mode=d.offset_mode, zero_init_offset=d.zero_init_offset)
-    if hasattr(tower, "set_impl"):
-        tower.set_impl(d.impl)
-    return tower
+    return DyHead(
+        cfg.fpn.channels, d.num_blocks, offset_mode=d.offset_mode, zero_init_offset=d.zero_init_offset, impl=d.impl
+    )
 
 
-def build_model(model_config: ModelConfig):
-    """Assemble a ``Detector`` from a ``ModelConfig`` (the ``[model]`` table of a recipe)."""
-    from dyhead_cli.models.detector import Detector
-    from dyhead_cli.models.heads import HEADS
-
-    cfg = model_config
-    if cfg.head not in HEADS:
-        raise DyheadError(f"unknown head '{cfg.head}'{suggest(cfg.head, HEADS)}; choose from {', '.join(HEADS)}")
+def build_model(model_config: ModelConfig) -> Detector:
+    """Assemble a ``Detector`` from a ``ModelConfig`` (the ``[model]`` table of a recipe), resolved first."""
+    cfg = resolve_model_config(model_config)
     backbone = build_backbone(cfg.backbone)
     fpn = FPN(backbone.out_channels, cfg.fpn.channels, cfg.fpn.extra_from, p7_relu=cfg.fpn.p7_relu)
     dyhead = build_dyhead(cfg)
-    head = HEADS[cfg.head](cfg, cfg.fpn.channels, FPN.strides)
+    head = HEADS[cfg.head].build(cfg, cfg.fpn.channels, FPN.strides)
     return Detector(backbone, fpn, dyhead, head, cfg.pixel_mean, cfg.pixel_std, cfg.input_format)

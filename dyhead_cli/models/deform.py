@@ -10,8 +10,10 @@ whole rows, which is vectorised; the (positions, 9*C) column matrix then meets t
 Only differentiable torch ops are used, so autograd gives the gradients w.r.t. input, offset, mask,
 weight and bias.
 
-Assumptions (what DyHead uses): 3x3 kernel, dilation 1, one offset group, one weight group, CPU
-tensors. Anything else (CUDA tensors included) goes to torchvision's op, the reference.
+Assumptions (what DyHead uses): 3x3 kernel, dilation 1, one offset group, one weight group.
+``deform_conv2d_fast`` takes CPU tensors only; anything else (CUDA tensors included) goes to
+torchvision's op, the reference. The table functions below also run on CUDA (one gather and one
+batched GEMM per conv there), which ``DyHeadBlock.forward_fast`` uses when called on CUDA tensors.
 
 Sampling semantics are torchvision's: tap k = 3*i + j of output pixel (y, x) samples the input at
 (y*stride - pad + i + offset[2k], x*stride - pad + j + offset[2k+1]) (integer = pixel centre),
@@ -100,7 +102,9 @@ def bilinear_taps(
         weights = weights * mask.permute(0, 2, 3, 1).unsqueeze(-1)
     image_start = torch.arange(b, device=offset.device).view(b, 1, 1, 1) * padded_rows(in_h, in_w) + row_start
     top_left = image_start + (y0.long() + PAD_BEFORE) * wp + (x0.long() + PAD_BEFORE)
-    index = top_left.unsqueeze(-1) + top_left.new_tensor([0, 1, wp, wp + 1])
+    # neighbour steps 0, 1, wp, wp + 1, made on the device (no host-to-device copy: CUDA-graph safe)
+    corner = torch.arange(4, device=offset.device)
+    index = top_left.unsqueeze(-1) + (corner.remainder(2) + corner.div(2, rounding_mode="floor") * wp)
     return index.reshape(-1, 4), weights.reshape(-1, 4)
 
 
@@ -114,6 +118,33 @@ def weight_matrix(weight: Tensor) -> Tensor:
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
 
 
+def conv_all_at_once(
+    table: Tensor,
+    index: Tensor,
+    weights: Tensor,
+    weight_mat: Tensor,
+    bias: Tensor | None,
+    out_shape: tuple[int, int, int],
+    channels_last: bool = False,
+) -> Tensor:
+    """One gather of all (B*h*w*9, C) columns, one GEMM: what ``deform_conv2d_from_table`` does off CPU.
+
+    index, weights (B*h*w*9, 4) from ``bilinear_taps``; out_shape (B, h, w) -> (B, C_out, h, w), NCHW-
+    contiguous, or channels-last-contiguous with ``channels_last``.
+    """
+    b, h, w = out_shape
+    cols = gather_columns(table, index, weights).view(b * h * w, -1)  # (B*h*w, 9*C)
+    if channels_last:
+        # (B*h*w, 9*C) @ (9*C, C_out) -> (B, h, w, C_out), seen as (B, C_out, h, w)
+        out = torch.mm(cols, weight_mat.t()) if bias is None else torch.addmm(bias, cols, weight_mat.t())
+        return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+    # (B, C_out, 9*C) @ (B, 9*C, h*w) -> (B, C_out, h*w); the weight is expanded, not copied
+    out = torch.bmm(weight_mat.expand(b, -1, -1), cols.view(b, h * w, -1).transpose(1, 2))
+    if bias is not None:
+        out.add_(bias[:, None])
+    return out.view(b, -1, h, w)
+
+
 def deform_conv2d_from_table(
     table: Tensor,
     row_start: int,
@@ -125,20 +156,28 @@ def deform_conv2d_from_table(
     stride: tuple[int, int] = (1, 1),
     padding: tuple[int, int] = (1, 1),
     chunk: int = CHUNK_POSITIONS,
+    channels_last: bool = False,
 ) -> Tensor:
     """The deformable conv of a map stored in a sampling table (from ``row_start``, size ``in_size``).
 
     offset (B, 18, h, w), mask (B, 9, h, w) or None, weight_mat (C_out, 9*C) from ``weight_matrix``
-    -> (B, C_out, h, w), contiguous. Without autograd it works ``chunk`` output positions at a time:
-    gather their (chunk*9, C) columns, view them as (chunk, 9*C), then one GEMM weight_mat @ columns^T
-    writes straight into the NCHW output. Chunks keep the columns in cache between gather and GEMM, and
-    keep buffers small enough for malloc to recycle (a fresh large buffer costs a page fault per 4 KiB).
-    With autograd it gathers everything at once (see the comment there).
+    -> (B, C_out, h, w), contiguous. Sample points are computed in the offset's dtype; the gather and the
+    GEMM in the table's (which may be lower, e.g. bfloat16 on CUDA).
+    On CPU, without autograd, it works ``chunk`` output positions at a time: gather their (chunk*9, C)
+    columns, view them as (chunk, 9*C), then one GEMM weight_mat @ columns^T writes straight into the
+    NCHW output. Chunks keep the columns in cache between gather and GEMM, and keep buffers small enough
+    for malloc to recycle (a fresh large buffer costs a page fault per 4 KiB). With autograd, or on
+    another device (CUDA: few large kernels beat many small ones), it gathers everything at once; there
+    ``channels_last`` returns the (B, C_out, h, w) result in channels-last memory (one GEMM columns @
+    weight_mat^T, no transpose).
     """
     b, _, h, w = offset.shape
     hw = h * w
     index, weights = bilinear_taps(offset, mask, in_size, stride, padding, row_start)
+    weights = weights.to(table.dtype)
     bias_col = None if bias is None else bias[:, None]  # (C_out, 1)
+    if table.device.type != "cpu":
+        return conv_all_at_once(table, index, weights, weight_mat, bias, (b, h, w), channels_last)
 
     def piece(start: int, stop: int, out: Tensor | None = None) -> Tensor:
         """Outputs (C_out, stop - start) of positions [start, stop) (counted over the whole batch)."""

@@ -1,7 +1,9 @@
 """The whole detector: normalise -> backbone -> FPN -> DyHead tower -> head (losses or detections).
 
 Images come in as a padded batch of 0..255 RGB floats, whatever the backbone wants; the detector
-normalises (and flips to BGR for caffe-style backbones) itself, so data code never has to know.
+normalises (and flips to BGR for caffe-style backbones) itself, so data code never has to know. Then it
+zeroes the padding, as both reference implementations do (normalise, then pad with zeros): padded with
+zeros in pixel space, the padding would be -mean/std and reach every output through DyHead's global pooling.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from dyhead_cli.errors import DyheadError
+
+INPUT_FORMATS = ("RGB", "BGR")  # the recipe key model.input_format is checked against this
 
 
 class Detector(nn.Module):
@@ -25,8 +29,8 @@ class Detector(nn.Module):
         input_format: str = "RGB",
     ) -> None:
         super().__init__()
-        if input_format not in ("RGB", "BGR"):
-            raise DyheadError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
+        if input_format not in INPUT_FORMATS:
+            raise DyheadError(f"input_format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
         self.backbone = backbone
         self.fpn = fpn
         self.dyhead = dyhead
@@ -44,9 +48,16 @@ class Detector(nn.Module):
             images = images.flip(1)
         return (images - self.pixel_mean) / self.pixel_std
 
-    def features(self, images: Tensor) -> list[Tensor]:
-        """The DyHead tower's outputs, P3..P7 (B, C, H/s, W/s): what the head sees."""
-        return self.dyhead(self.fpn(self.backbone(self.normalize(images))))
+    def features(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> list[Tensor]:
+        """The DyHead tower's outputs, P3..P7 (B, C, H/s, W/s): what the head sees.
+
+        image_sizes: the (h, w) of each image inside the padded batch; everything outside is zeroed after
+        normalising. None: every image fills the batch (nothing is padding).
+        """
+        x = self.normalize(images)
+        if image_sizes is not None:
+            x = zero_padding(x, image_sizes)
+        return self.dyhead(self.fpn(self.backbone(x)))
 
     def forward(
         self,
@@ -66,7 +77,7 @@ class Detector(nn.Module):
             raise DyheadError("the detector is in training mode and needs targets (boxes, labels); call .eval() first")
         if targets is not None and len(targets) != images.shape[0]:
             raise DyheadError(f"got {images.shape[0]} images but {len(targets)} targets")
-        outputs = self.head(self.features(images))
+        outputs = self.head(self.features(images, image_sizes))
         if self.training:
             return self.head.loss(outputs, targets, image_sizes)
         detections = self.head.postprocess(outputs, image_sizes)
@@ -75,8 +86,21 @@ class Detector(nn.Module):
         return detections
 
 
+def zero_padding(x: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
+    """(B, C, H, W) with every pixel outside image i's top-left (h, w) set to 0 (in place; returns ``x``)."""
+    for i, (h, w) in enumerate(image_sizes):
+        x[i, :, h:, :] = 0
+        x[i, :, :h, w:] = 0
+    return x
+
+
 def rescale_boxes(detection: dict[str, Tensor], size: tuple[int, int], original: tuple[int, int]) -> dict[str, Tensor]:
-    """Boxes from the resized image (h, w) to the original image's pixels, clipped to it."""
+    """Boxes from the resized image (h, w) to the original image's pixels, clipped to it.
+
+    The head's boxes are already inside the resized image (clipped after NMS in the "official"
+    post-processing, while decoding in "mmdet"): scaling maps that onto the original image, and the clip
+    here only catches rounding.
+    """
     (h, w), (oh, ow) = size, original
     boxes = detection["boxes"] * detection["boxes"].new_tensor([ow / w, oh / h, ow / w, oh / h])
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, ow)

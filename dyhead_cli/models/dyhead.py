@@ -15,7 +15,8 @@ Two implementations (the ``impl`` constructor argument): "reference" calls torch
 per conv (the test oracle); "fast" (the default) runs a block's deformable convs on CPU with
 ``models/deform.py`` (one channels-last sampling table of all levels, weighted row gathers, GEMMs), ~4x
 faster on 2 cores and equal to the reference to float32 rounding. On other devices "fast" runs the
-reference code.
+reference code; ``DyHeadBlock.forward_fast`` itself also runs on CUDA (one gather + one GEMM per conv),
+measured by benchmarks/gpu_tower.py.
 
 Initialisation follows the official code: the DCN weights keep the DCN's own init (uniform in
 +-1/sqrt(9 C_in), bias 0), the offset conv keeps PyTorch's default, the scale branch's 1x1 conv is
@@ -124,15 +125,19 @@ class DeformConvNorm(nn.Module):
         mask: Tensor,
         offset_mode: str,
         weight_mat: Tensor,
+        channels_last: bool = False,
     ) -> Tensor:
-        """``forward`` for an x stored in a sampling table (see ``deform.sampling_table``), on CPU.
+        """``forward`` for an x stored in a sampling table (see ``deform.sampling_table``).
 
-        ``weight_mat``: this conv's ``deform.weight_matrix`` in the table's dtype (made once per block call).
+        ``weight_mat``: this conv's ``deform.weight_matrix`` in the table's dtype (made once per block call);
+        ``channels_last`` (CUDA only): the conv's output in channels-last memory.
         """
         h, w = (in_size[0] - 1) // self.stride + 1, (in_size[1] - 1) // self.stride + 1
         offset, mask = fit_offset_to_output(offset, mask, (h, w), offset_mode)
         bias = self.bias.to(table.dtype)
-        y = deform_conv2d_from_table(table, row_start, in_size, offset, mask, weight_mat, bias, (self.stride,) * 2)
+        y = deform_conv2d_from_table(
+            table, row_start, in_size, offset, mask, weight_mat, bias, (self.stride,) * 2, channels_last=channels_last
+        )
         return self.norm(y)
 
 
@@ -188,6 +193,11 @@ class DyHeadBlock(nn.Module):
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.offset_mode = offset_mode
         self.impl = impl
+        # forward_fast on CUDA under autocast: gather and GEMM in the autocast dtype instead of float32
+        # (sample points stay float32). Off by default: torchvision's op runs in float32 under autocast.
+        self.fast_low_precision = False
+        # forward_fast on CUDA: deformable conv outputs in channels-last memory (a GEMM without transpose)
+        self.fast_channels_last = False
         self.offset = nn.Conv2d(in_channels, 27, 3, padding=1)
         self.spatial_high = DeformConvNorm(in_channels, channels, stride=1)
         self.spatial_mid = DeformConvNorm(in_channels, channels, stride=1)
@@ -240,31 +250,39 @@ class DyHeadBlock(nn.Module):
         return outs
 
     def forward_fast(self, features: list[Tensor]) -> list[Tensor]:
-        """``forward`` on CPU with ``deform.py``'s deformable convs; the same result to float32 rounding.
+        """``forward`` with ``deform.py``'s deformable convs; the same result to float32 rounding.
 
         All levels go into one sampling table, built once and read by the 2-3 convs that sample each
         level. The deformable convs run in float32 (float64 if the features are) with autocast off, as
-        torchvision's CPU kernel does.
+        torchvision's kernels do (its CUDA op is autocast to float32 too); with ``fast_low_precision`` on
+        CUDA under autocast the gather and GEMM use the autocast dtype, with ``fast_channels_last`` on
+        CUDA the convs return channels-last maps. Dispatched by ``forward`` on CPU; also runs on CUDA when
+        called directly.
         """
-        dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32
-        with torch.autocast("cpu", enabled=False):
-            table, starts = sampling_table([x.to(dtype) for x in features])
+        device = features[0].device.type
+        dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32  # sample points
+        table_dtype = dtype
+        if self.fast_low_precision and device != "cpu" and torch.is_autocast_enabled(device):
+            table_dtype = torch.get_autocast_dtype(device)
+        channels_last = self.fast_channels_last and device != "cpu"
+        with torch.autocast(device, enabled=False):
+            table, starts = sampling_table([x.to(table_dtype) for x in features])
             mid, low, high = self.spatial_mid, self.spatial_low, self.spatial_high
-            mats = {conv: weight_matrix(conv.weight.to(dtype)) for conv in (mid, low, high)}
+            mats = {conv: weight_matrix(conv.weight.to(table_dtype)) for conv in (mid, low, high)}
         sizes = [tuple(x.shape[-2:]) for x in features]
-        mode = self.offset_mode
+        mode, cl = self.offset_mode, channels_last
         outs = []
         for level, x in enumerate(features):
             offset, mask = self.offset_and_mask(x)
-            with torch.autocast("cpu", enabled=False):
+            with torch.autocast(device, enabled=False):
                 offset, mask = offset.to(dtype), mask.to(dtype)
-                maps = [mid.forward_from_table(table, starts[level], sizes[level], offset, mask, mode, mats[mid])]
+                maps = [mid.forward_from_table(table, starts[level], sizes[level], offset, mask, mode, mats[mid], cl)]
                 if level > 0:
                     i = level - 1
-                    maps.append(low.forward_from_table(table, starts[i], sizes[i], offset, mask, mode, mats[low]))
+                    maps.append(low.forward_from_table(table, starts[i], sizes[i], offset, mask, mode, mats[low], cl))
                 if level < len(features) - 1:
                     i = level + 1
-                    y = high.forward_from_table(table, starts[i], sizes[i], offset, mask, mode, mats[high])
+                    y = high.forward_from_table(table, starts[i], sizes[i], offset, mask, mode, mats[high], cl)
                     maps.append(F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True))
             # as in forward, with fewer passes over the maps: sum of f * (pi_L(f) / n), then fused DyReLU
             fused = maps[0] * (self.scale_weight(maps[0]) / len(maps))

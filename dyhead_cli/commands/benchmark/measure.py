@@ -4,12 +4,15 @@ What is measured, per model and batch size, on random 0..255 images of exactly t
 - latency of the whole eval forward (normalise -> backbone -> FPN -> DyHead -> head -> post-processing):
   ``warmup`` untimed calls, then ``iters`` timed ones (CUDA events on GPU, ``time.perf_counter`` on CPU);
   p50/p90/p99 (linear interpolation between the sorted times), images/s = batch size / p50;
+- the machine: CPU, and with ``--gpu`` the GPU's name, memory, compute capability, NVIDIA driver, CUDA,
+  cuDNN and TF32 settings, and torch / torchvision / timm versions;
 - peak memory of one call of the warm model: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the
   process's peak RSS (VmHWM, reset first through /proc/self/clear_refs where Linux allows it, else
   ``ru_maxrss`` since the process started), so it includes Python, torch and the weights; with
   ``--compare`` the weights of the other models (held for the interleaved timing) are subtracted;
 - a per-stage breakdown: each stage run on its own, on the outputs of the previous ones, with the same
-  warm-up and iteration counts; the median of each is reported (their sum is close to, not equal to, p50);
+  warm-up and iteration counts; the median of each is reported (their sum is close to, not equal to, p50),
+  and the DyHead tower's share of their sum;
 - parameters (sum of ``numel``) and FLOPs of one image: ``torch.utils.flop_counter.FlopCounterMode``
   over one fp32 forward of each stage, with torchvision's ``deform_conv2d`` (which it does not know)
   counted by formula, see ``deform_conv_flops``. The DyHead tower is counted with its "reference"
@@ -500,7 +503,7 @@ def measure_batch(loaded: list[Loaded], batch: int, s: Settings, log: Callable[[
     """One batch size: warm every model up, its peak memory alone, the timed calls interleaved, then stages."""
     images, image_sizes = make_inputs(batch, s.size, s.device, s.channels_last, s.seed)
     calls = {x.c.key: forward_fn(x.model, x.c, images, image_sizes, s) for x in loaded}
-    memory = {}
+    memory, memory_reserved = {}, {}
     for x in loaded:
         log(f"{x.c.name}: batch {batch}, {s.warmup} warm-up calls")
         first_call(calls[x.c.key], x.c.name, s)
@@ -508,6 +511,8 @@ def measure_batch(loaded: list[Loaded], batch: int, s: Settings, log: Callable[[
             calls[x.c.key]()
         others = sum(y.info["weights_bytes"] for y in loaded if y is not x)
         memory[x.c.key] = peak_memory_of(calls[x.c.key], s.device, others)
+        if s.device == "cuda":
+            memory_reserved[x.c.key] = torch.cuda.max_memory_reserved()
     log(f"batch {batch}: {s.iters} timed calls{' of each model, interleaved' if len(loaded) > 1 else ''}")
     timings = measure_interleaved(calls, s.iters, s.device)
     rows = []
@@ -516,11 +521,20 @@ def measure_batch(loaded: list[Loaded], batch: int, s: Settings, log: Callable[[
         row = {"model": x.c.name, "key": x.c.key, "batch_size": batch, "latency_ms": timing.to_ms(),
                "times_ms": [t * 1e3 for t in timing.times_s], "images_per_s": batch / timing.p50,
                "peak_memory_bytes": peak, "peak_memory_kind": peak_kind}
+        if s.device == "cuda":
+            row["peak_memory_reserved_bytes"] = memory_reserved[x.c.key]
         if x.c.ours:
             log(f"{x.c.name}: batch {batch}, stages")
             row["stages_ms"] = {n: t.p50 * 1e3 for n, t in stage_breakdown(x.model, images, image_sizes, s).items()}
+            row["dyhead_share"] = tower_share(row["stages_ms"])
         rows.append(row)
     return rows
+
+
+def tower_share(stages_ms: dict[str, float]) -> float:
+    """The DyHead tower's part of the summed stage medians (0..1)."""
+    total = sum(stages_ms.values())
+    return stages_ms["dyhead"] / total if total > 0 else 0.0
 
 
 def optional_modes(s: Settings) -> list[str]:
@@ -570,7 +584,8 @@ def run_benchmark(cfg: ModelConfig, source: str, s: Settings, log: Callable[[str
     models = {x.c.key: x.info for x in loaded}
     settings = dataclasses.asdict(s)
     settings.update(size=list(s.size), threads=torch.get_num_threads(), impl=cfg.dyhead.impl if s.impl is None else s.impl,
-                    source=source, images="random 0..255, exactly HxW, no padding")
+                    source=source, images="random 0..255, exactly HxW, no padding",
+                    timer="CUDA events" if s.device == "cuda" else "time.perf_counter")
     machine = machine_start | {"load_average_end": load_average()}
     return {"command": command_line(), "machine": machine, "settings": settings, "models": models,
             "results": rows, "ratios": ratios(rows), "notes": notes(s) + ([busy] if busy else [])}
@@ -591,6 +606,7 @@ def notes(s: Settings) -> list[str]:
         "stages: each run alone on the previous stage's outputs, median of the timed calls (backbone includes normalisation)",
         "FLOPs: one fp32 image, FlopCounterMode (multiply-add = 2), DyHead counted with its reference implementation; "
         "deform_conv2d by formula 2*C_in*9*C_out*H_out*W_out + 8*9*C_in*H_out*W_out (bilinear sampling with mask)",
+        "DyHead share: the DyHead stage's median over the sum of the stage medians",
         "peak memory: during one call of the warm model, " + ("CUDA max memory allocated" if s.device == "cuda" else
         "process peak RSS (includes Python and torch)") + ("; the other compared models' weights are subtracted" if s.compare else ""),
         "timed calls: with several models, each round times every model once (rotating the order), so load from other "
@@ -642,8 +658,45 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "load_average_start": load_average(),
     }
     if device == "cuda":
-        info["cudnn"] = torch.backends.cudnn.version()
+        info.update(gpu_info())
     return info
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version (e.g. 580.159.04): NVML, else nvidia-smi, else /proc; None if none answers."""
+    with contextlib.suppress(Exception):
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    import subprocess
+
+    with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    with contextlib.suppress(OSError):
+        m = re.search(r"Kernel Module\s+([\d.]+)", Path("/proc/driver/nvidia/version").read_text())
+        if m:
+            return m[1]
+    return None
+
+
+def gpu_info() -> dict[str, Any]:
+    """The CUDA device and its software: name, memory, compute capability, driver, CUDA, cuDNN, TF32 flags."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {
+        "gpu": props.name,
+        "gpu_memory_bytes": props.total_memory,
+        "gpu_capability": f"{props.major}.{props.minor}",
+        "gpu_multiprocessors": props.multi_processor_count,
+        "driver": nvidia_driver(),
+        "cudnn": torch.backends.cudnn.version(),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+    }
 
 
 def command_line() -> str:
@@ -666,7 +719,7 @@ def _g(n: int) -> str:
 
 
 RESULT_HEADERS = ["model", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "peak MB"]
-STAGE_HEADERS = ["model", "batch"] + [f"{STAGE_TITLES[n]} ms" for n in STAGES] + ["sum ms"]
+STAGE_HEADERS = ["model", "batch"] + [f"{STAGE_TITLES[n]} ms" for n in STAGES] + ["sum ms", "DyHead share"]
 MODEL_HEADERS = ["model", "params M", "GFLOPs/img", "backbone", "FPN", "DyHead (deformable)", "head"]
 
 
@@ -678,7 +731,8 @@ def result_cells(r: dict) -> list[str]:
 
 def stage_cells(r: dict) -> list[str]:
     st = r["stages_ms"]
-    return [r["model"], str(r["batch_size"])] + [f"{st[n]:.1f}" for n in STAGES] + [f"{sum(st.values()):.1f}"]
+    share = r.get("dyhead_share", tower_share(st))
+    return [r["model"], str(r["batch_size"])] + [f"{st[n]:.1f}" for n in STAGES] + [f"{sum(st.values()):.1f}", f"{share:.0%}"]
 
 
 def model_cells(m: dict) -> list[str]:
@@ -722,9 +776,10 @@ def render_table(report: dict):
         parts.append(_rich_table("stages (median, each run alone)", STAGE_HEADERS, [stage_cells(r) for r in staged]))
     parts.append(_rich_table("size (GFLOPs per image)", MODEL_HEADERS, [model_cells(x) for x in report["models"].values()]))
     parts += [Text(ratio_line(x)) for x in report["ratios"]]
-    parts.append(Text(f"{m['cpu']} ({m['cpu_cores_usable']} cores){', ' + m['gpu'] if m['gpu'] else ''}; torch {m['torch']}, "
-                      f"torchvision {m['torchvision']}; load average {m['load_average_start']} -> {m['load_average_end']}",
-                      style="dim"))
+    gpu = f", {m['gpu']} (driver {m.get('driver') or '?'}, CUDA {m['cuda']})" if m["gpu"] else ""
+    parts.append(Text(f"{m['cpu']} ({m['cpu_cores_usable']} cores){gpu}; torch {m['torch']}, "
+                      f"torchvision {m['torchvision']}; {s.get('timer', 'timer ?')}; load average {m['load_average_start']} -> "
+                      f"{m['load_average_end']}", style="dim"))
     return Group(*parts)
 
 

@@ -1,11 +1,12 @@
-"""Detector heads by name; each builder is ``build_x(cfg: ModelConfig, in_channels, strides) -> nn.Module``.
+"""Detector heads by name: ``HEADS[name]`` is a ``HeadSpec`` (its builder and the options it decides).
 
-The interface every head follows (forward / loss / postprocess) is described in ``heads/common.py``.
+A builder is ``build(cfg: ModelConfig, in_channels, strides) -> DenseHead``; the interface every head
+follows (forward / loss / postprocess) is described in ``heads/dense.py``, the meaning of its scores and
+thresholds in ``heads/postprocess.py``.
 """
 from __future__ import annotations
 
-from dyhead_cli.models.heads.atss import build_atss
-from dyhead_cli.models.heads.fcos import build_fcos
-from dyhead_cli.models.heads.retinanet import build_retinanet
+from dyhead_cli.models.heads import atss, fcos, retinanet
+from dyhead_cli.models.heads.dense import HeadSpec
 
-HEADS = {"atss": build_atss, "fcos": build_fcos, "retinanet": build_retinanet}
+HEADS: dict[str, HeadSpec] = {"atss": atss.SPEC, "fcos": fcos.SPEC, "retinanet": retinanet.SPEC}

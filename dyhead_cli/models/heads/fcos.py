@@ -4,32 +4,21 @@ Points sit at ((j + 0.5) * stride, (i + 0.5) * stride), like the ATSS anchor cen
 a GT when it lies within ``center_sampling_radius * stride`` of the GT centre (and inside the box) and the
 GT's largest ltrb distance falls in the level's size range; an ambiguous point takes the smallest GT.
 Regression: ltrb / stride = ReLU(Scale(conv)), so boxes are points -+ distances * stride.
+Branches, losses and post-processing: ``heads/dense.py``.
 """
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from dyhead_cli.errors import DyheadError
-from dyhead_cli.models.heads.common import (
-    Scale,
-    centerness_target,
-    check_targets,
-    conv_tower,
-    decode_ltrb,
-    flatten_level,
-    focal_giou_centerness_losses,
-    grid_centers,
-    common_head_kwargs,
-    head_defaults_overridden,
-    one_hot_targets,
-    postprocess_dense,
-    predictor,
-)
+from dyhead_cli.models.heads.boxes import centerness_target, decode_ltrb, grid_centers
+from dyhead_cli.models.heads.dense import DenseHead, HeadSpec, dense_head_kwargs
+from dyhead_cli.models.heads.losses import check_targets, focal_giou_centerness_losses, one_hot_targets
 from dyhead_cli.recipe import ModelConfig
+
 
 INF = float("inf")
 # Regression size ranges for P3..P7: the largest of (l, t, r, b) must fall in [low, high] (the official
@@ -68,62 +57,38 @@ def fcos_assign(
     return torch.where(smallest < INF, gt_index, matched)
 
 
-class FCOSHead(nn.Module):
-    """Anchor-free: class logits, ltrb distances and centerness per location."""
+class FCOSHead(DenseHead):
+    """Anchor-free: class logits, ltrb distances and centerness per location.
+
+    ``options``: the ``DenseHead`` keyword arguments (towers, predictors, focal loss, post-processing).
+    """
+
+    DEFAULTS = {"anchor_offset": 0.5, "pred_kernel_size": 3, "num_convs": 4, "nms_thresh": 0.6}  # points mid-cell
 
     def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        strides: tuple[int, ...],
-        num_convs: int = 4,
-        prior_prob: float = 0.01,
-        center_sampling_radius: float = 1.5,
-        size_ranges: tuple[tuple[float, float], ...] = SIZE_RANGES,
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.6,
-        pre_nms_top_n: int = 1000,
-        detections_per_img: int = 100,
-        pred_kernel_size: int = 3,
-        tower_norm: str = "gn",
+        self, in_channels: int, num_classes: int, strides: tuple[int, ...], center_sampling_radius: float = 1.5,
+        size_ranges: tuple[tuple[float, float], ...] = SIZE_RANGES, **options: Any,
     ) -> None:
-        super().__init__()
         if len(size_ranges) != len(strides):
             raise DyheadError(f"FCOS needs one size range per level: {len(strides)} levels, {len(size_ranges)} ranges")
-        self.num_classes = num_classes
-        self.strides = tuple(strides)
+        super().__init__(
+            in_channels, num_classes, strides, centerness=True, scales=True, nonnegative_reg=True, **options
+        )
         self.size_ranges = tuple(size_ranges)
         self.center_sampling_radius = center_sampling_radius
-        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
-        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
-        self.pre_nms_top_n, self.detections_per_img = pre_nms_top_n, detections_per_img
-
-        self.cls_tower = conv_tower(in_channels, num_convs, tower_norm)
-        self.bbox_tower = conv_tower(in_channels, num_convs, tower_norm)
-        k = pred_kernel_size
-        self.cls_logits = predictor(in_channels, num_classes, k, bias=-math.log((1 - prior_prob) / prior_prob))
-        self.bbox_pred = predictor(in_channels, 4, k)
-        self.centerness = predictor(in_channels, 1, k)
-        self.scales = nn.ModuleList(Scale() for _ in self.strides)
-
-    def forward(self, features: list[Tensor]) -> dict[str, list[Tensor]]:
-        """Levels (B, C, H, W) -> {"cls_logits": (B, K, H, W), "bbox_reg": (B, 4, H, W), "centerness": (B, 1, H, W)}.
-
-        bbox_reg holds (l, t, r, b) / stride >= 0.
-        """
-        out: dict[str, list[Tensor]] = {"cls_logits": [], "bbox_reg": [], "centerness": []}
-        for x, scale in zip(features, self.scales):
-            box_feat = self.bbox_tower(x)
-            out["cls_logits"].append(self.cls_logits(self.cls_tower(x)))
-            out["bbox_reg"].append(F.relu(scale(self.bbox_pred(box_feat))))
-            out["centerness"].append(self.centerness(box_feat))
-        return out
 
     def points(self, outputs: dict[str, list[Tensor]]) -> list[Tensor]:
-        """Per level (H*W, 2) points ((j + 0.5) * stride, (i + 0.5) * stride)."""
-        return [grid_centers(x.shape[-2:], s, 0.5, x.device) for x, s in zip(outputs["cls_logits"], self.strides)]
+        """Per level (H*W, 2) points ((j + offset) * stride, (i + offset) * stride), offset 0.5 by default."""
+        return [
+            grid_centers(x.shape[-2:], s, self.anchor_offset, x.device)
+            for x, s in zip(outputs["cls_logits"], self.strides)
+        ]
+
+    priors = points
+
+    def decode(self, deltas: Tensor, priors: Tensor, level: int) -> Tensor:
+        """bbox_reg holds (l, t, r, b) / stride >= 0."""
+        return decode_ltrb(priors, deltas, self.strides[level])
 
     def locations(self, outputs: dict[str, list[Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
         """All levels concatenated: points (N, 2), their strides (N,) and size ranges (N, 2)."""
@@ -139,9 +104,7 @@ class FCOSHead(nn.Module):
         """{"loss_cls", "loss_box", "loss_centerness"}; ``image_sizes`` is unused (padding points are negatives)."""
         check_targets(targets, self.num_classes)
         points, strides, ranges = self.locations(outputs)  # (N, 2), (N,), (N, 2)
-        cls_logits = torch.cat([flatten_level(x, self.num_classes) for x in outputs["cls_logits"]], 1).float()
-        bbox_reg = torch.cat([flatten_level(x, 4) for x in outputs["bbox_reg"]], 1).float()  # (B, N, 4)
-        ctr_logits = torch.cat([flatten_level(x, 1) for x in outputs["centerness"]], 1).float()[..., 0]  # (B, N)
+        cls_logits, bbox_reg, ctr_logits = self.flat_outputs(outputs)  # (B, N, K), (B, N, 4), (B, N)
 
         r = self.center_sampling_radius
         matches = [fcos_assign(points, strides, ranges, t["boxes"].to(points), r) for t in targets]
@@ -157,36 +120,14 @@ class FCOSHead(nn.Module):
             self.focal_gamma,
         )
 
-    @torch.no_grad()
-    def postprocess(
-        self, outputs: dict[str, list[Tensor]], image_sizes: list[tuple[int, int]]
-    ) -> list[dict[str, Tensor]]:
-        """score = sqrt(sigmoid(cls) * sigmoid(centerness)), candidates sigmoid(cls) > score_thresh."""
-        scores, candidates, boxes = [], [], []
-        for logits, reg, ctr, points, stride in zip(
-            outputs["cls_logits"], outputs["bbox_reg"], outputs["centerness"], self.points(outputs), self.strides
-        ):
-            cls = flatten_level(logits, self.num_classes).float().sigmoid()  # (B, P, K)
-            centerness = flatten_level(ctr, 1).float().sigmoid()  # (B, P, 1)
-            distances = flatten_level(reg, 4)  # (B, P, 4)
-            scores.append((cls * centerness).sqrt())
-            candidates.append(cls > self.score_thresh)
-            decoded = decode_ltrb(points.repeat(len(distances), 1), distances.flatten(0, 1), stride)
-            boxes.append(decoded.view_as(distances))
-        return postprocess_dense(
-            scores, candidates, boxes, image_sizes, self.pre_nms_top_n, self.nms_thresh, self.detections_per_img
-        )
-
 
 def build_fcos(cfg: ModelConfig, in_channels: int, strides: tuple[int, ...]) -> FCOSHead:
-    o = cfg.head_options
     if len(strides) != len(SIZE_RANGES):
         raise DyheadError(f"FCOS is set up for {len(SIZE_RANGES)} levels (P3-P7), got strides {strides}")
+    o = cfg.head_options
     return FCOSHead(
-        in_channels,
-        cfg.num_classes,
-        strides,
-        center_sampling_radius=o.center_sampling_radius,
-        **common_head_kwargs(o),
-        **head_defaults_overridden(o, "pred_kernel_size"),
+        in_channels, cfg.num_classes, strides, center_sampling_radius=o.center_sampling_radius, **dense_head_kwargs(o)
     )
+
+
+SPEC = HeadSpec(build_fcos, FCOSHead)

@@ -6,32 +6,25 @@ in between ignored, and each GT's best anchors are positive too (low-quality mat
 weights (1, 1, 1, 1); the box loss is GIoU on decoded boxes or smooth L1 on the deltas (the official
 DyHead config sets beta = 0, i.e. L1). Losses are divided by this batch's positives (detectron2 divides
 by a running average of that count, a training-dynamics detail that does not change the model).
+Branches and post-processing: ``heads/dense.py`` (no centerness: the score is sigmoid(cls)).
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from dyhead_cli.errors import DyheadError
-from dyhead_cli.models.heads.common import (
-    BoxCoder,
-    anchors_from_centers,
-    check_targets,
-    conv_tower,
-    flatten_level,
-    grid_centers,
-    common_head_kwargs,
-    head_defaults_overridden,
-    num_positives,
-    one_hot_targets,
-    postprocess_dense,
-    predictor,
-)
+from dyhead_cli.models.heads.boxes import BoxCoder
+from dyhead_cli.models.heads.dense import AnchorHead, HeadSpec, dense_head_kwargs
+from dyhead_cli.models.heads.losses import check_targets, num_positives, one_hot_targets
 from dyhead_cli.recipe import ModelConfig
+
+BOX_LOSSES = ("giou", "smooth_l1")  # the recipe key model.head_options.box_loss is checked against this
 
 BACKGROUND, IGNORE = -1, -2
 
@@ -70,69 +63,32 @@ def cell_anchor_sizes(base_size: float, scales: tuple[float, ...], aspect_ratios
     return torch.tensor(sizes)
 
 
-class RetinaNetHead(nn.Module):
-    """Class logits (A*K) and box deltas (A*4) per location, A = len(scales) * len(aspect_ratios)."""
+class RetinaNetHead(AnchorHead):
+    """Class logits (A*K) and box deltas (A*4) per location, A = len(scales) * len(aspect_ratios).
+
+    ``options``: the ``DenseHead`` keyword arguments (towers, predictors, focal loss, post-processing).
+    """
+
+    # detectron2's ANCHOR_GENERATOR.OFFSET default 0, 3x3 predictors, 4 tower convs, NMS 0.5
+    DEFAULTS = {"anchor_offset": 0.0, "pred_kernel_size": 3, "num_convs": 4, "nms_thresh": 0.5}
 
     def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        strides: tuple[int, ...],
-        num_convs: int = 4,
-        prior_prob: float = 0.01,
-        anchor_scale: float = 4.0,
-        anchor_offset: float = 0.0,
-        scales: tuple[float, ...] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)),
-        aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
-        fg_iou: float = 0.5,
-        bg_iou: float = 0.4,
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
-        box_loss: str = "giou",
-        smooth_l1_beta: float = 0.0,
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.5,
-        pre_nms_top_n: int = 1000,
-        detections_per_img: int = 100,
-        pred_kernel_size: int = 3,
-        tower_norm: str = "gn",
+        self, in_channels: int, num_classes: int, strides: tuple[int, ...], anchor_scale: float = 4.0,
+        scales: tuple[float, ...] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)), aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+        fg_iou: float = 0.5, bg_iou: float = 0.4, box_loss: str = "giou", smooth_l1_beta: float = 0.0, **options: Any,
     ) -> None:
-        super().__init__()
-        if box_loss not in ("giou", "smooth_l1"):
-            raise DyheadError(f"RetinaNet box_loss must be 'giou' or 'smooth_l1', got {box_loss!r}")
-        self.num_classes = num_classes
-        self.strides = tuple(strides)
-        self.anchor_scale, self.anchor_offset = anchor_scale, anchor_offset
-        self.scales, self.aspect_ratios = tuple(scales), tuple(aspect_ratios)
-        self.num_anchors = len(self.scales) * len(self.aspect_ratios)
+        if box_loss not in BOX_LOSSES:
+            raise DyheadError(f"RetinaNet box_loss must be one of {', '.join(BOX_LOSSES)}, got {box_loss!r}")
+        super().__init__(in_channels, num_classes, strides, num_anchors=len(scales) * len(aspect_ratios), **options)
+        self.anchor_scale = anchor_scale
+        self.octave_scales, self.aspect_ratios = tuple(scales), tuple(aspect_ratios)
         self.fg_iou, self.bg_iou = fg_iou, bg_iou
-        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.box_loss, self.smooth_l1_beta = box_loss, smooth_l1_beta
-        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
-        self.pre_nms_top_n, self.detections_per_img = pre_nms_top_n, detections_per_img
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
 
-        self.cls_tower = conv_tower(in_channels, num_convs, tower_norm)
-        self.bbox_tower = conv_tower(in_channels, num_convs, tower_norm)
-        k, a = pred_kernel_size, self.num_anchors
-        self.cls_logits = predictor(in_channels, a * num_classes, k, bias=-math.log((1 - prior_prob) / prior_prob))
-        self.bbox_pred = predictor(in_channels, a * 4, k)
-
-    def forward(self, features: list[Tensor]) -> dict[str, list[Tensor]]:
-        """Levels (B, C, H, W) -> {"cls_logits": (B, A*K, H, W), "bbox_reg": (B, A*4, H, W)}."""
-        return {
-            "cls_logits": [self.cls_logits(self.cls_tower(x)) for x in features],
-            "bbox_reg": [self.bbox_pred(self.bbox_tower(x)) for x in features],
-        }
-
-    def anchors(self, outputs: dict[str, list[Tensor]]) -> list[Tensor]:
-        """Per level (H*W*A, 4) anchors, rows ordered (y, x, anchor)."""
-        anchors = []
-        for x, stride in zip(outputs["cls_logits"], self.strides):
-            sizes = cell_anchor_sizes(self.anchor_scale * stride, self.scales, self.aspect_ratios).to(x.device)
-            centers = grid_centers(x.shape[-2:], stride, self.anchor_offset, x.device)
-            anchors.append(anchors_from_centers(centers, sizes))
-        return anchors
+    def cell_sizes(self, stride: int) -> Tensor:
+        """(A, 2): ``anchor_scale * stride`` times each octave scale, at each aspect ratio."""
+        return cell_anchor_sizes(self.anchor_scale * stride, self.octave_scales, self.aspect_ratios)
 
     def loss(
         self, outputs: dict[str, list[Tensor]], targets: list[dict[str, Tensor]], image_sizes: list[tuple[int, int]]
@@ -140,8 +96,7 @@ class RetinaNetHead(nn.Module):
         """{"loss_cls", "loss_box"}, both divided by the number of positives; ``image_sizes`` is unused."""
         check_targets(targets, self.num_classes)
         anchors = torch.cat(self.anchors(outputs))  # (N, 4)
-        cls_logits = torch.cat([flatten_level(x, self.num_classes) for x in outputs["cls_logits"]], 1).float()
-        bbox_reg = torch.cat([flatten_level(x, 4) for x in outputs["bbox_reg"]], 1).float()  # (B, N, 4)
+        cls_logits, bbox_reg, _ = self.flat_outputs(outputs)  # (B, N, K), (B, N, 4)
 
         matches = [retinanet_match(anchors, t["boxes"].to(anchors), self.fg_iou, self.bg_iou) for t in targets]
         cls_targets, img, idx, gt = one_hot_targets(matches, targets, self.num_classes)
@@ -162,32 +117,12 @@ class RetinaNetHead(nn.Module):
             loss_box = F.smooth_l1_loss(deltas, target_deltas, beta=self.smooth_l1_beta, reduction="sum") / num_pos
         return {"loss_cls": loss_cls, "loss_box": loss_box}
 
-    @torch.no_grad()
-    def postprocess(
-        self, outputs: dict[str, list[Tensor]], image_sizes: list[tuple[int, int]]
-    ) -> list[dict[str, Tensor]]:
-        """score = sigmoid(cls); candidates above score_thresh."""
-        scores, candidates, boxes = [], [], []
-        for logits, reg, anchors in zip(outputs["cls_logits"], outputs["bbox_reg"], self.anchors(outputs)):
-            cls = flatten_level(logits, self.num_classes).float().sigmoid()  # (B, P*A, K)
-            deltas = flatten_level(reg, 4)  # (B, P*A, 4)
-            scores.append(cls)
-            candidates.append(cls > self.score_thresh)
-            decoded = self.box_coder.decode(deltas.flatten(0, 1), anchors.repeat(len(deltas), 1))
-            boxes.append(decoded.view_as(deltas))
-        return postprocess_dense(
-            scores, candidates, boxes, image_sizes, self.pre_nms_top_n, self.nms_thresh, self.detections_per_img
-        )
-
 
 def build_retinanet(cfg: ModelConfig, in_channels: int, strides: tuple[int, ...]) -> RetinaNetHead:
     o = cfg.head_options
     return RetinaNetHead(
-        in_channels,
-        cfg.num_classes,
-        strides,
-        box_loss=o.box_loss,
-        smooth_l1_beta=o.smooth_l1_beta,
-        **common_head_kwargs(o),
-        **head_defaults_overridden(o, "anchor_offset", "pred_kernel_size"),
+        in_channels, cfg.num_classes, strides, box_loss=o.box_loss, smooth_l1_beta=o.smooth_l1_beta, **dense_head_kwargs(o)
     )
+
+
+SPEC = HeadSpec(build_retinanet, RetinaNetHead)

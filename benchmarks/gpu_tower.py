@@ -1,0 +1,342 @@
+"""Time the DyHead tower's implementations on CUDA: torchvision's op per conv vs one gather + GEMM per conv.
+
+    python benchmarks/gpu_tower.py --json tower.json                # H100: 6 blocks x 256 ch, 800x1333, ~1 min
+    python benchmarks/gpu_tower.py --device cpu --small --json t.json   # a smoke test of this script on CPU
+    python benchmarks/gpu_tower.py --compile --precisions bf16 --batches 8 --json c.json   # + torch.compile
+
+Why: the "fast" DyHead path (``DyHeadBlock.forward_fast``, models/deform.py) is dispatched on CPU only;
+this measures whether it should also be on CUDA, and in which form. The tower sees the P3..P7 maps of an
+HxW image (strides 8..128, each level ceil(previous / 2)), batch 1 and 8, under fp32 and under bf16 /
+fp16 autocast. Variants:
+
+  reference         ``DyHeadBlock.forward`` with impl "reference": torchvision ``deform_conv2d`` per conv
+                    (float32 under autocast: torchvision's autocast rule);
+  fast              ``forward_fast`` on each block: one sampling table per block, per conv one
+                    ``embedding_bag`` gather of all (positions*9, C) columns and one batched GEMM, float32;
+  fast-cl           fast with ``fast_channels_last``: conv outputs channels-last (a GEMM without transpose;
+                    GroupNorm on CUDA copies them back to NCHW);
+  fast-lowp         fast with ``fast_low_precision``: gather + GEMM in the autocast dtype (bf16/fp16 only);
+  fast-tf32         fast in fp32 with TF32 matmuls allowed (what ``torch.set_float32_matmul_precision("high")``
+                    gives; fp32 only);
+  <v>-graph         <v> captured once in a CUDA graph and replayed (no launch overhead; CUDA only);
+  <v>-compile       ``torch.compile`` of the tower running <v> (with --compile; compiling takes a while).
+
+Timing: ``--warmup`` untimed calls, then CUDA-event timed calls until ``--iters`` or ``--budget-s`` seconds
+(at least 5); median / p90 / min in ms, images/s = batch / median, peak CUDA memory of one call. Exit 1 when
+a variant fails, except the optional -graph and -compile ones (their errors are in the report). Accuracy:
+every variant's outputs against the reference's in float32 with TF32 off (``fp32_strict``), and every timed
+configuration's outputs against that strict float32 reference of the same batch (the error of the
+precision). Offset convs get N(0, 0.02) weights so sampling really moves off the grid.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+
+from dyhead_cli.models.dyhead import DyHead
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+BASE_VARIANTS = ("reference", "fast", "fast-cl", "fast-lowp", "fast-tf32")
+Features = list[Tensor]
+
+
+def level_sizes(height: int, width: int, levels: int = 5) -> list[tuple[int, int]]:
+    """P3..P7 sizes of an HxW input: ceil(H/8), then ceil(previous / 2) per level (stride-2 convs)."""
+    h, w = -(-height // 8), -(-width // 8)
+    sizes = []
+    for _ in range(levels):
+        sizes.append((h, w))
+        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    return sizes
+
+
+def build_tower(channels: int, blocks: int, mode: str, device: str, seed: int = 0) -> DyHead:
+    torch.manual_seed(seed)
+    tower = DyHead(channels, blocks, offset_mode=mode).eval()
+    for block in tower.blocks:  # move sampling off the grid, as trained weights do
+        torch.nn.init.normal_(block.offset.weight, 0.0, 0.02)
+    return tower.to(device)
+
+
+def make_features(batch: int, channels: int, sizes: list[tuple[int, int]], device: str, seed: int = 1) -> Features:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, channels, h, w, generator=g).to(device) for h, w in sizes]
+
+
+@contextlib.contextmanager
+def strict_fp32(device: str):
+    """TF32 off for cuDNN convs and matmuls (restored after): float32 results to float32 rounding."""
+    if device != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def tf32_matmuls():
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def tower_call(tower: DyHead, variant: str, device: str, dtype: torch.dtype | None, cache: bool = True) -> Callable[[Features], Features]:
+    """features -> outputs, running ``tower`` as the base variant says, under inference mode and autocast."""
+    low = variant == "fast-lowp"
+    fast = variant.startswith("fast")
+    channels_last = variant == "fast-cl"
+
+    def run(feats: Features) -> Features:
+        for block in tower.blocks:
+            block.impl = "fast" if fast else "reference"
+            block.fast_low_precision = low
+            block.fast_channels_last = channels_last
+        tf32 = tf32_matmuls() if variant == "fast-tf32" else contextlib.nullcontext()
+        with tf32, torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=cache):
+            if not fast:
+                return tower(feats)
+            for block in tower.blocks:  # forward_fast directly: forward dispatches it on CPU only
+                feats = block.forward_fast(feats)
+            return feats
+
+    return run
+
+
+def graphed(fn: Callable[[Features], Features], feats: Features) -> Callable[[], Features]:
+    """``fn(feats)`` captured in a CUDA graph (after warm-up on a side stream); returns a replay call."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn(feats)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = fn(feats)
+
+    def replay() -> Features:
+        graph.replay()
+        return outs
+
+    return replay
+
+
+def time_once(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
+    """(milliseconds, result) of one call: CUDA events on GPU, perf_counter on CPU."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end), out
+    t0 = time.perf_counter()
+    out = fn()
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def measure(fn: Callable[[], Any], device: str, warmup: int, iters: int, budget_s: float) -> tuple[list[float], Any, int]:
+    """Warm-up, then timed calls until ``iters`` or ``budget_s`` (at least 5); (times ms, last output, peak bytes)."""
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, out, t0 = [], None, time.perf_counter()
+    while len(times) < iters and (len(times) < 5 or time.perf_counter() - t0 < budget_s):
+        ms, out = time_once(fn, device)
+        times.append(ms)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    return times, out, peak
+
+
+def max_abs_diff(a: Features, b: Features) -> float:
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
+
+
+def machine(device: str) -> dict[str, Any]:
+    import torchvision
+
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "torchvision": torchvision.__version__, "cuda": torch.version.cuda}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2**30, 1), cudnn=torch.backends.cudnn.version(),
+                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20, check=False)
+            info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    else:
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+def variant_names(precision: str, device: str, graphs: bool, compile_: bool) -> list[str]:
+    """The variants to time; on CPU only those that differ there (torchvision's CPU op has no autocast rule)."""
+    if device == "cpu":
+        names = ["reference", "fast"] if precision == "fp32" else ["fast"]
+        return names + (["fast-compile"] if compile_ else [])
+    names = [v for v in BASE_VARIANTS if (v != "fast-lowp" or precision != "fp32") and (v != "fast-tf32" or precision == "fp32")]
+    extra = []
+    if graphs and device == "cuda":
+        extra += [f"{v}-graph" for v in names if v not in ("fast-cl", "fast-tf32")]
+    if compile_:
+        extra += [f"{v}-compile" for v in ("reference", "fast")]
+    return names + extra
+
+
+def run_variant(tower: DyHead, name: str, feats: Features, args, dtype: torch.dtype | None) -> Callable[[], Features]:
+    """A no-argument call for variant ``name`` (built, captured or compiled here)."""
+    base = name.removesuffix("-graph").removesuffix("-compile")
+    if name.endswith("-graph"):
+        with torch.inference_mode():
+            return graphed(tower_call(tower, base, args.device, dtype, cache=False), feats)
+    if name.endswith("-compile"):
+        compiled = torch.compile(tower_call(tower, base, args.device, dtype))
+        return lambda: compiled(feats)
+    fn = tower_call(tower, name, args.device, dtype)
+    return lambda: fn(feats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--small", action="store_true", help="2 blocks x 64 ch at 128x160, batches 1,2 (a quick check)")
+    p.add_argument("--size", default="800x1333", help="input HxW; the tower sees its P3..P7 sizes")
+    p.add_argument("--blocks", type=int, default=6)
+    p.add_argument("--channels", type=int, default=256)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--precisions", default="fp32,bf16,fp16")
+    p.add_argument("--mode", default="official", choices=("official", "mmdet", "aligned"))
+    p.add_argument("--iters", type=int, default=25, help="timed calls per variant at most")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--budget-s", type=float, default=1.0, help="stop timing a variant after this (>= 5 calls)")
+    p.add_argument("--max-seconds", type=float, default=85.0, help="skip what is left after this many seconds")
+    p.add_argument("--no-graphs", action="store_true", help="leave out the CUDA-graph variants")
+    p.add_argument("--compile", action="store_true", help="add torch.compile variants (slow to compile)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_tower: no CUDA device here; use --device cpu for a smoke test")
+        return 2
+    if args.small:
+        args.size, args.blocks, args.channels = "128x160", 2, 64
+        if args.batches == "1,8":
+            args.batches = "1,2"
+    if args.device == "cpu" and args.precisions == "fp32,bf16,fp16":
+        args.precisions = "fp32,bf16"
+    height, width = (int(v) for v in args.size.lower().split("x"))
+    sizes = level_sizes(height, width)
+    batches = [int(b) for b in args.batches.split(",")]
+    precisions = [q.strip() for q in args.precisions.split(",") if q.strip()]
+    start = time.perf_counter()
+    tower = build_tower(args.channels, args.blocks, args.mode, args.device)
+    report: dict[str, Any] = {
+        "command": " ".join(sys.argv), "machine": machine(args.device),
+        "settings": {"device": args.device, "size": [height, width], "levels": [list(s) for s in sizes],
+                     "blocks": args.blocks, "channels": args.channels, "offset_mode": args.mode,
+                     "batches": batches, "precisions": precisions, "warmup": args.warmup, "iters": args.iters,
+                     "budget_s": args.budget_s},
+        "fp32_strict": {}, "results": [], "errors": [], "skipped": [],
+    }
+    print(f"DyHead tower {args.blocks} x {args.channels} ch on {report['machine'].get('gpu', args.device)}, levels "
+          f"{' '.join(f'{h}x{w}' for h, w in sizes)} ({height}x{width}), offset mode {args.mode}", flush=True)
+
+    references: dict[int, Features] = {}  # per batch: the reference in float32 with TF32 off
+    with torch.inference_mode(), strict_fp32(args.device):
+        for batch in sorted({1, *batches}):
+            feats = make_features(batch, args.channels, sizes, args.device)
+            references[batch] = tower_call(tower, "reference", args.device, None)(feats)
+        feats = make_features(1, args.channels, sizes, args.device)
+        scale = max(r.abs().max().item() for r in references[1])
+        for name in ("fast", "fast-cl") if args.device == "cuda" else ("fast",):
+            out = tower_call(tower, name, args.device, None)(feats)
+            report["fp32_strict"][name] = {"batch": 1, "max_abs_diff_vs_reference": max_abs_diff(out, references[1]),
+                                           "max_abs_reference": scale}
+    for name, acc in report["fp32_strict"].items():
+        print(f"fp32, TF32 off, batch 1: {name} vs reference max abs diff {acc['max_abs_diff_vs_reference']:.2e} "
+              f"(largest |output| {acc['max_abs_reference']:.2f})", flush=True)
+
+    for precision in precisions:
+        dtype = PRECISIONS[precision]
+        for batch in batches:
+            feats = make_features(batch, args.channels, sizes, args.device)
+            ref_ms = None
+            for name in variant_names(precision, args.device, not args.no_graphs, args.compile):
+                where = f"{precision} batch {batch} {name}"
+                if time.perf_counter() - start > args.max_seconds:
+                    report["skipped"].append(where)
+                    continue
+                try:
+                    with torch.inference_mode():
+                        fn = run_variant(tower, name, feats, args, dtype)
+                        times, out, peak = measure(fn, args.device, args.warmup, args.iters, args.budget_s)
+                        diff = max_abs_diff(out, references[batch])
+                except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
+                    first = next((line for line in str(e).splitlines() if line.strip()), "")
+                    report["errors"].append(f"{where}: {type(e).__name__}: {first[:300]}")
+                    print(f"{where}: FAILED {type(e).__name__}: {first[:200]}", flush=True)
+                    continue
+                median = statistics.median(times)
+                ref_ms = median if name == "reference" else ref_ms
+                srt = sorted(times)
+                row = {"precision": precision, "batch": batch, "variant": name, "median_ms": median,
+                       "p90_ms": srt[min(len(srt) - 1, round(0.9 * (len(srt) - 1)))], "min_ms": srt[0],
+                       "calls": len(times), "images_per_s": batch / median * 1e3, "peak_memory_mb": peak / 2**20,
+                       "speedup_vs_reference": (ref_ms / median) if ref_ms else None,
+                       "max_abs_diff_vs_fp32_strict_reference": diff}
+                report["results"].append(row)
+                print(f"{precision:>4} b{batch:<2} {name:<22} median {median:8.2f} ms  p90 {row['p90_ms']:8.2f}  "
+                      f"{row['images_per_s']:7.1f} img/s  peak {row['peak_memory_mb']:7.0f} MB  "
+                      f"x{row['speedup_vs_reference'] or float('nan'):5.2f} vs ref  diff {diff:.1e}", flush=True)
+            del feats
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    best = {}
+    for r in report["results"]:
+        key = (r["precision"], r["batch"])
+        if key not in best or r["median_ms"] < best[key]["median_ms"]:
+            best[key] = r
+    report["fastest"] = [{"precision": k[0], "batch": k[1], "variant": r["variant"], "median_ms": r["median_ms"],
+                          "speedup_vs_reference": r["speedup_vs_reference"]} for k, r in best.items()]
+    for b in report["fastest"]:
+        print(f"fastest {b['precision']} b{b['batch']}: {b['variant']} {b['median_ms']:.2f} ms "
+              f"(x{b['speedup_vs_reference'] or float('nan'):.2f} vs reference)")
+    if report["skipped"]:
+        print(f"skipped after {args.max_seconds:.0f} s: {', '.join(report['skipped'])}")
+    print(f"gpu_tower: {report['seconds']} s, {len(report['errors'])} errors")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    # graph capture and compilation are optional ways of running: their failures are reported, not fatal
+    essential = [e for e in report["errors"] if not any(f"-{x}:" in e for x in ("graph", "compile"))]
+    return 1 if essential else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
