@@ -200,7 +200,7 @@ def trace(wrapper: ExportWrapper, opts: ExportOptions) -> torch.export.ExportedP
 
 
 def _temporary(out: Path) -> Path:
-    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    return out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")  # torch.export.save wants the suffix
 
 
 def save_torch_export(program: torch.export.ExportedProgram, out: Path, metadata: dict[str, str]) -> None:

@@ -139,3 +139,15 @@ def load_onnx_detector(path: Path, threads: int | None = None) -> LoadedDetector
     names = list(model.meta.get("class_names") or [f"class_{k}" for k in range(model.recipe.model.num_classes)])
     meta = {"category_ids": model.meta.get("category_ids"), "recipe": model.meta["recipe"]}
     return LoadedDetector(model, model.recipe, names, meta)  # type: ignore[arg-type]
+
+
+def load_for_predict(weights: Path, recipe_path: Path | None, overrides: list[str] | tuple[str, ...], device: str,
+                     half: bool, bf16: bool) -> LoadedDetector:
+    """``dyhead predict --weights model.onnx``: the model, recipe and categories all come from the file."""
+    if recipe_path is not None or overrides:
+        raise DyheadError("--recipe and --set do not apply to an exported ONNX model: its recipe is fixed in the file")
+    if half or bf16:
+        raise DyheadError("--half / --bf16 do not apply to an ONNX model (export it with --half instead)")
+    if device not in ("auto", "cpu"):
+        raise DyheadError(f"ONNX models run on the CPU (onnxruntime's default provider): use --device cpu, not {device!r}")
+    return load_onnx_detector(weights)

@@ -75,9 +75,14 @@ def predict(
         raise DyheadError(f"--workers must be >= 0, got {workers}")
     if score_thr is not None and not 0.0 <= score_thr <= 1.0:
         raise DyheadError(f"--score-thr must be within 0..1, got {score_thr}")
-    dev = choose_device(device)
-    dtype = autocast_dtype(half, bf16, dev)
-    det = load_detector(weights, recipe_path, overrides)
+    if Path(weights).suffix == ".onnx":  # an exported model, run by onnxruntime (engine/onnx_runner.py)
+        from dyhead_cli.engine.onnx_runner import load_for_predict
+
+        det, dev, dtype = load_for_predict(weights, recipe_path, overrides, device, half, bf16), torch.device("cpu"), None
+    else:
+        dev = choose_device(device)
+        dtype = autocast_dtype(half, bf16, dev)
+        det = load_detector(weights, recipe_path, overrides)
     recipe = det.recipe
     images = collect_images(paths, images_dir, recipe)
     cats = category_ids(det, images.ann_categories)

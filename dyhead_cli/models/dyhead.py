@@ -69,8 +69,9 @@ def fit_offset_to_output(offset: Tensor, mask: Tensor, size: tuple[int, int], mo
     elif mode == "aligned":
         offset = F.interpolate(offset, size=(h, w), mode="bilinear", align_corners=False)
         # (B, 18, h, w) -> (B, 9, 2, h, w): (dy, dx) per tap, each in the coarser grid's pixels
-        scale = offset.new_tensor([h / big_h, w / big_w]).view(1, 1, 2, 1, 1)
-        offset = (offset.view(b, 9, 2, h, w) * scale).view(b, 18, h, w)
+        # (the scales as Python scalars, not a tensor of them: torch.export keeps them symbolic then)
+        off = offset.view(b, 9, 2, h, w)
+        offset = torch.stack([off[:, :, 0] * (h / big_h), off[:, :, 1] * (w / big_w)], dim=2).view(b, 18, h, w)
         mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
     else:
         raise ValueError(f"offset_mode must be one of {OFFSET_MODES}, got {mode!r}")
