@@ -108,6 +108,7 @@ def benchmark(
     compare: bool = typer.Option(False, "--compare", help="Also measure the model without DyHead (4-conv towers) and torchvision FCOS-R50."),
     impl: Optional[str] = typer.Option(None, "--impl", help="DyHead deformable convs: fast | reference (default: the model's)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Also time this model from 'dyhead export' under onnxruntime (CPU, same threads), in the same run."),
 ) -> None:
     """Latency, throughput, memory, parameters and FLOPs of a detector, stage by stage (CPU, or GPU with --gpu)."""
     from dyhead_cli.commands import benchmark as command
@@ -115,7 +116,7 @@ def benchmark(
     run_guarded(
         command.run, recipe=recipe, model=model, gpu=gpu, batch_sizes=batch_sizes, size=size, precision=precision,
         channels_last=channels_last, compile=compile, iters=iters, warmup=warmup, json_out=json_out,
-        markdown_out=markdown_out, compare=compare, impl=impl, threads=threads,
+        markdown_out=markdown_out, compare=compare, impl=impl, threads=threads, onnx=onnx,
     )
 
 

@@ -225,6 +225,7 @@ def save_onnx(program: torch.export.ExportedProgram, out: Path, metadata: dict[s
             onnx_program = torch.onnx.export(
                 program, input_names=["images", "image_sizes"], output_names=output_names,
                 opset_version=opts.opset, dynamo=True, external_data=False, verbose=False,
+                optimize=False,  # onnxscript's rewriter takes minutes on these graphs; onnxruntime optimises at load
             )
         model = onnx_program.model_proto
         for key, value in metadata.items():
