@@ -4,15 +4,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from helpers_detection import tiny_config
 from torch import Tensor
 from torchvision.ops import box_iou
 
 from dyhead_cli.engine.checkpoint import save_weights
-from dyhead_cli.engine.export import ExportOptions, export_metadata, prepare, save_onnx, save_torch_export, trace
+from dyhead_cli.engine.export import (
+    ExportOptions,
+    export_metadata,
+    prepare,
+    save_onnx,
+    save_torch_export,
+    trace,
+)
 from dyhead_cli.models.build import build_model
 from dyhead_cli.recipe import DyHeadConfig, Recipe, to_dict
-
-from helpers_detection import tiny_config
 
 
 def tiny_checkpoint(path: Path, head: str, offset_mode: str | None, seed: int = 0, **head_options) -> torch.nn.Module:

@@ -6,15 +6,20 @@ import sys
 
 import pytest
 import torch
+from helpers_detection import tiny_config
+from helpers_export import (
+    assert_same_detections,
+    export_both,
+    padded_batch,
+    tiny_checkpoint,
+)
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from dyhead_cli.cli import app
 from dyhead_cli.models.build import build_model
 from dyhead_cli.models.export_postprocess import postprocess_padded
-
-from helpers_detection import tiny_config
-from helpers_export import assert_same_detections, export_both, padded_batch, tiny_checkpoint
+from dyhead_cli.recipe import Recipe, save_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
@@ -51,7 +56,7 @@ def test_padded_postprocess_without_candidates_is_empty():
     model = build_model(tiny_config("atss", 0, score_thresh=0.99)).eval()
     with torch.no_grad():
         images, sizes = padded_batch(2, (256, 256), seed=0)
-        boxes, scores, labels, count = postprocess_padded(model.head, model.head(model.features(images, sizes)), torch.tensor(sizes))
+        _, _, labels, count = postprocess_padded(model.head, model.head(model.features(images, sizes)), torch.tensor(sizes))
     assert count.tolist() == [0, 0] and (labels == -1).all()
 
 
@@ -144,11 +149,26 @@ def test_export_predict_and_benchmark_commands(tmp_path):
         assert result.exit_code == 0, result.output
     onnx_rows, torch_rows = (json.loads((tmp_path / f).read_text()) for f in ("onnx.json", "torch.json"))
     assert len(onnx_rows) == len(torch_rows) > 0
-    key = lambda r: (r["image_id"], -r["score"], r["category_id"])  # noqa: E731
-    for a, b in zip(sorted(onnx_rows, key=key), sorted(torch_rows, key=key)):
-        assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
-        assert abs(a["score"] - b["score"]) < 2e-4
-        assert max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < 0.05
+
+    def detections(rows: list[dict], image_id: int) -> dict[str, torch.Tensor]:
+        rows = [r for r in rows if r["image_id"] == image_id]
+        xywh = torch.tensor([r["bbox"] for r in rows]).reshape(-1, 4)
+        return {"boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+                "scores": torch.tensor([r["score"] for r in rows]), "labels": torch.tensor([r["category_id"] for r in rows])}
+
+    for image_id in {r["image_id"] for r in torch_rows}:
+        assert_same_detections(detections(onnx_rows, image_id), detections(torch_rows, image_id), iou=0.98, score=2e-4)
+
+    recipe = tmp_path / "tiny.toml"
+    save_recipe(Recipe(model=tiny_config("atss", 0, score_thresh=0.02)), recipe)
+    report = tmp_path / "bench.json"
+    args = ["benchmark", "--recipe", str(recipe), "--size", "256x256", "--iters", "2", "--warmup", "0", "--threads", "1",
+            "--onnx", str(out), "--json", str(report)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(report.read_text())["results"]
+    assert [r["key"] for r in rows] == ["dyhead", "onnx"] and all(r["latency_ms"]["p50"] > 0 for r in rows)
+    assert "onnxruntime" in rows[1]["model"] and "onnxruntime" in result.output
 
 
 def _one_line_error(result) -> str:

@@ -193,7 +193,7 @@ def trace(wrapper: ExportWrapper, opts: ExportOptions) -> torch.export.ExportedP
             return torch.export.export(wrapper, example_inputs(opts), dynamic_shapes=dynamic_shapes(opts), strict=False)
     except DyheadError:
         raise
-    except Exception as e:  # torch.export raises many types; the first line says what failed
+    except Exception as e:  # noqa: BLE001 - torch.export raises many types; the first line says what failed
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = " (try without --dynamic: this backbone may need a fixed input size)" if opts.dynamic else ""
         raise DyheadError(f"torch.export could not trace this model{hint}: {first[:300]}") from None
@@ -240,7 +240,7 @@ def save_onnx(program: torch.export.ExportedProgram, out: Path, metadata: dict[s
         return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     except DyheadError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the exporter and onnx raise many types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DyheadError(f"ONNX export failed: {first[:300]}") from None
     finally:

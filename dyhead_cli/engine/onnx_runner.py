@@ -52,7 +52,7 @@ class OnnxDetector:
             options.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise DyheadError(f"{path} is not an ONNX model onnxruntime can load: {str(e).splitlines()[0][:200]}") from None
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         if meta.get("dyhead_format") != "dyhead-export/1":

@@ -38,7 +38,7 @@ def sample_grid(
     ``in_size`` is the sampled map's (H, W) (ints, or symbolic sizes under export). Written with slices and
     broadcasting rather than reshapes of symbolic sizes, which keeps torch.export's shape reasoning cheap.
     """
-    b, _, h, w = offset.shape
+    h, w = offset.shape[-2:]
     in_h, in_w = in_size
     sy, sx = stride
     pad_y, pad_x = padding
@@ -78,8 +78,8 @@ def deform_conv2d_export(
             f"{tuple(weight.shape)}, input channels {input.shape[1]}, offset channels {offset.shape[1]}"
         )
     stride, padding = _pair(stride), _pair(padding)
-    b, c, in_h, in_w = input.shape
-    h, w = offset.shape[-2:]
+    c, in_h, in_w = input.shape[1:]
+    h = offset.shape[-2]
     grid = sample_grid(offset, (in_h, in_w), stride, padding).to(input.dtype)
     cols = F.grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B, C, 9h, w)
     cols = cols.unflatten(2, (9, h))  # (B, C, 9, h, w)

@@ -73,7 +73,7 @@ def batch_nms(boxes: Tensor, scores: Tensor, labels: Tensor, images: Tensor, num
     return nms(boxes - low + shift, scores, iou)
 
 
-def pack(values: Tensor, slot: Tensor, size: int, fill: float | int) -> Tensor:
+def pack(values: Tensor, slot: Tensor, size: int, fill: float) -> Tensor:
     """Rows ``values`` (M, ...) written to the distinct rows ``slot`` (M,) of a (size, ...) tensor of ``fill``."""
     return values.new_full((size, *values.shape[1:]), fill).index_put((slot,), values)
 

@@ -601,7 +601,7 @@ def run_benchmark(cfg: ModelConfig, source: str, s: Settings, log: Callable[[str
     rows = [row for batch in s.batch_sizes for row in measure_batch(loaded, batch, s, log, onnx)]
     models = {x.c.key: x.info for x in loaded} | ({"onnx": onnx[1]} if onnx is not None else {})
     settings = dataclasses.asdict(s)
-    settings.update(size=list(s.size), threads=torch.get_num_threads(), impl=cfg.dyhead.impl if s.impl is None else s.impl,
+    settings.update(size=list(s.size), onnx=None if s.onnx is None else str(s.onnx), threads=torch.get_num_threads(), impl=cfg.dyhead.impl if s.impl is None else s.impl,
                     source=source, images="random 0..255, exactly HxW, no padding",
                     timer="CUDA events" if s.device == "cuda" else "time.perf_counter")
     machine = machine_start | {"load_average_end": load_average()}

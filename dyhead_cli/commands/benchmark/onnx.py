@@ -6,8 +6,9 @@ it is timed end to end, post-processing included when it was exported with it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
