@@ -47,6 +47,7 @@ class OnnxDetector:
         if not path.is_file():
             raise DyheadError(f"ONNX model not found: {path}")
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: its constant-folding notes are not for the user
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
