@@ -189,6 +189,10 @@ def plan(out: Path, work: Path, args: argparse.Namespace) -> list[Step]:
         Step("data synth", [*CLI, "data", "synth", str(data), "--num-train", "200", "--num-val", "50", "--image-size", "128",
                             "--colour-by-class"], 60),
     ]
+    qs_data = work / "quickstart_data"  # the quickstart's own data set, for the full-budget trainings at the end
+    if args.quickstarts:
+        steps.append(Step("data synth quickstart", [*CLI, "data", "synth", str(qs_data), "--num-train", "2000", "--num-val",
+                                                    "100", "--image-size", "128", "--colour-by-class"], 240, background=True))
     for precision in ("fp16", "bf16"):
         run = work / f"run_{precision}"
         sets = [*data_sets, "train.device=auto", f"train.mixed_precision={precision}", f"train.max_steps={args.train_steps}",
@@ -213,6 +217,17 @@ def plan(out: Path, work: Path, args: argparse.Namespace) -> list[Step]:
                                                       "--batch-sizes", "1,8", "--precision", precision, "--iters",
                                                       str(args.iters), "--warmup", "3", "--json", str(path)],
                           120, check_benchmark(path), timing=True))
+    # The quickstart's data and step budget (750 steps of 16 images) on the GPU, fp32 as the recipes say: ATSS and
+    # Faster R-CNN + DyHead side by side, for the README's quickstart table. Last, with what is left of the budget.
+    qs_sets = [f"data.train_images={qs_data / 'train'}", f"data.train_ann={qs_data / 'annotations' / 'train.json'}",
+               f"data.val_images={qs_data / 'val'}", f"data.val_ann={qs_data / 'annotations' / 'val.json'}",
+               "data.synthetic=false", f"data.num_workers={max(args.workers, 8)}", "train.device=auto"]
+    for name in args.quickstarts:
+        run = work / f"run_{name}"
+        cmd = [*CLI, "train", str(ROOT / "recipes" / f"{name}.toml"), "--out", str(run)]
+        for s_ in qs_sets:
+            cmd += ["--set", s_]
+        steps.append(Step(f"train {name}", cmd, 240, check_training(run), needs="data synth quickstart"))
     return steps
 
 
@@ -338,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/gpu_check_work"), help="scratch: data and training runs")
     p.add_argument("--budget-s", type=float, default=290.0, help="skip the steps that no longer fit in this")
     p.add_argument("--train-steps", type=int, default=300, help="optimizer steps of each quickstart training")
+    p.add_argument("--quickstarts", nargs="*", default=[], metavar="RECIPE",
+                   help="also train these recipes (e.g. quickstart faster_rcnn_quickstart) on the quickstart's full data "
+                        "and step budget, last, within the budget")
     p.add_argument("--iters", type=int, default=10, help="timed calls per model and batch size in dyhead benchmark")
     p.add_argument("--tower-seconds", type=float, default=50.0, help="gpu_tower.py's --max-seconds")
     p.add_argument("--workers", type=int, default=6, help="data loader workers for training")

@@ -5,6 +5,8 @@ Every user mistake surfaces as a ``DyheadError`` and is printed as one line with
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,6 +14,7 @@ from typing import Optional
 import typer
 
 from dyhead_cli.commands.console import fail
+from dyhead_cli.engine.paths import describe_os_error
 from dyhead_cli.errors import DyheadError
 
 app = typer.Typer(
@@ -23,21 +26,79 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Build and check COCO-format data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+recipes_app = typer.Typer(help="The built-in recipes: list them, or print one to edit.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from dyhead_cli import __version__
+
+        typer.echo(f"dyhead {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Train, evaluate, run and benchmark Dynamic Head object detectors on any timm backbone."""
 
 
 def run_guarded(fn, *args, **kwargs):
-    """Call ``fn``; turn user errors (and Ctrl-C) into one readable line and a non-zero exit."""
+    """Call ``fn``; turn every failure into one readable line on stderr and a non-zero exit, never a traceback.
+
+    ``DyheadError`` (the user's mistake): exit 1. ``OSError`` (a full disk, a read-only folder, a file that
+    vanished): exit 1, naming the path. Ctrl-C: exit 130. Anything else is our bug: one line asking for a
+    report, exit 2; ``DYHEAD_DEBUG=1`` re-raises it with its traceback.
+    """
     try:
         return fn(*args, **kwargs)
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
     except DyheadError as e:
-        # Errors raised in DataLoader workers come back with the worker's traceback in front: keep the message.
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        fail(lines[-1] if lines else type(e).__name__)
+        fail(last_line(e))
     except KeyboardInterrupt:
         fail("interrupted", 130)
+    except OSError as e:
+        if debug():
+            raise
+        fail(describe_os_error(e))
+    except MemoryError:
+        if debug():
+            raise
+        fail("out of memory: use smaller images or batches")
+    except RecursionError:
+        if debug():
+            raise
+        fail("input nested too deeply to read (recursion limit)")
+    except Exception as e:  # noqa: BLE001 - the last line of defence: never show a traceback to a user
+        if debug():
+            raise
+        fail(f"internal error ({type(e).__name__}: {last_line(e)}); please report it with the command you ran "
+             f"(DYHEAD_DEBUG=1 shows the traceback)", 2)
 
 
-RecipeArg = typer.Argument(..., help="Recipe TOML file (see recipes/).")
+def debug() -> bool:
+    return os.environ.get("DYHEAD_DEBUG", "") not in ("", "0")
+
+
+def last_line(e: BaseException) -> str:
+    """The message of ``e``, without what DataLoader workers put in front of it.
+
+    An error raised in a worker comes back as "Caught X in DataLoader worker process 0. Original Traceback
+    ... dyhead_cli.errors.DyheadError: <message>": keep the message, drop the traceback and the class path.
+    """
+    text = str(e)
+    if "Traceback (most recent call last)" in text:
+        lines = [line for line in text.splitlines() if line.strip() and not line.startswith((" ", "\t"))]
+        text = lines[-1] if lines else ""
+        text = re.sub(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Interrupt)\s*:\s*", "", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines) if lines else type(e).__name__
+
+
+RecipeArg = typer.Argument(..., help="Recipe TOML file, or a built-in recipe name (dyhead recipes lists them).")
 SetOpt = typer.Option(None, "--set", help="Dotted override, e.g. --set train.lr=0.02 (repeatable).")
 
 
@@ -70,7 +131,7 @@ def evaluate(
 
 @app.command()
 def predict(
-    paths: list[Path] = typer.Argument(..., help="Images, folders (recursive) or one COCO annotation file (its image list)."),
+    paths: list[Path] = typer.Argument(..., help="Images, videos, folders (recursive) or one COCO annotation file (its image list)."),
     weights: Path = typer.Option(..., "--weights", help="Checkpoint (.safetensors; its metadata carries the recipe) or a model from dyhead export (.onnx, run by onnxruntime)."),
     out: Path = typer.Option(Path("preds.json"), "--out", help="COCO results JSON to write (the image list goes to <stem>.images.json)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Use this recipe instead of the checkpoint's."),
@@ -79,15 +140,24 @@ def predict(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch (default: the recipe's eval.batch_size)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (default: the recipe's data.num_workers)."),
     score_thr: Optional[float] = typer.Option(None, "--score-thr", help="Drop detections scoring below this (default: keep all the model gives)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Keep only these classes: comma-separated names or category ids."),
+    iou: Optional[float] = typer.Option(None, "--iou", help="NMS IoU threshold (default: the recipe's model.head_options.nms_thresh)."),
+    max_det: Optional[int] = typer.Option(None, "--max-det", help="Detections kept per image (default: the recipe's detections_per_img)."),
+    tile: int = typer.Option(0, "--tile", help="Tiled inference for large images: crops of SIZE pixels (plus the whole image), merged by NMS."),
+    tile_overlap: float = typer.Option(0.2, "--tile-overlap", help="With --tile: how much neighbouring crops overlap (fraction of SIZE)."),
+    vid_stride: int = typer.Option(1, "--vid-stride", help="Videos: predict every N-th frame."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Folder for annotated images (videos: an annotated video); boxes scoring >= --score-thr, else 0.3."),
     half: bool = typer.Option(False, "--half", help="float16 autocast (CUDA)."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast (CPU or CUDA)."),
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Run a detector on images and write COCO-format results."""
+    """Run a detector on images and videos and write COCO-format results."""
     from dyhead_cli.commands import predict as command
 
+    wanted = [c for c in (classes or "").split(",") if c.strip()] or None
     run_guarded(
-        command.run, paths, weights, out, recipe, overrides or [], images_dir, device, batch_size, workers, score_thr, half, bf16
+        command.run, paths, weights, out, recipe, overrides or [], images_dir, device, batch_size, workers, score_thr, half, bf16,
+        vid_stride, save, wanted, iou, max_det, tile, tile_overlap,
     )
 
 
@@ -177,12 +247,30 @@ def convert(
     resnet_style: str = typer.Option("auto", "--resnet-style", help="auto | caffe | pytorch: where the ResNet's stride sits (caffe: 1x1 conv, BGR input) when the checkpoint does not say."),
     approximate: bool = typer.Option(False, "--approximate", help="Convert even where our model cannot express the reference architecture (listed); for fine-tuning, not for the published AP."),
     recipe_out: Optional[Path] = typer.Option(None, "--recipe-out", help="Where to write the recipe TOML (default: DST with .toml)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing DST (and its recipe TOML)."),
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Convert an official (detectron2) or MMDetection DyHead checkpoint."""
     from dyhead_cli.commands import convert as command
 
-    run_guarded(command.run, src, dst, source, recipe, offset_mode, resnet_style, approximate, overrides or [], recipe_out)
+    run_guarded(command.run, src, dst, source, recipe, offset_mode, resnet_style, approximate, overrides or [], recipe_out, force)
+
+
+@recipes_app.callback()
+def recipes_list(ctx: typer.Context) -> None:
+    """List the built-in recipes (run one with: dyhead train NAME)."""
+    if ctx.invoked_subcommand is None:
+        from dyhead_cli.commands import recipes as command
+
+        run_guarded(command.list_recipes)
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="Built-in recipe name, e.g. quickstart.")) -> None:
+    """Print a built-in recipe's TOML (dyhead recipes show quickstart > my.toml)."""
+    from dyhead_cli.commands import recipes as command
+
+    run_guarded(command.show, name)
 
 
 @data_app.command("synth")
@@ -195,11 +283,12 @@ def data_synth(
     colour_by_class: bool = typer.Option(
         False, "--colour-by-class", help="Each class keeps to its own band of hues (as the quickstart's data)."
     ),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty folder that holds no synthetic data set."),
 ) -> None:
     """Write the built-in synthetic COCO-format data set (coloured shapes on textures)."""
     from dyhead_cli.commands import data as command
 
-    run_guarded(command.synth, out, num_train, num_val, image_size, seed, colour_by_class)
+    run_guarded(command.synth, out, num_train, num_val, image_size, seed, colour_by_class, force)
 
 
 @data_app.command("check")

@@ -4,18 +4,88 @@ A recipe has four tables, ``[model]``, ``[data]``, ``[train]`` and ``[eval]`` (p
 Every key is a dataclass field; an unknown key is an error that suggests the closest field. Dotted
 overrides (``train.lr=0.02``) are applied on top of the file before the dataclasses are built, so they
 get the same checks.
+
+Built-in recipes ship inside the package (``dyhead_cli/recipes/NAME.toml``), so they work after a plain
+``pip install``: ``load_recipe("quickstart")`` names one. A missing ``recipes/NAME.toml`` (the README's
+paths, and the repository's layout before the recipes moved into the package) is the built-in ``NAME``.
+A recipe may start from another with a top-level ``extends = "NAME"`` (a built-in) or
+``extends = "base.toml"`` (relative to the extending file): its tables are merged key by key over the
+base's (lists and scalars replace), and ``name`` is never inherited.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-import tomllib
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from dyhead_cli.errors import DyheadError, suggest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (a dependency there)
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+# Sizes beyond these exhaust memory long before they help: refused with the limit named.
+MAX_IMAGE_SIDE = 4096  # px, any image side a recipe or command asks for
+MAX_SYNTHETIC_SIZE = 2048  # px, the synthetic data set's images
+MAX_SYNTHETIC_IMAGES = 100_000  # per split
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a number (or of each number of a list), declared next to its field by ``ranged``.
+
+    ``also``: sentinel values allowed outside the range (``-1``: "the head's default").
+    ``length``: (min, max) items of a list field. ``multiple_of``: an int field's step.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    also: tuple[float, ...] = ()
+    length: tuple[int, int] | None = None
+    multiple_of: int | None = None
+
+    def allows(self, v: float) -> bool:
+        if v in self.also:
+            return True
+        return (
+            (self.ge is None or v >= self.ge)
+            and (self.gt is None or v > self.gt)
+            and (self.le is None or v <= self.le)
+            and (self.lt is None or v < self.lt)
+            and (self.multiple_of is None or v % self.multiple_of == 0)
+        )
+
+    def describe(self) -> str:
+        parts = []
+        low = f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}" if self.gt is not None else ""
+        high = f"<= {self.le:g}" if self.le is not None else f"< {self.lt:g}" if self.lt is not None else ""
+        parts.append(" and ".join(p for p in (low, high) if p))
+        if self.multiple_of is not None:
+            parts.append(f"a multiple of {self.multiple_of}")
+        text = ", ".join(p for p in parts if p)
+        if self.also:
+            text += " (or " + " or ".join(f"{a:g}" for a in self.also) + ")"
+        return text
+
+
+def ranged(default: Any, *, length: tuple[int, int] | None = None, **bounds: Any) -> Any:
+    """A dataclass field with its allowed range as metadata (checked by ``check_ranges``).
+
+    ``default``: a value, or a callable for lists (``lambda: [800]``, ``list``).
+    """
+    meta = {"range": Range(length=length, **bounds)}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -25,8 +95,8 @@ class BackboneConfig:
     name: str = "resnet50"
     pretrained: bool = False
     pretrained_file: str = ""  # a local weight file (safetensors or a weights-only torch file)
-    img_size: list[int] = field(default_factory=list)  # [H, W] for models that need it (Swin); [] = none
-    frozen_stages: int = 0  # stem + this many stages get requires_grad=False (detectron2's freeze_at)
+    img_size: list[int] = ranged(list, ge=32, le=MAX_IMAGE_SIDE, length=(0, 2))  # [H, W] for models that need it (Swin); [] = none
+    frozen_stages: int = ranged(0, ge=0, le=5)  # stem + this many stages get requires_grad=False (detectron2's freeze_at)
     norm_eval: bool = False  # keep BatchNorm in eval mode while training (frozen statistics)
     # MSRA/caffe ResNets (detectron2's STRIDE_IN_1X1, MMDetection style='caffe') put each stage's stride in
     # the first 1x1 conv of its first bottleneck; timm puts it in the 3x3. Bottleneck ResNets/ResNeXts only.
@@ -36,14 +106,18 @@ class BackboneConfig:
 
 @dataclass
 class FPNConfig:
-    channels: int = 256
+    channels: int = ranged(256, ge=16, le=4096, multiple_of=16)  # GroupNorm(16 groups) in the head towers
     extra_from: str = "p5"  # P6 is computed from "p5" (FCOS/ATSS, DyHead) or "c5" (RetinaNet)
     p7_relu: bool = True  # P7 = conv(relu(P6)) as torchvision/detectron2; false: conv(P6) (MMDetection)
+    # The pyramid levels the FPN and DyHead produce: [3, 4, 5, 6, 7] with P6/P7 by stride-2 convs (the dense
+    # heads), or [2, 3, 4, 5, 6] with P6 = max-pool(P5) (top_block = "maxpool": Faster R-CNN, detectron2's).
+    levels: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])
+    top_block: str = "p6p7"  # "p6p7" | "maxpool"
 
 
 @dataclass
 class DyHeadConfig:
-    num_blocks: int = 6
+    num_blocks: int = ranged(6, ge=0, le=64)
     offset_mode: str = "official"  # "official" | "mmdet" | "aligned": see docs/dyhead-design.md
     zero_init_offset: bool = False  # mmdet's "simple" recipe
     impl: str = "fast"  # "fast" | "reference": same numbers, the reference is torchvision's op as-is
@@ -58,41 +132,55 @@ class HeadOptions:
     leaves None out. Scores and thresholds: ``models/heads/postprocess.py``.
     """
 
-    num_convs: int = 0  # extra tower convs before the predictors (0 with DyHead, 4 for the baselines)
-    prior_prob: float = 0.01
-    anchor_scale: float = 8.0  # ATSS: one anchor of size anchor_scale * stride per location
-    atss_topk: int = 9
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
+    num_convs: int = ranged(0, ge=0, le=16)  # extra tower convs before the predictors (0 with DyHead, 4 for the baselines)
+    prior_prob: float = ranged(0.01, gt=0.0, lt=1.0)
+    anchor_scale: float = ranged(8.0, gt=0.0, le=1024.0)  # ATSS: one anchor of size anchor_scale * stride per location
+    atss_topk: int = ranged(9, ge=1, le=1000)
+    focal_alpha: float = ranged(0.25, ge=0.0, le=1.0)
+    focal_gamma: float = ranged(2.0, ge=0.0, le=10.0)
     box_loss: str = "giou"  # RetinaNet: "giou" | "smooth_l1"
-    smooth_l1_beta: float = 0.0  # RetinaNet with box_loss = "smooth_l1" (0 = L1, the official DyHead config)
-    box_loss_weight: float = 2.0  # ATSS: weight of the GIoU loss (the official REG_LOSS_WEIGHT)
-    center_sampling_radius: float = 1.5  # FCOS
+    smooth_l1_beta: float = ranged(0.0, ge=0.0)  # RetinaNet with box_loss = "smooth_l1" (0 = L1, the official DyHead config)
+    box_loss_weight: float = ranged(2.0, ge=0.0)  # ATSS: weight of the GIoU loss (the official REG_LOSS_WEIGHT)
+    center_sampling_radius: float = ranged(1.5, ge=0.0)  # FCOS
     # The head's CANDIDATE threshold: a (location, class) is considered only when sigmoid(cls) > score_thresh
     # (before the centerness factor). Not a threshold on final scores: that is predict's --score-thr.
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.6
-    pre_nms_top_n: int = 1000  # candidates kept per level before NMS
-    detections_per_img: int = 100
+    score_thresh: float = ranged(0.05, ge=0.0, le=1.0)
+    nms_thresh: float = ranged(0.6, ge=0.0, le=1.0)
+    pre_nms_top_n: int = ranged(1000, ge=1, le=1_000_000)  # candidates kept per level before NMS
+    detections_per_img: int = ranged(100, ge=1, le=100_000)
     postprocess: str = "official"  # "official" | "mmdet": the candidate ranking and clipping order of that code
-    anchor_offset: float | None = None  # prior centres at (i + offset) * stride; None = head default (ATSS 0.5, RetinaNet 0)
-    pred_kernel_size: int | None = None  # predictor conv kernel; None = head default (ATSS 1, FCOS/RetinaNet 3)
+    anchor_offset: float | None = None  # checked by models.build.resolve_model_config; prior centres at (i + offset) * stride; None = head default (ATSS 0.5, RetinaNet 0)
+    pred_kernel_size: int | None = None  # checked by models.build.resolve_model_config; predictor conv kernel; None = head default (ATSS 1, FCOS/RetinaNet 3)
     tower_norm: str = "gn"  # norm in the num_convs tower convs: "gn" | "none" (detectron2's RetinaNet)
 
 
 @dataclass
+class RCNNConfig:
+    """Faster R-CNN (``head = "faster_rcnn"``) knobs; the defaults are detectron2's, as in the official DyHead
+    R-CNN config. Test score threshold and detections per image come from ``head_options``, and so does the
+    box NMS threshold (set it to 0.5, detectron2's, in Faster R-CNN recipes)."""
+
+    rpn_pre_nms_top_n_train: int = 2000  # proposals kept per level before the RPN's NMS (0.7)
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n: int = 1000  # proposals kept per image after it (training and test)
+    roi_batch_size_per_image: int = 512  # RoIs sampled per image for the box head's losses (25% positives)
+    fc_dim: int = 1024  # width of the box head's two fully connected layers
+
+
+@dataclass
 class ModelConfig:
-    num_classes: int = 80
+    num_classes: int = ranged(80, ge=1, le=100_000)
     class_names: list[str] = field(default_factory=list)
-    head: str = "atss"  # "atss" | "fcos" | "retinanet"
+    head: str = "atss"  # "atss" | "fcos" | "retinanet" | "faster_rcnn"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn: FPNConfig = field(default_factory=FPNConfig)
     dyhead: DyHeadConfig = field(default_factory=DyHeadConfig)
     head_options: HeadOptions = field(default_factory=HeadOptions)
+    rcnn: RCNNConfig = field(default_factory=RCNNConfig)
     # Images enter the detector as 0..255 RGB; these say how the backbone wants them.
     input_format: str = "RGB"  # "RGB" | "BGR" (detectron2's caffe ResNets)
-    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
-    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    pixel_mean: list[float] = ranged(lambda: [123.675, 116.28, 103.53], ge=-1e6, le=1e6, length=(3, 3))
+    pixel_std: list[float] = ranged(lambda: [58.395, 57.12, 57.375], gt=0.0, le=1e6, length=(3, 3))
 
 
 @dataclass
@@ -102,49 +190,49 @@ class DataConfig:
     val_images: str = "data/coco/val2017"
     val_ann: str = "data/coco/annotations/instances_val2017.json"
     synthetic: bool = False  # create the built-in data set at the paths above when missing
-    synthetic_num_train: int = 200
-    synthetic_num_val: int = 50
-    synthetic_image_size: int = 256
-    synthetic_seed: int = 0
+    synthetic_num_train: int = ranged(200, ge=0, le=MAX_SYNTHETIC_IMAGES)
+    synthetic_num_val: int = ranged(50, ge=0, le=MAX_SYNTHETIC_IMAGES)
+    synthetic_image_size: int = ranged(256, ge=32, le=MAX_SYNTHETIC_SIZE)
+    synthetic_seed: int = ranged(0, ge=0, le=2**63 - 1)
     synthetic_colour_by_class: bool = False  # each class keeps to its own hues (the quickstart's setting)
-    min_sizes: list[int] = field(default_factory=lambda: [800])  # several = multi-scale training
-    max_size: int = 1333
-    test_min_size: int = 800
-    hflip_prob: float = 0.5
-    color_jitter: float = 0.0  # 0 = off; else the strength of brightness/contrast/saturation jitter
-    size_divisibility: int = 128
-    num_workers: int = 2
+    min_sizes: list[int] = ranged(lambda: [800], ge=32, le=MAX_IMAGE_SIDE, length=(1, 64))  # several = multi-scale training
+    max_size: int = ranged(1333, ge=32, le=MAX_IMAGE_SIDE)
+    test_min_size: int = ranged(800, ge=32, le=MAX_IMAGE_SIDE)
+    hflip_prob: float = ranged(0.5, ge=0.0, le=1.0)
+    color_jitter: float = ranged(0.0, ge=0.0, le=1.0)  # 0 = off; else the strength of brightness/contrast/saturation jitter
+    size_divisibility: int = ranged(128, ge=1, le=1024)
+    num_workers: int = ranged(2, ge=0, le=64)
     skip_corrupt: bool = False  # skip (and count) unreadable images instead of stopping
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 12
-    max_steps: int = 0  # > 0 caps the run at this many optimizer steps
-    batch_size: int = 2  # per process
-    grad_accum: int = 1
+    epochs: int = ranged(12, ge=1, le=100_000)
+    max_steps: int = ranged(0, ge=0)  # > 0 caps the run at this many optimizer steps
+    batch_size: int = ranged(2, ge=1, le=4096)  # per process
+    grad_accum: int = ranged(1, ge=1, le=4096)
     optimizer: str = "sgd"  # "sgd" | "adamw"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    lr: float = ranged(0.01, gt=0.0, le=10.0)
+    momentum: float = ranged(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = ranged(1e-4, ge=0.0, le=1.0)
     schedule: str = "step"  # "step" | "cosine"
-    lr_steps: list[float] = field(default_factory=lambda: [0.667, 0.889])  # fractions of the run
-    lr_gamma: float = 0.1
-    warmup_steps: int = 500
-    warmup_factor: float = 0.001
-    clip_grad_norm: float = 0.0  # 0 = off
+    lr_steps: list[float] = ranged(lambda: [0.667, 0.889], gt=0.0, le=1.0, length=(0, 64))  # fractions of the run
+    lr_gamma: float = ranged(0.1, gt=0.0, le=1.0)
+    warmup_steps: int = ranged(500, ge=0)
+    warmup_factor: float = ranged(0.001, gt=0.0, le=1.0)
+    clip_grad_norm: float = ranged(0.0, ge=0.0)  # 0 = off
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
-    ema_decay: float = 0.0  # 0 = no EMA
-    seed: int = 42
-    log_every: int = 20
-    eval_every: int = 1  # epochs
-    checkpoint_every: int = 0  # steps; 0 = at the end of each epoch only
+    ema_decay: float = ranged(0.0, ge=0.0, lt=1.0)  # 0 = no EMA
+    seed: int = ranged(42, ge=0, le=2**32 - 1)
+    log_every: int = ranged(20, ge=1)
+    eval_every: int = ranged(1, ge=0)  # epochs
+    checkpoint_every: int = ranged(0, ge=0)  # steps; 0 = at the end of each epoch only
     device: str = "auto"  # "auto" | "cpu"
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 4
+    batch_size: int = ranged(4, ge=1, le=4096)
 
 
 @dataclass
@@ -225,30 +313,100 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise DyheadError(f"recipe file not found: {path}")
-    try:
-        values = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise DyheadError(f"recipe {path} is not valid TOML: {e}") from None
+    """A recipe file or built-in recipe name, its ``extends`` chain merged, then ``overrides``, checked."""
+    text, where, name = read_recipe_source(path)
+    values = _resolve_extends(_parse_toml(text, where), where, [str(where or name)])
     values = apply_overrides(values, overrides or [])
-    values.setdefault("name", path.stem)
+    values.setdefault("name", name)
     return validate(from_dict(Recipe, values))
+
+
+def builtin_recipe_names() -> list[str]:
+    """The recipes shipped in the package, by name (file stem), sorted."""
+    folder = resources.files("dyhead_cli") / "recipes"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def builtin_recipe_text(name: str) -> str:
+    """The TOML text of the built-in recipe ``name`` (``quickstart`` or ``quickstart.toml``)."""
+    name = name[: -len(".toml")] if name.endswith(".toml") else name
+    names = builtin_recipe_names()
+    if name not in names:
+        raise DyheadError(f"no built-in recipe '{name}'{suggest(name, names)} (built-in: {', '.join(names)})")
+    return (resources.files("dyhead_cli") / "recipes" / f"{name}.toml").read_text(encoding="utf-8")
+
+
+def read_recipe_source(ref: str | Path) -> tuple[str, Path | None, str]:
+    """(TOML text, the file it came from or None for a built-in, default name) for a file or a name.
+
+    An existing file wins. Otherwise a bare name (``quickstart``) or a missing ``.../recipes/NAME.toml``
+    is the built-in recipe ``NAME``.
+    """
+    path = Path(ref)
+    if path.is_dir():
+        raise DyheadError(f"recipe {path} is a folder: give a recipe TOML file or a built-in recipe name")
+    if path.is_file():
+        try:
+            return path.read_bytes().decode("utf-8"), path, path.stem
+        except OSError as e:
+            raise DyheadError(f"cannot read recipe {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise DyheadError(f"recipe {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    text = str(ref)
+    bare = "/" not in text and "\\" not in text and path.suffix == ""
+    in_recipes = path.suffix == ".toml" and path.parent.name == "recipes"  # the repository's old layout
+    names = builtin_recipe_names()
+    if (bare or in_recipes) and path.stem in names:
+        return builtin_recipe_text(path.stem), None, path.stem
+    if bare:
+        raise DyheadError(f"no recipe file or built-in recipe '{text}'{suggest(text, names)} (built-in: {', '.join(names)})")
+    raise DyheadError(f"recipe file not found: {path}")
+
+
+def _parse_toml(text: str, where: Path | None) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise DyheadError(f"recipe {where or 'text'} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise DyheadError(f"recipe {where or 'text'} is nested too deeply to be a recipe") from None
+
+
+def _resolve_extends(values: dict[str, Any], where: Path | None, chain: list[str]) -> dict[str, Any]:
+    """Merge ``values`` over the recipe it ``extends`` (recursively); ``chain`` catches cycles."""
+    base_ref = values.pop("extends", None)
+    if base_ref is None:
+        return values
+    if not isinstance(base_ref, str) or not base_ref:
+        raise DyheadError(f"recipe key 'extends' must be a recipe name or file, got {base_ref!r}")
+    candidate = (where.parent / base_ref) if where is not None else None
+    ref: str | Path = candidate if candidate is not None and candidate.is_file() else base_ref
+    text, base_where, base_name = read_recipe_source(ref)
+    key = str(base_where.resolve() if base_where is not None else base_name)
+    if key in chain:
+        raise DyheadError(f"recipe 'extends' goes round in a circle: {' -> '.join(chain + [key])}")
+    base = _resolve_extends(_parse_toml(text, base_where), base_where, chain + [key])
+    base.pop("name", None)  # a recipe is named after itself, never after its base
+    return _deep_merge(base, values)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def recipe_from_dict(values: dict[str, Any]) -> Recipe:
     return validate(from_dict(Recipe, values))
 
 
+# The [model] choices are checked where they are implemented (models.build.resolve_model_config, called
+# by engine.recipes.load); these are the choices of the training loop.
 CHOICES = {
-    "model.head": ("atss", "fcos", "retinanet"),
-    "model.input_format": ("RGB", "BGR"),
-    "model.fpn.extra_from": ("p5", "c5"),
-    "model.dyhead.offset_mode": ("official", "mmdet", "aligned"),
-    "model.dyhead.impl": ("fast", "reference", "export"),
-    "model.head_options.box_loss": ("giou", "smooth_l1"),
-    "model.head_options.tower_norm": ("gn", "none"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("step", "cosine"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
@@ -256,8 +414,42 @@ CHOICES = {
 }
 
 
+def check_ranges(obj: Any, where: str = "") -> None:
+    """Check every field declared with ``ranged`` (recursively); one line naming the key, value and range."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        dotted = f"{where}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, dotted + ".")
+            continue
+        rng: Range | None = f.metadata.get("range")
+        if rng is None or value is None:  # None: "the head's default" (code only; TOML has no null)
+            continue
+        if isinstance(value, list):
+            lo, hi = rng.length or (0, None)
+            if len(value) < lo or (hi is not None and len(value) > hi):
+                want = f"exactly {lo}" if lo == hi else f"{lo}..{hi}" if hi is not None else f"at least {lo}"
+                raise DyheadError(f"recipe key '{dotted}' = {value!r} must have {want} values, it has {len(value)}")
+            bad = [v for v in value if not rng.allows(v)]
+            if bad:
+                raise DyheadError(f"recipe key '{dotted}' = {value!r}: {bad[0]!r} is out of range (each value must be {rng.describe()})")
+        elif not rng.allows(value):
+            raise DyheadError(f"recipe key '{dotted}' = {value!r} is out of range: it must be {rng.describe()}")
+
+
+def check_name(name: str) -> None:
+    """``name`` becomes part of a run folder's name: no path separators, no control characters."""
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\") or any(ord(c) < 32 for c in name):
+        raise DyheadError(
+            f"recipe key 'name' = {name!r} must be a non-empty name without '/', '\\' or control characters "
+            "(it names the run folder)"
+        )
+
+
 def validate(recipe: Recipe) -> Recipe:
     """Check values that have a fixed set of choices or a range."""
+    check_name(recipe.name)
+    check_ranges(recipe)
     for dotted, choices in CHOICES.items():
         obj: Any = recipe
         for part in dotted.split("."):
@@ -267,23 +459,10 @@ def validate(recipe: Recipe) -> Recipe:
                 f"recipe key '{dotted}' = {obj!r} is not one of {', '.join(choices)}{suggest(str(obj), choices)}"
             )
     m = recipe.model
-    if m.num_classes < 1:
-        raise DyheadError("recipe key 'model.num_classes' must be at least 1")
     if m.class_names and len(m.class_names) != m.num_classes:
         raise DyheadError(
             f"model.class_names has {len(m.class_names)} names but model.num_classes = {m.num_classes}"
         )
-    if m.dyhead.num_blocks < 0:
-        raise DyheadError("recipe key 'model.dyhead.num_blocks' must be >= 0")
-    o = m.head_options
-    if o.smooth_l1_beta < 0:
-        raise DyheadError("model.head_options.smooth_l1_beta must be >= 0")
-    if len(m.pixel_mean) != 3 or len(m.pixel_std) != 3:
-        raise DyheadError("model.pixel_mean and model.pixel_std need 3 values each")
-    if recipe.train.batch_size < 1 or recipe.train.grad_accum < 1:
-        raise DyheadError("train.batch_size and train.grad_accum must be at least 1")
-    if not recipe.data.min_sizes:
-        raise DyheadError("data.min_sizes needs at least one size")
     return recipe
 
 
@@ -319,7 +498,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(v, ensure_ascii=False)  # a valid TOML basic string: quotes, backslashes, control chars escaped
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dyhead_cli.engine import recipes
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.models.backbone import TimmBackbone
 from dyhead_cli.models.build import build_model
@@ -118,10 +119,13 @@ def test_new_fields_round_trip_and_are_checked(tmp_path):
     assert again.model.head_options.tower_norm == "none" and again.model.head_options.anchor_offset == 0.5
     d = recipe_from_dict({}).model  # defaults: today's behaviour
     assert (d.backbone.stride_in_1x1, d.backbone.out_norm, d.fpn.p7_relu) == (False, False, True)
-    assert (d.head_options.anchor_offset, d.head_options.pred_kernel_size, d.head_options.tower_norm) == (-1.0, 0, "gn")
+    # unset head options are the head's own defaults, filled in when the recipe is resolved
+    assert (d.head_options.anchor_offset, d.head_options.pred_kernel_size, d.head_options.tower_norm) == (None, None, "gn")
+    resolved = recipes.from_dict({}).model.head_options
+    assert (resolved.anchor_offset, resolved.pred_kernel_size) == (0.5, 1)  # ATSS's
     with pytest.raises(DyheadError, match=r"tower_norm' = 'bn' is not one of gn, none"):
-        recipe_from_dict(small(tower_norm="bn"))
-    with pytest.raises(DyheadError, match="pred_kernel_size must be odd"):
-        recipe_from_dict(small(pred_kernel_size=2))
-    with pytest.raises(DyheadError, match="anchor_offset must be in"):
-        recipe_from_dict(small(anchor_offset=1.5))
+        recipes.from_dict(small(tower_norm="bn"))
+    with pytest.raises(DyheadError, match="pred_kernel_size' must be a positive odd number"):
+        recipes.from_dict(small(pred_kernel_size=2))
+    with pytest.raises(DyheadError, match=r"anchor_offset' must be in \[0, 1\)"):
+        recipes.from_dict(small(anchor_offset=1.5))

@@ -51,10 +51,11 @@ def unsupported(*keys: str) -> list[str]:
     schema = to_dict(ModelConfig())
     missing = []
     for key in keys:
+        *tables, name = key.split(".")
         node = schema
-        for part in key.split("."):
+        for part in tables:
             node = node.get(part) if isinstance(node, dict) else None
-        if node is None:
+        if not isinstance(node, dict) or name not in node:
             missing.append(key)
     return missing
 

@@ -191,7 +191,7 @@ def test_degenerate_boxes_are_dropped_with_their_labels(tmp_path: Path) -> None:
         (json.dumps({"annotations": [], "categories": CATS}), "no 'images'"),
         (json.dumps({"images": [{"id": 1, "file_name": "a"}], "annotations": [], "categories": []}), "no categories"),
         (json.dumps({"images": [{"id": 1}], "categories": CATS}), "lacks 'file_name'"),
-        (json.dumps({"images": [{"id": [1], "file_name": "a"}], "categories": CATS}), "non-scalar"),
+        (json.dumps({"images": [{"id": [1], "file_name": "a"}], "categories": CATS}), "must be an integer"),
         (
             json.dumps({"images": [{"id": 1, "file_name": "a"}], "categories": CATS,
                         "annotations": [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [0, 0, 1, 1]}]}),

@@ -80,7 +80,7 @@ def test_resolve_keeps_values_the_recipe_sets_and_the_model_uses_them():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(head="atsss"), "recipe key 'model.head' = 'atsss' is not one of atss, fcos, retinanet (did you mean 'atss'?)"),
+        (dict(head="atsss"), "recipe key 'model.head' = 'atsss' is not one of atss, fcos, retinanet, faster_rcnn (did you mean 'atss'?)"),
         (dict(input_format="RBG"), "recipe key 'model.input_format' = 'RBG' is not one of RGB, BGR"),
         (dict(dyhead=dict(offset_mode="mmdett")), "'model.dyhead.offset_mode' = 'mmdett' is not one of official, mmdet, aligned (did you mean 'mmdet'?)"),
         (dict(dyhead=dict(impl="fats")), "'model.dyhead.impl' = 'fats' is not one of fast, reference"),

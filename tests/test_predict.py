@@ -188,8 +188,8 @@ def test_collect_images_rules(tmp_path: Path) -> None:
     listed = collect_images([tmp_path / "a", tmp_path / "b", tmp_path / "a" / "z.PNG"])
     assert listed.root == tmp_path
     assert [(e.id, e.file_name) for e in listed.entries] == [(1, "a/c.TIFF"), (2, "a/sub/b.jpeg"), (3, "a/z.PNG"), (4, "b/x.bmp")]
-    single = collect_images([tmp_path / "a" / "readme.md"])  # a file named explicitly is tried whatever it is
-    assert [e.file_name for e in single.entries] == ["readme.md"]
+    with pytest.raises(DyheadError, match="readme.md: not an image or video"):
+        collect_images([tmp_path / "a" / "readme.md"])  # a named file is probed (PIL, then OpenCV) whatever its name
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps({"images": [{"id": 7, "file_name": "x.bmp"}], "categories": [{"id": 4, "name": "c"}]}))
     with pytest.raises(DyheadError, match="must be the only PATH"):

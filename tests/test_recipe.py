@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from dyhead_cli.engine import recipes
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.recipe import Recipe, dump_toml, load_recipe, recipe_from_dict, save_recipe, to_dict
 
@@ -32,7 +33,7 @@ def test_wrong_types_and_choices(tmp_path):
     with pytest.raises(DyheadError, match="train.epochs' must be of type int"):
         load_recipe(write(tmp_path, '[train]\nepochs = "ten"\n'))
     with pytest.raises(DyheadError, match=r"model.head' = 'atts' is not one of .*did you mean 'atss'"):
-        load_recipe(write(tmp_path, '[model]\nhead = "atts"\n'))
+        recipes.load(write(tmp_path, '[model]\nhead = "atts"\n'))
 
 
 def test_dotted_overrides(tmp_path):
@@ -61,7 +62,7 @@ def test_round_trip_through_toml(tmp_path):
     assert tomllib.loads(dump_toml(to_dict(Recipe())))["model"]["dyhead"]["offset_mode"] == "official"
 
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parent.parent / "dyhead_cli" / "recipes"
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.toml")), ids=lambda p: p.name)

@@ -6,12 +6,22 @@ from typing import Any
 
 import typer
 
-from dyhead_cli.commands.console import console, say
+from dyhead_cli.commands.console import note, say
 from dyhead_cli.data.check import CheckReport, check_dataset
-from dyhead_cli.data.synthetic import make_synthetic_coco
+from dyhead_cli.data.synthetic import holds_synthetic_set, make_synthetic_coco
+from dyhead_cli.engine.paths import check_output_dir
+from dyhead_cli.errors import DyheadError
 
 
-def synth(out: Path, num_train: int, num_val: int, image_size: int, seed: int, colour_by_class: bool) -> dict[str, Any]:
+def synth(
+    out: Path, num_train: int, num_val: int, image_size: int, seed: int, colour_by_class: bool, force: bool = False
+) -> dict[str, Any]:
+    check_output_dir(out, "OUT")
+    if not force and Path(out).is_dir() and any(Path(out).iterdir()) and not holds_synthetic_set(Path(out)):
+        raise DyheadError(
+            f"{out} is not empty and holds no synthetic data set: its train/, val/ or annotations/ files could be "
+            "overwritten; choose an empty or new folder, or pass --force"
+        )
     summary = make_synthetic_coco(out, num_train, num_val, image_size=image_size, seed=seed, colour_by_class=colour_by_class)
     say(
         f"wrote {summary['num_train']} train and {summary['num_val']} val images "
@@ -23,11 +33,9 @@ def synth(out: Path, num_train: int, num_val: int, image_size: int, seed: int, c
 def check(ann: Path, images: Path) -> CheckReport:
     report = check_dataset(ann, images)
     for line in report.errors:
-        console.print("[red]error[/]   ", end="", highlight=False)
-        say(line)
+        note("error  ", line, style="red")
     for line in report.warnings:
-        console.print("[yellow]warning[/] ", end="", highlight=False)
-        say(line)
+        note("warning", line)
     say(f"{len(report.errors)} errors, {len(report.warnings)} warnings")
     if not report.ok:
         raise typer.Exit(1)

@@ -1,13 +1,18 @@
-"""``dyhead predict PATH... --weights W [--out preds.json] ...``: a progress bar, then one summary line."""
+"""``dyhead predict PATH... --weights W [--out preds.json] ...``: a progress bar, then one summary line.
+
+Exit code 1 when nothing could be predicted (every image unreadable); skipped files alone do not fail the run.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dyhead_cli.commands.console import err_console, say
+from dyhead_cli.commands.console import err_console, note, say
+from dyhead_cli.engine.paths import check_distinct, check_output_file
 from dyhead_cli.engine.predict import PredictSummary, predict
+from dyhead_cli.engine.results import images_json_path
+from dyhead_cli.errors import DyheadError
 
 
 def run(
@@ -23,7 +28,15 @@ def run(
     score_thr: float | None,
     half: bool,
     bf16: bool,
+    vid_stride: int = 1,
+    save_dir: Path | None = None,
+    classes: list[str] | None = None,
+    iou: float | None = None,
+    max_det: int | None = None,
+    tile: int = 0,
+    tile_overlap: float = 0.2,
 ) -> PredictSummary:
+    check_outputs(paths, weights, out, recipe_path, images_dir)
     progress = Progress(
         TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True,  # the summary line replaces it
@@ -38,16 +51,35 @@ def run(
         progress.update(task, completed=s.num_predicted + s.num_skipped, speed=f"{s.images_per_s:.1f} img/s")
 
     def on_skip(message: str) -> None:
-        progress.console.print(f"[yellow]skipped[/] {escape(message)}", highlight=False, soft_wrap=True)
+        note("skipped", message, to=progress.console)
 
     with progress:
         summary = predict(
             paths, weights, out, recipe_path, overrides, images_dir, device, batch_size, workers, score_thr, half, bf16,
-            on_start=on_start, on_batch=on_batch, on_skip=on_skip,
+            on_start=on_start, on_batch=on_batch, on_skip=on_skip, vid_stride=vid_stride, save_dir=save_dir,
+            classes=classes, iou=iou, max_det=max_det, tile=tile, tile_overlap=tile_overlap,
         )
-    skipped = f" ({summary.num_skipped} unreadable, skipped)" if summary.num_skipped else ""
+    notes = []
+    if summary.num_skipped:
+        notes.append(f"{summary.num_skipped} unreadable, skipped")
+    if summary.ignored:
+        notes.append(f"{len(summary.ignored)} not an image or video")
+    noted = f" ({'; '.join(notes)})" if notes else ""
+    saved = f", drawn in {summary.save_dir}" if summary.save_dir is not None else ""
     say(
-        f"predicted {summary.num_predicted} of {summary.num_images} images{skipped}: {summary.num_detections} detections, "
-        f"{summary.images_per_s:.1f} images/s -> {summary.out} (image list: {summary.images_json})"
+        f"predicted {summary.num_predicted} of {summary.num_images} images{noted}: {summary.num_detections} detections, "
+        f"{summary.images_per_s:.1f} images/s -> {summary.out} (image list: {summary.images_json}, ids: {summary.id_rule}){saved}"
     )
+    if summary.num_predicted == 0:
+        raise DyheadError(f"nothing could be predicted: none of the {summary.num_images} images could be read")
     return summary
+
+
+def check_outputs(paths: list[Path], weights: Path, out: Path, recipe_path: Path | None, images_dir: Path | None) -> None:
+    """Refuse, before any work, a ``--out`` (or its ``.images.json``) that is an input or not a JSON file."""
+    inputs = [("checkpoint --weights", weights), ("--recipe", recipe_path), ("--images folder", images_dir)]
+    inputs += [("input", p) for p in paths]
+    images_json = images_json_path(out)
+    check_output_file(out, "--out", inputs, suffixes=(".json",))
+    check_output_file(images_json, "--out's image list", inputs, suffixes=(".json",))
+    check_distinct({"--out": out, "its image list": images_json})

@@ -52,7 +52,7 @@ SWIN_SIZES = {(96, (2, 2, 6, 2)): "tiny", (96, (2, 2, 18, 2)): "small", (128, (2
 class Capability:
     """A way the reference model can differ from ours, and the [model] field that would express it.
 
-    ``OURS``/``OURS_PER_HEAD`` say what our model does while the field does not exist; ``approximable``
+    ``OURS`` (and each head's ``DEFAULTS``) say what our model does while the field does not exist; ``approximable``
     says whether the weights still fit (same shapes) when the difference is ignored.
     """
 
@@ -96,18 +96,20 @@ CAPABILITIES = {
 }
 
 # What our model does today for each capability (per head where it differs).
+# How each reference runs inference beyond the weights: its dense post-processing (models/heads/postprocess.py)
+# and the multiple its batches are padded to (MMDetection's DetDataPreprocessor pad_size_divisor = 32 in the
+# DyHead configs; the official detectron2 configs SIZE_DIVISIBILITY = 128).
+REFERENCE_SETTINGS = {
+    "official": {"postprocess": "official", "size_divisibility": 128},
+    "mmdet": {"postprocess": "mmdet", "size_divisibility": 32},
+}
+
 OURS = {
     "backbone.stride_in_1x1": False,
     "backbone.out_norm": False,
     "fpn.p7_relu": True,
     "head_options.tower_norm": "gn",
 }
-OURS_PER_HEAD = {
-    "atss": {"head_options.anchor_offset": 0.5, "head_options.pred_kernel_size": 1},
-    "retinanet": {"head_options.anchor_offset": 0.0, "head_options.pred_kernel_size": 3},
-}
-
-
 @dataclass
 class Gap:
     key: str
@@ -127,7 +129,7 @@ class ReferenceModel:
     source: str
     backbone_kind: str  # "resnet" | "swin"
     backbone: str  # the timm model with the same weights layout
-    head: str  # "atss" | "retinanet"
+    head: str  # "atss" | "retinanet" | "faster_rcnn"
     num_classes: int
     fpn_channels: int
     extra_from: str
@@ -145,6 +147,8 @@ class ReferenceModel:
     requires: dict[str, Any]  # capability key -> what the reference does
     class_names: list[str]
     notes: list[str] = field(default_factory=list)
+    fpn_levels: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])  # [2, .., 6]: P6 = max-pool(P5)
+    fc_dim: int = 1024  # Faster R-CNN's box head width
 
 
 @dataclass
@@ -233,9 +237,16 @@ def default_model_section(ref: ReferenceModel) -> dict[str, Any]:
     model["fpn"].update(channels=ref.fpn_channels, extra_from=ref.extra_from)
     model["dyhead"].update(num_blocks=ref.num_blocks, offset_mode=ref.offset_mode, zero_init_offset=ref.zero_init_offset)
     model["head_options"].update(
-        num_convs=ref.num_convs, nms_thresh=ref.nms_thresh, score_thresh=0.05, pre_nms_top_n=1000, detections_per_img=100
+        num_convs=ref.num_convs, nms_thresh=ref.nms_thresh, score_thresh=0.05, pre_nms_top_n=1000, detections_per_img=100,
+        postprocess=REFERENCE_SETTINGS[ref.source]["postprocess"],
     )
-    if ref.head == "atss":
+    if ref.head == "faster_rcnn":
+        # configs/dyhead_r50_rcnn_fpn_1x.yaml on detectron2's defaults: P2-P6 (LastLevelMaxPool), anchors
+        # 32..512 = 8 x stride, 1000 proposals (pre-NMS 2000 train / 1000 test per level), 512 RoIs per image
+        model["fpn"].update(levels=list(ref.fpn_levels), top_block="maxpool")
+        model["head_options"].update(anchor_scale=8.0)
+        model["rcnn"].update(fc_dim=ref.fc_dim)
+    elif ref.head == "atss":
         model["head_options"].update(anchor_scale=ref.anchor_scale, atss_topk=9)
     elif "smooth_l1_beta" in model["head_options"]:
         # configs/dyhead_r50_retina_fpn_1x.yaml: detectron2's smooth L1 with SMOOTH_L1_LOSS_BETA 0 (training only)
@@ -243,16 +254,10 @@ def default_model_section(ref: ReferenceModel) -> dict[str, Any]:
     return model
 
 
-# [model] values that mean "the head's own default" (TOML has no null): see recipe.HeadOptions
-HEAD_DEFAULT_SENTINELS = {"head_options.anchor_offset": -1.0, "head_options.pred_kernel_size": 0}
-
-
 def _resolved(model: dict[str, Any], key: str, ours_now: dict[str, Any]) -> Any:
-    """The value ``key`` has in ``model``, with a "head default" sentinel replaced by that default."""
+    """The value ``key`` has in ``model``; an unset (None) head option is the head's own default."""
     value = get_dotted(model, key)
-    if key in HEAD_DEFAULT_SENTINELS and value == HEAD_DEFAULT_SENTINELS[key]:
-        return ours_now[key]
-    return value
+    return ours_now.get(key) if value is None else value
 
 
 def find_gaps(ref: ReferenceModel, model: dict[str, Any], set_fields: bool = True) -> list[Gap]:
@@ -260,7 +265,9 @@ def find_gaps(ref: ReferenceModel, model: dict[str, Any], set_fields: bool = Tru
     from dyhead_cli.recipe import ModelConfig, to_dict
 
     schema = to_dict(ModelConfig())
-    ours_now = {**OURS, **OURS_PER_HEAD[ref.head]}
+    from dyhead_cli.models.heads import HEADS
+
+    ours_now = {**OURS, **{f"head_options.{k}": v for k, v in HEADS[ref.head].defaults.items()}}
     gaps = []
     for key, wanted in ref.requires.items():
         cap = CAPABILITIES[key]

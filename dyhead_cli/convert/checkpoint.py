@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dyhead_cli.convert.capabilities import Conversion, Gap, default_model_section, find_gaps
+from dyhead_cli.convert.capabilities import REFERENCE_SETTINGS, Conversion, Gap, default_model_section, find_gaps
 from dyhead_cli.convert.mapping import check_complete, map_state_dict
 from dyhead_cli.convert.reading import read_reference_checkpoint
 from dyhead_cli.convert.reference import check_source, describe_reference
@@ -79,6 +79,11 @@ def convert_state_dict(
     return Conversion(dict(mp.out), model, ref, gaps, dropped, notes)
 
 
+def one_line(name: str) -> str:
+    """A file name inside a TOML comment: line breaks and other control characters as ``?``."""
+    return "".join("?" if ord(c) < 32 or c == "\x7f" else c for c in name)
+
+
 @dataclass
 class ConvertSummary:
     dst: Path
@@ -102,15 +107,28 @@ def convert_checkpoint(
     approximate: bool = False,
     overrides: list[str] | None = None,
     recipe_out: str | Path | None = None,
+    force: bool = False,
 ) -> ConvertSummary:
-    """``dyhead convert``: read ``src`` safely, convert, write ``dst`` (+ its recipe as TOML next to it)."""
+    """``dyhead convert``: read ``src`` safely, convert, write ``dst`` (+ its recipe as TOML next to it).
+
+    Output rules (``engine.paths``), checked before anything is read: neither output may be ``src`` or the
+    ``--recipe`` file, they may not be one file, and an existing one is replaced only with ``force``.
+    """
     from dyhead_cli.engine.checkpoint import load_model_weights, save_weights
-    from dyhead_cli.models.build import build_model
-    from dyhead_cli.recipe import Recipe, apply_overrides, dump_toml, load_recipe, recipe_from_dict, to_dict
+    from dyhead_cli.engine import recipes
+    from dyhead_cli.engine.inference import build_for_weights
+    from dyhead_cli.engine.paths import check_distinct, check_output_file, write_text_atomic, writing
+    from dyhead_cli.recipe import Recipe, dump_toml, load_recipe, recipe_from_dict, to_dict
 
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
         raise DyheadError(f"the destination must be a .safetensors file, got {dst}")
+    toml_path = Path(recipe_out) if recipe_out is not None else dst.with_suffix(".toml")
+    inputs = [("source checkpoint SRC", src), ("--recipe", recipe_path)]
+    check_distinct({"DST": dst, "the recipe TOML": toml_path})
+    check_output_file(dst, "DST", inputs, force=force, force_flag="--force")
+    check_output_file(toml_path, "--recipe-out" if recipe_out is not None else "the recipe TOML (DST with .toml)",
+                      inputs, force=force, force_flag="--force")
     state, info = read_reference_checkpoint(src)
     if recipe_path is not None:
         recipe = to_dict(load_recipe(recipe_path))
@@ -127,8 +145,16 @@ def convert_checkpoint(
             "a starting point for fine-tuning, not the published AP)"
         )
     recipe["model"] = conv.model
-    recipe = to_dict(recipe_from_dict(apply_overrides(recipe, list(overrides or []))))
-    detector = build_model(recipe_from_dict(recipe).model)
+    settings = REFERENCE_SETTINGS[source]
+    if recipe_path is not None:
+        if recipe["model"]["head_options"].get("postprocess") != settings["postprocess"]:
+            conv.notes.append(f"head_options.postprocess = {settings['postprocess']!r}, as the reference (was {recipe['model']['head_options'].get('postprocess')!r})")
+        if recipe["data"]["size_divisibility"] != settings["size_divisibility"]:
+            conv.notes.append(f"data.size_divisibility = {settings['size_divisibility']}, as the reference (was {recipe['data']['size_divisibility']})")
+    recipe["model"]["head_options"]["postprocess"] = settings["postprocess"]
+    recipe["data"]["size_divisibility"] = settings["size_divisibility"]
+    recipe = to_dict(recipes.from_dict(recipe, list(overrides or [])))
+    detector = build_for_weights(recipe_from_dict(recipe).model)
     load_model_weights(detector, conv.state_dict, source=f"the converted {src.name} (after --set)")
     dropped = dict(conv.dropped)
     if info.get("containers"):
@@ -146,11 +172,12 @@ def convert_checkpoint(
             "notes": conv.notes,
         }
     }
-    save_weights(dst, detector, recipe, extra)
-    toml_path = Path(recipe_out) if recipe_out is not None else dst.with_suffix(".toml")
-    toml_path.write_text(
-        f"# written by: dyhead convert {src.name} {dst.name} --from {source}\n"
-        f"# evaluate with: dyhead eval {toml_path.name} --weights {dst.name}\n" + dump_toml(recipe)
+    with writing(dst):
+        save_weights(dst, detector, recipe, extra)
+    write_text_atomic(
+        toml_path,
+        f"# written by: dyhead convert {one_line(src.name)} {one_line(dst.name)} --from {source}\n"
+        f"# evaluate with: dyhead eval {one_line(toml_path.name)} --weights {one_line(dst.name)}\n" + dump_toml(recipe)
     )
     return ConvertSummary(
         dst=dst,

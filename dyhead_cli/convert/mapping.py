@@ -265,6 +265,19 @@ def _map_head(mp: _Mapping, ref: ReferenceModel) -> None:
     _map_tower(mp, f"{prefix}{box_tower}.", "bbox_tower", ref.source)
 
 
+def _map_rcnn_head(mp: _Mapping) -> None:
+    """detectron2's RPN and RoI heads -> ours: the same modules under other names (our class order is
+    detectron2's, background last, and our deltas are class-major like its ``bbox_pred``: nothing to permute)."""
+    renames = {"proposal_generator.rpn_head.": "head.rpn.", "roi_heads.box_head.": "head.box_head.",
+               "roi_heads.box_predictor.": "head.box_predictor."}
+    pattern = re.compile(r"^(proposal_generator\.rpn_head\.|roi_heads\.box_head\.|roi_heads\.box_predictor\.)"
+                         r"(conv|objectness_logits|anchor_deltas|fc1|fc2|cls_score|bbox_pred)\.(weight|bias)$")
+    for key in list(mp.state):
+        m = pattern.match(key)
+        if m:
+            mp.put(f"{renames[m.group(1)]}{m.group(2)}.{m.group(3)}", key)
+
+
 def _drop_known_extras(mp: _Mapping) -> None:
     for key in mp.state:
         if key in mp.used:
@@ -286,7 +299,10 @@ def map_state_dict(state: dict[str, Tensor], ref: ReferenceModel, target: dict[s
         _map_swin(mp, ref.source, out_norms)
     _map_fpn(mp, ref.source)
     _map_dyhead(mp, ref.source)
-    _map_head(mp, ref)
+    if ref.head == "faster_rcnn":
+        _map_rcnn_head(mp)
+    else:
+        _map_head(mp, ref)
     _drop_known_extras(mp)
     for key in target:
         if key.endswith("num_batches_tracked") and key not in mp.out:

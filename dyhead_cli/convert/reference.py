@@ -35,10 +35,10 @@ def check_source(state: dict[str, Tensor], source: str) -> None:
     official = any(".dyhead_tower." in k or ".bottom_up." in k for k in keys)
     mmdet = any(".dyhead_blocks." in k or k.startswith(("bbox_head.", "neck.")) for k in keys)
     two_stage = [k for k in keys if k.startswith(("proposal_generator.", "roi_heads.", "rpn_head.", "roi_head."))]
-    if two_stage:
+    if two_stage and source == "mmdet":
         raise DyheadError(
-            "this is a two-stage detector (Faster R-CNN + DyHead: keys like "
-            f"{two_stage[0]}); dyhead has no RPN/ROI heads yet, so it cannot be converted"
+            f"this is an MMDetection two-stage detector (keys like {two_stage[0]}); only the official (detectron2) "
+            "Faster R-CNN + DyHead converts (--from official)"
         )
     if source == "official" and not official:
         hint = " (they look like MMDetection's: use --from mmdet)" if mmdet else ""
@@ -99,10 +99,13 @@ class _Head:
     num_convs: int
     nms_thresh: float
     anchor_scale: float = 8.0  # ATSS: anchor side = anchor_scale * stride (official SIZES 8*stride; mmdet octave_base_scale)
+    fc_dim: int = 1024  # Faster R-CNN: the box head's width
 
 
 def _read_head(state: dict[str, Tensor], source: str, config: str, requires: dict[str, Any], notes: list[str]) -> _Head:
     """Head type, classes, tower depth, predictor kernel, tower norm, anchor offset, NMS threshold."""
+    if source == "official" and any(k.startswith(("proposal_generator.", "roi_heads.")) for k in state):
+        return _read_rcnn_head(state)
     if source == "official":
         if one(state, "head.cls_logits.weight") and one(state, "head.centerness.weight"):
             kind, cls_key, box_key, tower = "atss", "head.cls_logits.weight", "head.bbox_pred.weight", "head.cls_tower."
@@ -157,6 +160,33 @@ def _read_head(state: dict[str, Tensor], source: str, config: str, requires: dic
     if scales_per_octave not in (None, "1"):
         raise DyheadError(f"scales_per_octave={scales_per_octave}: ours has one anchor per location")
     return _Head(kind, num_classes, num_convs, nms, float(config_value(config, "octave_base_scale") or 8.0))
+
+
+RCNN_KEYS = (  # detectron2's StandardRPNHead and StandardROIHeads (2-fc box head, FastRCNNOutputLayers)
+    "proposal_generator.rpn_head.conv.weight", "proposal_generator.rpn_head.objectness_logits.weight",
+    "proposal_generator.rpn_head.anchor_deltas.weight", "roi_heads.box_head.fc1.weight", "roi_heads.box_head.fc2.weight",
+    "roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.bbox_pred.weight",
+)  # fmt: skip
+
+
+def _read_rcnn_head(state: dict[str, Tensor]) -> _Head:
+    """The official Faster R-CNN + DyHead (configs/dyhead_r50_rcnn_fpn_1x.yaml): detectron2's RPN (3 anchors per
+    location: one size 8 x stride, aspect ratios 0.5/1/2) and RoI heads (K + 1 scores, background last;
+    class-specific deltas, 4 per class). Box NMS 0.5 (ROI_HEADS.NMS_THRESH_TEST)."""
+    missing = [k for k in RCNN_KEYS if k not in state]
+    if missing:
+        raise DyheadError(f"incomplete two-stage detector: no {', '.join(missing[:3])}")
+    dense = [k for k in state if k.startswith("head.")]
+    if dense:
+        raise DyheadError(f"the checkpoint has both two-stage heads (roi_heads.*) and a one-stage head ({dense[0]})")
+    num_anchors = int(state["proposal_generator.rpn_head.objectness_logits.weight"].shape[0])
+    if num_anchors != 3:
+        raise DyheadError(f"the RPN has {num_anchors} anchors per location; ours has 3 (aspect ratios 0.5, 1, 2)")
+    num_classes = int(state["roi_heads.box_predictor.cls_score.weight"].shape[0]) - 1
+    box_rows = int(state["roi_heads.box_predictor.bbox_pred.weight"].shape[0])
+    if box_rows != 4 * num_classes:
+        raise DyheadError(f"box regression has {box_rows} outputs for {num_classes} classes: only class-specific (4 x K) converts")
+    return _Head("faster_rcnn", num_classes, 0, 0.5, fc_dim=int(state["roi_heads.box_head.fc1.weight"].shape[0]))
 
 
 @dataclass
@@ -243,8 +273,9 @@ def _read_backbone(
     raise DyheadError("unknown backbone: expected a ResNet (stem.conv1 / conv1) or a Swin (patch_embed)")
 
 
-def _read_fpn(state: dict[str, Tensor], source: str, config: str, requires: dict[str, Any]) -> tuple[int, str]:
-    """(channels, extra_from) of the P3-P7 FPN; whether P7 follows a ReLU."""
+def _read_fpn(state: dict[str, Tensor], source: str, config: str, requires: dict[str, Any]) -> tuple[int, str, list[int]]:
+    """(channels, extra_from, levels) of the FPN: P3-P7 with P6/P7 convs (whether P7 follows a ReLU), or the
+    official R-CNN's P2-P6 with P6 = max-pool(P5) (laterals from C2, no top-block weights)."""
     if source == "official":
         lateral = sorted(k for k in state if re.search(r"(?:^|\.)fpn_lateral\d+\.weight$", k))
         p6 = one(state, "top_block.p6.weight")
@@ -255,10 +286,13 @@ def _read_fpn(state: dict[str, Tensor], source: str, config: str, requires: dict
         requires["fpn.p7_relu"] = config_value(config, "relu_before_extra_convs") == "True"
     if not lateral:
         raise DyheadError("no FPN lateral convs found (fpn_lateral<i> / neck.0.lateral_convs.<i>)")
+    channels = int(state[lateral[0]].shape[0])
+    if source == "official" and p6 is None and any(k.endswith("fpn_lateral2.weight") for k in lateral):
+        requires.pop("fpn.p7_relu")
+        return channels, "p5", [2, 3, 4, 5, 6]  # detectron2's LastLevelMaxPool: no weights
     if p6 is None:
         raise DyheadError("the FPN has no P6/P7 convs (top_block.p6 / neck.0.fpn_convs.3): only P3-P7 pyramids convert")
-    channels = int(state[lateral[0]].shape[0])
-    return channels, "p5" if int(state[p6].shape[1]) == channels else "c5"
+    return channels, "p5" if int(state[p6].shape[1]) == channels else "c5", [3, 4, 5, 6, 7]
 
 
 def _read_offset_mode(source: str, meta: dict[str, Any], notes: list[str]) -> str:
@@ -303,7 +337,9 @@ def describe_reference(
     num_blocks, dy_channels = _dyhead_shape(state, source)
     head = _read_head(state, source, config, requires, notes)
     backbone = _read_backbone(state, source, config, resnet_style, requires, notes)
-    fpn_channels, extra_from = _read_fpn(state, source, config, requires)
+    fpn_channels, extra_from, fpn_levels = _read_fpn(state, source, config, requires)
+    if (head.kind == "faster_rcnn") != (fpn_levels[0] == 2):
+        raise DyheadError(f"a {head.kind} head on a P{fpn_levels[0]}-P{fpn_levels[-1]} pyramid: ours pairs Faster R-CNN with P2-P6 only")
     if fpn_channels != dy_channels:
         raise DyheadError(f"FPN channels {fpn_channels} differ from DyHead channels {dy_channels}; ours share one width")
     fmt, mean, std = backbone.input
@@ -340,6 +376,8 @@ def describe_reference(
         zero_init_offset=zero_init,
         nms_thresh=head.nms_thresh,
         anchor_scale=head.anchor_scale,
+        fpn_levels=fpn_levels,
+        fc_dim=head.fc_dim,
         requires=requires,
         class_names=_read_class_names(meta, head.num_classes, notes),
         notes=notes,

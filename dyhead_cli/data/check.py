@@ -7,16 +7,15 @@ its EXIF orientation, because that is how the loader reads it and how COCO tools
 """
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from dyhead_cli.data.annotations import is_id
+from dyhead_cli.data.annotations import load_json_object, record_problems
 from dyhead_cli.data.images import IMAGE_ERRORS
+from dyhead_cli.errors import DyheadError
 
 BOX_TOLERANCE = 1.0  # px a box may overhang the image (rounding in annotation tools); the loader clips it
 EXAMPLES = 5  # file names quoted in a message that stands for many
@@ -60,24 +59,29 @@ def check_dataset(ann_file: str | Path, images_dir: str | Path) -> CheckReport:
     data = _load(Path(ann_file), report)
     if data is None:
         return report
-    cat_ids = _check_categories(data["categories"], report)
-    image_sizes = _check_images(data["images"], Path(images_dir), report)
-    _check_annotations(data["annotations"], image_sizes, cat_ids, report)
+    bad = {(p.section, p.index) for p in record_problems(data)}
+    report.errors.extend(p.message for p in record_problems(data))
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        what = "is a file, not a folder" if images_dir.exists() else "not found"
+        report.errors.append(f"image folder {what}: {images_dir} (no image could be checked)")
+        images_dir = None
+    good = {key: [(i, r) for i, r in enumerate(data[key]) if (key, i) not in bad] for key in ("images", "annotations", "categories")}
+    cat_ids = _check_categories(good["categories"], report)
+    image_sizes = _check_images(good["images"], images_dir, report)
+    if not data["images"]:
+        report.errors.append("the file lists no images: nothing to train or evaluate on")
+    _check_annotations(good["annotations"], image_sizes, cat_ids, report)
+    report.num_annotations = len(data["annotations"])
     return report
 
 
 def _load(path: Path, report: CheckReport) -> dict[str, Any] | None:
     """The parsed file, or None after recording why nothing else can be checked."""
-    if not path.is_file():
-        report.errors.append(f"annotation file not found: {path}")
-        return None
     try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        report.errors.append(f"annotation file {path} is not valid JSON: {e}")
-        return None
-    if not isinstance(data, dict):
-        report.errors.append(f"annotation file {path} must hold a JSON object, got {type(data).__name__}")
+        data = load_json_object(path, "annotation file")
+    except DyheadError as e:
+        report.errors.append(str(e))
         return None
     for key in ("images", "annotations", "categories"):
         if key not in data:
@@ -87,16 +91,10 @@ def _load(path: Path, report: CheckReport) -> dict[str, Any] | None:
     return None if report.errors else data
 
 
-def _check_categories(categories: list[Any], report: CheckReport) -> dict[Any, str]:
-    """category id -> name of the well-formed categories."""
+def _check_categories(categories: list[tuple[int, dict[str, Any]]], report: CheckReport) -> dict[Any, str]:
+    """category id -> name of the well-formed categories (schema problems are already reported)."""
     names: dict[Any, str] = {}
-    for i, cat in enumerate(categories):
-        if not isinstance(cat, dict) or not is_id(cat.get("id")):
-            report.errors.append(f"categories[{i}] has no valid 'id'")
-            continue
-        if cat["id"] in names:
-            report.errors.append(f"duplicate category id {cat['id']!r}")
-            continue
+    for _, cat in categories:
         if "name" not in cat:
             report.warnings.append(f"category id {cat['id']!r} has no 'name'")
         names[cat["id"]] = str(cat.get("name", cat["id"]))
@@ -106,25 +104,21 @@ def _check_categories(categories: list[Any], report: CheckReport) -> dict[Any, s
     return names
 
 
-def _check_images(images: list[Any], images_dir: Path, report: CheckReport) -> dict[Any, tuple[str, int, int] | None]:
+def _check_images(
+    images: list[tuple[int, dict[str, Any]]], images_dir: Path | None, report: CheckReport
+) -> dict[Any, tuple[str, int, int] | None]:
     """image id -> (file name, displayed width, height), or None where the size is unknown."""
     sizes: dict[Any, tuple[str, int, int] | None] = {}
     seen_files: set[str] = set()
-    for i, img in enumerate(images):
-        if not isinstance(img, dict) or not is_id(img.get("id")) or "file_name" not in img:
-            report.errors.append(f"images[{i}] lacks a valid 'id' or 'file_name'")
-            continue
-        image_id, name = img["id"], str(img["file_name"])
-        if image_id in sizes:
-            report.errors.append(f"duplicate image id {image_id!r} ({name})")
-            continue
+    for _, img in images:
+        image_id, name = img["id"], img["file_name"]
         if name in seen_files:
             report.warnings.append(f"file {name} is listed by more than one image id (again as id {image_id!r})")
         seen_files.add(name)
         json_size = _json_size(img)
         if json_size is None:
             report.warnings.append(f"image id {image_id!r} ({name}) has no valid 'width'/'height'")
-        file_size = _read_size(images_dir / name, image_id, report)
+        file_size = _read_size(images_dir / name, image_id, report) if images_dir is not None else None
         if file_size is not None and json_size is not None and file_size[:2] != json_size:
             (w, h, orientation), (jw, jh) = file_size, json_size
             why = ""
@@ -162,56 +156,37 @@ def _read_size(path: Path, image_id: Any, report: CheckReport) -> tuple[int, int
 
 
 def _check_annotations(
-    annotations: list[Any],
+    annotations: list[tuple[int, dict[str, Any]]],
     images: dict[Any, tuple[str, int, int] | None],
     cat_ids: dict[Any, str],
     report: CheckReport,
 ) -> None:
-    ann_ids: set[Any] = set()
+    """Boxes against their images, and what has no annotations (schema problems are already reported)."""
     per_image = dict.fromkeys(images, 0)
     per_category = dict.fromkeys(cat_ids, 0)
     lacking_eval_keys = 0
-    for i, ann in enumerate(annotations):
-        missing = [k for k in ("id", "image_id", "category_id", "bbox") if not isinstance(ann, dict) or k not in ann]
-        if missing:
-            report.errors.append(f"annotations[{i}] lacks {', '.join(repr(k) for k in missing)}")
-            continue
-        bad = [k for k in ("id", "image_id", "category_id") if not is_id(ann[k])]
-        if bad:
-            report.errors.append(f"annotations[{i}] has a non-scalar {bad[0]!r}: {ann[bad[0]]!r}")
-            continue
-        where = f"annotation id {ann['id']!r}"
-        if ann["id"] in ann_ids:
-            report.errors.append(f"duplicate annotation id {ann['id']!r}")
-        ann_ids.add(ann["id"])
-        if ann["image_id"] not in images:
-            report.errors.append(f"{where} refers to unknown image id {ann['image_id']!r}")
-        else:
-            per_image[ann["image_id"]] += 1
-        if ann["category_id"] not in cat_ids:
-            report.errors.append(f"{where} refers to unknown category id {ann['category_id']!r}")
-        else:
-            per_category[ann["category_id"]] += 1
+    for _, ann in annotations:
+        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
+        per_category[ann["category_id"]] = per_category.get(ann["category_id"], 0) + 1
         if "area" not in ann or "iscrowd" not in ann:
             lacking_eval_keys += 1
-        _check_box(ann["bbox"], where, images.get(ann["image_id"]), report)
-    report.num_annotations = len(annotations)
+        _check_box(ann["bbox"], f"annotation id {ann['id']!r}", images.get(ann["image_id"]), report)
 
     if lacking_eval_keys:
-        report.warnings.append(f"{lacking_eval_keys} annotations lack 'area' or 'iscrowd', which COCO evaluation reads")
-    empty = [images[i][0] if images[i] else str(i) for i, n in per_image.items() if n == 0]
+        report.warnings.append(
+            f"{lacking_eval_keys} annotations lack 'area' or 'iscrowd', which COCO evaluation reads "
+            "(dyhead fills in iscrowd = 0 and the box area; other tools may not)"
+        )
+    empty = [images[i][0] if images[i] else str(i) for i in images if per_image.get(i, 0) == 0]
     if empty:
         examples = ", ".join(empty[:EXAMPLES]) + (", ..." if len(empty) > EXAMPLES else "")
         report.warnings.append(f"{len(empty)} images have no annotations ({examples})")
-    for cat_id, n in per_category.items():
-        if n == 0:
+    for cat_id in cat_ids:
+        if per_category.get(cat_id, 0) == 0:
             report.warnings.append(f"category {cat_ids[cat_id]!r} (id {cat_id!r}) has no annotations")
 
 
 def _check_box(bbox: Any, where: str, image: tuple[str, int, int] | None, report: CheckReport) -> None:
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-        report.errors.append(f"{where} has a malformed bbox {bbox!r} (want [x, y, width, height])")
-        return
     x, y, w, h = bbox
     if w <= 0 or h <= 0:
         report.errors.append(f"{where} has a box with zero or negative size {bbox!r}")
@@ -223,6 +198,3 @@ def _check_box(bbox: Any, where: str, image: tuple[str, int, int] | None, report
     if x < -t or y < -t or x + w > width + t or y + h > height + t:
         report.errors.append(f"{where} box {bbox!r} lies outside its {width}x{height} image {name}")
 
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

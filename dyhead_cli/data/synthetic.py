@@ -11,9 +11,11 @@ byte-identical JSON and images.
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dyhead_cli.errors import DyheadError
+from dyhead_cli.recipe import MAX_SYNTHETIC_IMAGES, MAX_SYNTHETIC_SIZE
 
 # Deliberately non-contiguous ids: a data loader that uses category ids as labels breaks visibly.
 CATEGORIES = [
@@ -56,10 +59,13 @@ def make_synthetic_coco(
     (seed, split, index), so adding images leaves the others alone.
     The JSON files are written last and atomically: when they exist, the images they list exist too.
     """
-    if num_train < 0 or num_val < 0:
-        raise DyheadError(f"synthetic data set sizes must be >= 0, got train={num_train} val={num_val}")
-    if image_size < 32:
-        raise DyheadError(f"synthetic image size must be at least 32 px, got {image_size}")
+    for what, count in (("train", num_train), ("val", num_val)):
+        if not 0 <= count <= MAX_SYNTHETIC_IMAGES:
+            raise DyheadError(f"the number of synthetic {what} images must be within 0..{MAX_SYNTHETIC_IMAGES}, got {count}")
+    if not 32 <= image_size <= MAX_SYNTHETIC_SIZE:
+        raise DyheadError(f"synthetic image size must be within 32..{MAX_SYNTHETIC_SIZE} px (larger ones exhaust memory), got {image_size}")
+    if seed < 0:
+        raise DyheadError(f"the seed must be >= 0, got {seed}")
     root = Path(out_dir)
     summary: dict[str, Any] = {"root": str(root), "categories": [c["name"] for c in CATEGORIES]}
     for split, count in (("train", num_train), ("val", num_val)):
@@ -134,14 +140,32 @@ def check_settings(ann_file: Path, want: dict[str, Any]) -> None:
         )
 
 
+def holds_synthetic_set(root: Path) -> bool:
+    """Whether ``root`` holds a data set ``make_synthetic_coco`` wrote (its JSON files say so)."""
+    found = False
+    for split in SPLIT_CODES:
+        ann_file = Path(root) / "annotations" / f"{split}.json"
+        if not ann_file.exists():
+            continue
+        try:
+            info = json.loads(ann_file.read_bytes()).get("info", {})
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return False
+        if not isinstance(info, dict) or not isinstance(info.get("generator"), dict):
+            return False
+        found = True
+    return found
+
+
 def generator_settings(num_images: int, image_size: int, seed: int, colour_by_class: bool) -> dict[str, Any]:
     """What a split was made with (stored in its JSON, compared by ``ensure_synthetic``)."""
     return {"num_images": num_images, "image_size": image_size, "seed": seed, "colour_by_class": colour_by_class}
 
 
 def _write_split(images_dir: Path, ann_file: Path, split: str, settings: dict[str, Any]) -> int:
-    images_dir.mkdir(parents=True, exist_ok=True)
-    ann_file.parent.mkdir(parents=True, exist_ok=True)
+    for folder in (images_dir, ann_file.parent):
+        with _writing(folder, folder / ".none"):
+            folder.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     seed, size = settings["seed"], settings["image_size"]
     for index in range(settings["num_images"]):
@@ -169,16 +193,29 @@ def _write_split(images_dir: Path, ann_file: Path, split: str, settings: dict[st
         "categories": CATEGORIES,
     }
     tmp = ann_file.with_name(ann_file.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=None, separators=(",", ":")))
-    os.replace(tmp, ann_file)
+    with _writing(ann_file, tmp):
+        tmp.write_text(json.dumps(data, indent=None, separators=(",", ":")))
+        os.replace(tmp, ann_file)
     return len(annotations)
 
 
 def _atomic_save(image: Image.Image, path: Path) -> None:
     """Save via a temporary file so two processes creating the same data set never see half a file."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    image.save(tmp, format="JPEG", quality=92, subsampling=0)
-    os.replace(tmp, path)
+    with _writing(path, tmp):
+        image.save(tmp, format="JPEG", quality=92, subsampling=0)
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _writing(path: Path, tmp: Path) -> Iterator[None]:
+    """A failed write (full disk, read-only folder) is one ``DyheadError`` naming ``path``; no temporary is left."""
+    try:
+        yield
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise DyheadError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def render_image(

@@ -76,9 +76,9 @@ def evaluate_checkpoint(recipe_path: Path, weights: Path, overrides: list[str], 
     from dyhead_cli.engine.checkpoint import load_model_weights, load_weights
     from dyhead_cli.engine.inference import choose_device, predict_coco
     from dyhead_cli.models.build import build_model
-    from dyhead_cli.recipe import load_recipe
+    from dyhead_cli.engine import recipes
 
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = recipes.load(recipe_path, overrides)
     dev = choose_device(device)
     state, _ = load_weights(weights)
     loader, dataset = val_loader(recipe)

@@ -8,6 +8,7 @@ the same classes, else 1..K.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from torch import nn
 from dyhead_cli.engine.checkpoint import load_model_weights, load_weights
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.models.build import build_model
-from dyhead_cli.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
+from dyhead_cli.engine import recipes
+from dyhead_cli.recipe import ModelConfig, Recipe
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # the choices of every --device option and of train.device
 
@@ -32,23 +34,63 @@ class LoadedDetector:
     meta: dict[str, Any] = field(default_factory=dict)
 
 def load_detector(weights: Path, recipe_path: Path | None = None, overrides: Sequence[str] = ()) -> LoadedDetector:
-    """Rebuild the model from the checkpoint's recipe (or ``recipe_path``), load its weights, eval mode."""
-    state, meta = load_weights(weights)
+    """Rebuild the model from the checkpoint's recipe (or ``recipe_path``), load its weights, eval mode.
+
+    The checkpoint is complete: the backbone is built without its pretrained weights (no download, no
+    ``pretrained_file`` read), since every tensor comes from the checkpoint.
+    """
+    state, meta = load_checkpoint(weights)
     stored = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else None
     if recipe_path is not None:
-        recipe = load_recipe(recipe_path, list(overrides))
+        recipe = recipes.load(recipe_path, list(overrides))
         names = (stored or {}).get("model", {}).get("class_names") or []
         if not recipe.model.class_names and names and recipe.model.num_classes in (len(names), 80):
             recipe.model.class_names, recipe.model.num_classes = list(names), len(names)
     elif stored is not None:
-        recipe = recipe_from_dict(apply_overrides(json.loads(json.dumps(stored)), list(overrides)))
+        recipe = recipes.from_dict(json.loads(json.dumps(stored)), list(overrides))
     else:
         raise DyheadError(f"{weights} carries no recipe in its metadata: pass --recipe (or convert it with 'dyhead convert')")
-    model = build_model(recipe.model)
+    model = build_for_weights(recipe.model)
     load_model_weights(model, state, source=str(weights))
     model.eval()
     names = list(recipe.model.class_names) or [f"class_{k}" for k in range(recipe.model.num_classes)]
     return LoadedDetector(model, recipe, names, meta)
+
+def build_for_weights(cfg: ModelConfig) -> nn.Module:
+    """``build_model`` for a model whose weights are loaded next: no pretrained backbone weights are fetched
+    or read (``pretrained = false``, ``pretrained_file = ""``); ``cfg`` itself is left as it is."""
+    backbone = dataclasses.replace(cfg.backbone, pretrained=False, pretrained_file="")
+    return build_model(dataclasses.replace(cfg, backbone=backbone))
+
+
+REFERENCE_SUFFIXES = (".pth", ".pt", ".pkl", ".bin", ".ckpt", ".tar")
+
+
+def load_checkpoint(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``load_weights``, with a hint to ``dyhead convert`` when ``weights`` is not one of our checkpoints."""
+    weights = Path(weights)
+    if weights.is_dir():
+        raise DyheadError(f"--weights {weights} is a folder: give a .safetensors checkpoint (e.g. {weights / 'best.safetensors'})")
+    try:
+        return load_weights(weights)
+    except DyheadError:
+        if weights.is_file() and (weights.suffix.lower() in REFERENCE_SUFFIXES or not is_safetensors(weights)):
+            raise DyheadError(
+                f"{weights} is not a dyhead checkpoint (.safetensors); an official or MMDetection checkpoint must be "
+                f"converted first: dyhead convert {weights} {weights.with_suffix('.safetensors').name} --from official|mmdet"
+            ) from None
+        raise
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors file: an 8-byte little-endian header length, then '{'."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < (100 << 20)
+
 
 def category_ids(det: LoadedDetector, ann_categories: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """[{"id", "name"}] per model label 0..K-1: the data set's own category ids (see the module docstring)."""

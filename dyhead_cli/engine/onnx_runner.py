@@ -146,7 +146,9 @@ def load_for_predict(weights: Path, recipe_path: Path | None, overrides: list[st
                      half: bool, bf16: bool) -> LoadedDetector:
     """``dyhead predict --weights model.onnx``: the model, recipe and categories all come from the file."""
     if recipe_path is not None or overrides:
-        raise DyheadError("--recipe and --set do not apply to an exported ONNX model: its recipe is fixed in the file")
+        raise DyheadError(
+            "--recipe, --set, --iou and --max-det do not apply to an exported ONNX model: its recipe and post-processing are fixed in the file"
+        )
     if half or bf16:
         raise DyheadError("--half / --bf16 do not apply to an ONNX model (export it with --half instead)")
     if device not in ("auto", "cpu"):

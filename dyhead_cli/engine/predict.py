@@ -1,16 +1,20 @@
-"""``dyhead predict``'s engine: run a checkpoint over images and stream COCO-format results to a JSON file.
+"""``dyhead predict``'s engine: run a checkpoint over images and videos and stream COCO-format results to
+a JSON file.
 
-Inputs are images, folders (searched recursively) or one COCO annotation file (its image list, see
-``data/images.py``). Every image goes through the evaluation pipeline of the checkpoint's recipe
-(``data.test_min_size`` / ``max_size`` resize, padding to ``size_divisibility``, the same batch size by
-default), so the numbers match ``dyhead eval`` on the same images.
+Inputs are images, videos (one image per frame, or per ``vid_stride``-th frame), folders (searched
+recursively) or one COCO annotation file (its image list, see ``data/images.py``). Every image goes
+through ``engine.predictor.Predictor``, the path the Python API takes too: the evaluation pipeline of
+the checkpoint's recipe (``data.test_min_size`` / ``max_size`` resize, padding to
+``size_divisibility``, the same batch size by default), so the numbers match ``dyhead eval`` on the
+same images; optionally tiled (``tile``), filtered by score and class.
 
 ``<out stem>.images.json`` is written next to the results: a COCO file with ``images`` (id, file_name,
-width, height), ``categories``, no annotations, plus ``root`` and the ``skipped`` images, so
-``COCO("preds.images.json").loadRes("preds.json")`` works.
+width, height), ``categories``, no annotations, plus ``root``, ``image_ids`` (where the ids come from)
+and the ``skipped`` images, so ``COCO("preds.images.json").loadRes("preds.json")`` works.
 
 Memory stays bounded: results are written as each batch finishes (a temporary file renamed at the end),
-and unreadable images are reported, skipped and counted, never fatal.
+and unreadable images are reported, skipped and counted, never fatal. ``save_dir`` gets each image
+drawn with its detections (a video: an annotated video).
 """
 from __future__ import annotations
 
@@ -20,13 +24,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader
 
-from dyhead_cli.data.images import collect_images
-from dyhead_cli.data.loaders import image_loader
-from dyhead_cli.engine.inference import autocast_dtype, category_ids, choose_device, detections_to_coco, load_detector, run_model
-from dyhead_cli.engine.results import JsonStream, images_json_path
+from dyhead_cli.data.images import ImageList, collect_images
+from dyhead_cli.data.video import VideoWriter
+from dyhead_cli.engine.detections import draw_detections
+from dyhead_cli.engine.inference import load_detector
+from dyhead_cli.engine.predictor import Predictor, head_overrides
+from dyhead_cli.engine.results import JsonStream, images_json_path, json_safe
 from dyhead_cli.errors import DyheadError
+
+MAX_WORKERS = 64  # DataLoader processes: more only exhausts memory
 
 
 @dataclass
@@ -39,6 +50,9 @@ class PredictSummary:
     num_detections: int = 0
     seconds: float = 0.0
     skipped: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # named files that are neither image nor video ("name: why")
+    id_rule: str = ""
+    save_dir: Path | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -62,81 +76,145 @@ def predict(
     on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[PredictSummary], None] | None = None,
     on_skip: Callable[[str], None] | None = None,
+    *,
+    vid_stride: int = 1,
+    save_dir: Path | None = None,
+    classes: Sequence[str] | None = None,
+    iou: float | None = None,
+    max_det: int | None = None,
+    tile: int = 0,
+    tile_overlap: float = 0.2,
+    draw_score_thr: float = 0.3,
 ) -> PredictSummary:
     """Predict every image of ``paths``; stream COCO results to ``out`` and the image list beside it.
 
     ``score_thr`` is the user's threshold on final scores: detections scoring below it are not written
     (the head's candidate threshold, ``model.head_options.score_thresh``, applies first, inside the model).
+    ``classes`` keeps detections of these class names or category ids; ``iou`` / ``max_det`` replace the
+    head's NMS threshold and detections per image; ``tile`` > 0 predicts ``tile``-pixel crops overlapping
+    by ``tile_overlap`` plus the whole image, merged by NMS. ``save_dir`` receives annotated images
+    (detections scoring at least ``score_thr``, else ``draw_score_thr``).
     ``on_start(num_images)``, ``on_batch(summary)`` and ``on_skip(message)`` let the caller show progress.
     """
     if batch_size is not None and batch_size < 1:
         raise DyheadError(f"--batch-size must be at least 1, got {batch_size}")
-    if workers is not None and workers < 0:
-        raise DyheadError(f"--workers must be >= 0, got {workers}")
+    if workers is not None and not 0 <= workers <= MAX_WORKERS:
+        raise DyheadError(f"--workers must be within 0..{MAX_WORKERS}, got {workers}")
     if score_thr is not None and not 0.0 <= score_thr <= 1.0:
         raise DyheadError(f"--score-thr must be within 0..1, got {score_thr}")
     if Path(weights).suffix == ".onnx":  # an exported model, run by onnxruntime (engine/onnx_runner.py)
         from dyhead_cli.engine.onnx_runner import load_for_predict
 
-        det, dev, dtype = load_for_predict(weights, recipe_path, overrides, device, half, bf16), torch.device("cpu"), None
+        det = load_for_predict(weights, recipe_path, [*overrides, *head_overrides(iou, max_det)], device, half, bf16)
+        device = "cpu"
     else:
-        dev = choose_device(device)
-        dtype = autocast_dtype(half, bf16, dev)
-        det = load_detector(weights, recipe_path, overrides)
+        det = load_detector(weights, recipe_path, [*overrides, *head_overrides(iou, max_det)])
     recipe = det.recipe
-    images = collect_images(paths, images_dir, recipe)
-    cats = category_ids(det, images.ann_categories)
-    cat_of_label = [c["id"] for c in cats]
-    model = det.model.to(dev)
-    loader = image_loader(
-        images.entries,
-        recipe,
-        batch_size or recipe.eval.batch_size,
-        recipe.data.num_workers if workers is None else workers,
-        pin=dev.type == "cuda",
+    images = collect_images(paths, images_dir, recipe, vid_stride)
+    predictor = Predictor(
+        det, device, images.ann_categories, score_thr, classes, tile, tile_overlap, batch_size, half, bf16
+    )
+    loader = DataLoader(
+        predictor.dataset(images.entries, keep_original=save_dir is not None),
+        batch_size=predictor.batch_size,
+        shuffle=False,
+        num_workers=recipe.data.num_workers if workers is None else workers,
+        collate_fn=list,  # the predictor collates (collate_images), as for in-memory images
     )
 
     out = Path(out)
-    summary = PredictSummary(out=out, images_json=images_json_path(out), num_images=len(images.entries))
+    summary = PredictSummary(
+        out=out, images_json=images_json_path(out), num_images=len(images.entries), ignored=list(images.ignored),
+        id_rule=images.id_rule, save_dir=Path(save_dir) if save_dir is not None else None,
+    )
     info = {"description": f"images predicted by dyhead with {weights}"}
     if images.ann_file is not None:
         info["annotation_file"] = str(images.ann_file)
     head = (
-        "{" + f'"info":{json.dumps(info)},"root":{json.dumps(str(images.root or ""))},'
-        f'"categories":{json.dumps(cats)},"annotations":[],"images":['
+        "{" + f'"info":{json.dumps(json_safe(info))},"root":{json.dumps(json_safe(str(images.root or "")))},'
+        f'"image_ids":{json.dumps(images.id_rule)},"categories":{json.dumps(json_safe(predictor.categories))},"annotations":[],"images":['
     )
     results = JsonStream(out)
-    image_list = JsonStream(summary.images_json, head=head, tail="")
+    try:
+        image_list = JsonStream(summary.images_json, head=head, tail="")
+    except BaseException:
+        results.abort()
+        raise
+    saver = AnnotatedOutput(summary.save_dir, images, vid_stride, score_thr if score_thr is not None else draw_score_thr)
+    if on_skip is not None:
+        for message in images.ignored:
+            on_skip(message)
     if on_start is not None:
         on_start(len(images.entries))
     start = time.perf_counter()
     try:
-        for batch in loader:
-            for failure in batch["failed"]:
+        for items in loader:
+            good = [it for it in items if "error" not in it]
+            for failure in (it for it in items if "error" in it):
                 summary.num_skipped += 1
                 summary.skipped.append(failure["file_name"])
                 if on_skip is not None:
                     on_skip(failure["error"])
-            if batch["image_ids"]:
-                tensors = batch["images"].to(dev, non_blocking=True)
-                detections = run_model(model, tensors, batch["image_sizes"], batch["orig_sizes"], dev, dtype)
-                for image_id, name, (h, w), found in zip(batch["image_ids"], batch["file_names"], batch["orig_sizes"], detections):
-                    rows = detections_to_coco(found, int(image_id), cat_of_label)
-                    if score_thr is not None:
-                        rows = [r for r in rows if r["score"] >= score_thr]
-                    results.write(rows)
-                    summary.num_detections += len(rows)
-                    image_list.write([{"id": int(image_id), "file_name": name, "width": int(w), "height": int(h)}])
-                summary.num_predicted += len(batch["image_ids"])
+            for item, found in zip(good, predictor.detect(good)):
+                h, w = item["orig_size"]
+                result = predictor.result(found, item)
+                rows = result.to_coco(int(item["image_id"]))
+                results.write(rows)
+                summary.num_detections += len(rows)
+                image_list.write([{"id": int(item["image_id"]), "file_name": item["file_name"], "width": int(w), "height": int(h)}])
+                saver.save(item, result)
+            summary.num_predicted += len(good)
             summary.seconds = time.perf_counter() - start
             if on_batch is not None:
                 on_batch(summary)
         summary.seconds = time.perf_counter() - start
-        image_list.file.write("\n]," + f'"skipped":{json.dumps(summary.skipped)}' + "}\n")
+        if summary.num_images and not summary.num_predicted:
+            first = f" (first: {summary.skipped[0]})" if summary.skipped else ""
+            raise DyheadError(f"none of the {summary.num_images} images could be read{first}: nothing predicted, {out} not written")
+        image_list.write_raw("\n]," + f'"skipped":{json.dumps(json_safe(summary.skipped))}' + "}\n")
         results.close()
         image_list.close()
     except BaseException:
         results.abort()
         image_list.abort()
         raise
+    finally:
+        saver.close()
     return summary
+
+
+class AnnotatedOutput:
+    """``--save DIR``: each image drawn with its detections at DIR/<file name>; a video's frames as a video."""
+
+    def __init__(self, folder: Path | None, images: ImageList, vid_stride: int, min_score: float) -> None:
+        self.folder = folder
+        self.min_score = min_score
+        self.entries = {e.file_name: e for e in images.entries}
+        self.fps = {path: fps / vid_stride for path, fps in images.video_fps.items()}
+        self.videos: dict[Path, VideoWriter] = {}
+
+    def save(self, item: dict, found) -> None:
+        if self.folder is None:
+            return
+        picture = np.asarray(draw_detections(Image.fromarray(item["original"]), found, self.min_score))
+        entry = self.entries.get(item["file_name"])
+        if entry is not None and entry.frame is not None:
+            name = item["file_name"].split("#frame=")[0]
+            if entry.path not in self.videos:
+                self.videos[entry.path] = VideoWriter(self.target(name), self.fps.get(entry.path, 25.0))
+            self.videos[entry.path].write(picture)
+            return
+        target = self.target(item["file_name"])
+        if target.suffix.lower() not in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"):
+            target = target.with_name(target.name + ".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(picture).save(target)
+
+    def target(self, file_name: str) -> Path:
+        """DIR/<file name>, kept inside DIR (no absolute parts, no '..')."""
+        parts = [p for p in Path(file_name).parts if p not in ("..", ".") and not Path(p).is_absolute() and p != Path(p).anchor]
+        return self.folder.joinpath(*parts) if parts else self.folder / "image.png"
+
+    def close(self) -> None:
+        for writer in self.videos.values():
+            writer.close()

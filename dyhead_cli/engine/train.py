@@ -33,7 +33,8 @@ from dyhead_cli.engine.evaluate import coco_evaluate, metrics_json
 from dyhead_cli.engine.inference import choose_device, predict_coco
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.models.build import build_model
-from dyhead_cli.recipe import Recipe, TrainConfig, load_recipe, save_recipe, to_dict
+from dyhead_cli.engine import recipes
+from dyhead_cli.recipe import Recipe, TrainConfig, save_recipe, to_dict
 
 STATE_FILE = "state.safetensors"
 
@@ -130,7 +131,7 @@ def train_from_files(
     recipe_path: Path, out: Path | None, resume: Path | None, overrides: list[str], reporter: Reporter | None = None
 ) -> dict[str, Any]:
     """``dyhead train RECIPE [--out DIR] [--resume DIR] [--set k=v]``."""
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = recipes.load(recipe_path, overrides)
     if resume is not None:
         if not (Path(resume) / STATE_FILE).is_file():
             raise DyheadError(f"--resume {resume}: no {STATE_FILE} there (was a checkpoint ever written?)")

@@ -1,6 +1,11 @@
-"""Any timm model as a detection backbone: its stride 8/16/32 features (C3, C4, C5), channels first."""
+"""Any timm model as a detection backbone: its stride 8/16/32 features (C3, C4, C5), channels first.
+
+Two-stage detectors (Faster R-CNN) also take the stride-4 map C2: ``out_strides=(4, 8, 16, 32)``.
+"""
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import timm
@@ -12,8 +17,16 @@ from dyhead_cli.errors import DyheadError, suggest
 STRIDES = (8, 16, 32)
 
 
+# timm names that say where the model comes from (config, and weights with pretrained = true)
+SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+
+
 def check_model_name(name: str) -> None:
-    """A one-line error with close names when timm does not know ``name``."""
+    """A one-line error with close names when timm does not know ``name``; hub / folder names go to timm."""
+    if name.startswith(SOURCE_PREFIXES):
+        if not name.split(":", 1)[1]:
+            raise DyheadError(f"backbone name '{name}' names no model after the prefix")
+        return
     if not timm.is_model(name):
         raise DyheadError(f"unknown timm model '{name}'{suggest(name, timm.list_models(), n=3)}")
 
@@ -28,17 +41,81 @@ def create_features_model(name: str, pretrained: bool, pretrained_file: str, img
     if img_size:
         kwargs["img_size"] = tuple(img_size)
     try:
-        try:
-            # Transformers (Swin, ViT-style) take any input size with dynamic_img_size; CNNs reject the keyword.
-            return timm.create_model(name, dynamic_img_size=True, **kwargs)
-        except TypeError:
-            return timm.create_model(name, **kwargs)
+        with WeightLoadReport() as report:
+            try:
+                # Transformers (Swin, ViT-style) take any input size with dynamic_img_size; CNNs reject the keyword.
+                body = timm.create_model(name, dynamic_img_size=True, **kwargs)
+            except TypeError:
+                body = timm.create_model(name, **kwargs)
     except RuntimeError as e:
         if "features_only" in str(e) or "feature" in str(e):
             raise DyheadError(f"timm model '{name}' cannot be used with features_only: {e}") from None
         raise DyheadError(f"could not create timm model '{name}': {str(e).splitlines()[0]}") from None
     except OSError as e:  # no network / missing cache for pretrained=True
+        if name.startswith(SOURCE_PREFIXES):
+            raise DyheadError(f"could not fetch timm model '{name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         raise DyheadError(f"could not load pretrained weights for '{name}': {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - the Hub client's own errors (offline, no such repo) for hf-hub: names
+        if not name.startswith(SOURCE_PREFIXES) or isinstance(e, DyheadError):
+            raise
+        raise DyheadError(f"could not fetch timm model '{name}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if kwargs["pretrained"]:
+        report.check(body, pretrained_file or name)
+    return body
+
+
+class WeightLoadReport(logging.Handler):
+    """Catches timm's "Missing keys (...)" / "Unexpected keys (...)" report while a model loads weights.
+
+    A ``features_only`` backbone has no classifier, so the classifier keys of ImageNet weights are
+    expected to go unused: those are dropped quietly. Any other key missing from the file or left over
+    in it means the file does not fit the model: ``check`` makes that an error instead of a warning.
+    """
+
+    LOGGER = "timm.models._builder"
+    PATTERN = re.compile(r"^(Missing|Unexpected) keys \((.*)\) (discovered|found) while loading")
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = self.PATTERN.match(record.getMessage())
+        if match:
+            keys = [k.strip() for k in match.group(2).split(",") if k.strip()]
+            (self.missing if match.group(1) == "Missing" else self.unexpected).extend(keys)
+
+    def __enter__(self) -> "WeightLoadReport":
+        self.logger = logging.getLogger(self.LOGGER)
+        self.saved = (self.logger.level, self.logger.propagate)
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False  # our report replaces timm's warning
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.saved[0])
+        self.logger.propagate = self.saved[1]
+
+    def check(self, body: nn.Module, source: str) -> None:
+        cfg = getattr(body, "pretrained_cfg", None) or {}
+        heads = cfg.get("classifier") or ()
+        heads = (heads,) if isinstance(heads, str) else tuple(heads)
+        prefixes = tuple(f"{h}." for h in heads + ("fc", "head", "classifier", "last_linear", "head.fc"))
+
+        def real(keys: list[str]) -> list[str]:
+            return [k for k in keys if not k.startswith(prefixes) and not k.endswith("num_batches_tracked")]
+
+        missing, unexpected = real(self.missing), real(self.unexpected)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})")
+            raise DyheadError(f"pretrained weights {source} do not fit the backbone: keys {' and '.join(parts)}")
 
 
 def move_stride_to_1x1(body: nn.Module, name: str) -> None:
@@ -64,7 +141,8 @@ def move_stride_to_1x1(body: nn.Module, name: str) -> None:
 
 
 class TimmBackbone(nn.Module):
-    """Wraps ``timm.create_model(name, features_only=True)`` and returns [C3, C4, C5] in NCHW."""
+    """Wraps ``timm.create_model(name, features_only=True)`` and returns [C3, C4, C5] in NCHW
+    (one map per stride of ``out_strides``, finest first: [C2, C3, C4, C5] for (4, 8, 16, 32))."""
 
     def __init__(
         self,
@@ -76,19 +154,22 @@ class TimmBackbone(nn.Module):
         norm_eval: bool = False,
         stride_in_1x1: bool = False,
         out_norm: bool = False,
+        out_strides: tuple[int, ...] = STRIDES,
     ) -> None:
         super().__init__()
+        self.out_strides = tuple(out_strides)
         self.body = create_features_model(name, pretrained, pretrained_file, list(img_size or []))
         if stride_in_1x1:
             move_stride_to_1x1(self.body, name)
         info = self.body.feature_info
         reductions = info.reduction()
-        missing = [s for s in STRIDES if s not in reductions]
+        missing = [s for s in self.out_strides if s not in reductions]
         if missing:
+            *first, last = self.out_strides
             raise DyheadError(
-                f"timm model '{name}' has feature strides {reductions}; a detector needs 8, 16 and 32"
+                f"timm model '{name}' has feature strides {reductions}; a detector needs {', '.join(map(str, first))} and {last}"
             )
-        self.indices = [reductions.index(s) for s in STRIDES]
+        self.indices = [reductions.index(s) for s in self.out_strides]
         self.out_channels = [info.channels()[i] for i in self.indices]
         self.channels_last_output = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
         # detection Swins' norm1..norm3 (keys backbone.out_norms.{0,1,2}), applied channels-last

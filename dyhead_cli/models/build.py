@@ -12,7 +12,7 @@ from dyhead_cli.errors import DyheadError, suggest
 from dyhead_cli.models.backbone import TimmBackbone
 from dyhead_cli.models.detector import INPUT_FORMATS, Detector
 from dyhead_cli.models.dyhead import IMPLS, OFFSET_MODES, DyHead
-from dyhead_cli.models.fpn import FPN
+from dyhead_cli.models.fpn import EXTRA_FROM, FPN, TOP_BLOCK_LEVELS
 from dyhead_cli.models.heads import HEADS
 from dyhead_cli.models.heads.layers import TOWER_NORMS
 from dyhead_cli.models.heads.postprocess import POSTPROCESS_MODES
@@ -31,6 +31,8 @@ def model_choices(cfg: ModelConfig) -> dict[str, tuple[Any, tuple[str, ...]]]:
         "model.head_options.box_loss": (o.box_loss, BOX_LOSSES),
         "model.head_options.tower_norm": (o.tower_norm, TOWER_NORMS),
         "model.head_options.postprocess": (o.postprocess, POSTPROCESS_MODES),
+        "model.fpn.extra_from": (cfg.fpn.extra_from, EXTRA_FROM),
+        "model.fpn.top_block": (cfg.fpn.top_block, tuple(TOP_BLOCK_LEVELS)),
     }
 
 
@@ -44,6 +46,14 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
             raise DyheadError(
                 f"recipe key '{key}' = {value!r} is not one of {', '.join(choices)}{suggest(str(value), choices)}"
             )
+    top = 5 + TOP_BLOCK_LEVELS[cfg.fpn.top_block]
+    if cfg.fpn.levels not in (list(range(3, top + 1)), list(range(2, top + 1))):
+        raise DyheadError(
+            f"model.fpn.levels = {cfg.fpn.levels} does not fit top_block = {cfg.fpn.top_block!r}: the levels run from "
+            f"P2 or P3 to P{top} ([3, 4, 5, 6, 7] with \"p6p7\", [2, 3, 4, 5, 6] with \"maxpool\")"
+        )
+    if cfg.head == "faster_rcnn" and cfg.fpn.levels[0] != 2:
+        raise DyheadError("model.head = \"faster_rcnn\" pools RoIs from P2..P5: set model.fpn.levels = [2, 3, 4, 5, 6]")
     o = cfg.head_options
     filled = {k: v for k, v in HEADS[cfg.head].defaults.items() if getattr(o, k, 0) is None}
     o = dataclasses.replace(o, **filled)
@@ -54,7 +64,7 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, head_options=o)
 
 
-def build_backbone(cfg: BackboneConfig) -> TimmBackbone:
+def build_backbone(cfg: BackboneConfig, out_strides: tuple[int, ...] = (8, 16, 32)) -> TimmBackbone:
     return TimmBackbone(
         cfg.name,
         pretrained=cfg.pretrained,
@@ -64,6 +74,7 @@ def build_backbone(cfg: BackboneConfig) -> TimmBackbone:
         norm_eval=cfg.norm_eval,
         stride_in_1x1=cfg.stride_in_1x1,
         out_norm=cfg.out_norm,
+        out_strides=out_strides,
     )
 
 
@@ -77,8 +88,11 @@ def build_dyhead(cfg: ModelConfig) -> DyHead:
 def build_model(model_config: ModelConfig) -> Detector:
     """Assemble a ``Detector`` from a ``ModelConfig`` (the ``[model]`` table of a recipe), resolved first."""
     cfg = resolve_model_config(model_config)
-    backbone = build_backbone(cfg.backbone)
-    fpn = FPN(backbone.out_channels, cfg.fpn.channels, cfg.fpn.extra_from, p7_relu=cfg.fpn.p7_relu)
+    # The pyramid's levels (model.fpn.levels): the backbone gives C<l> for l <= 5, the FPN's top block the rest.
+    first_level = cfg.fpn.levels[0]
+    backbone = build_backbone(cfg.backbone, tuple(2**level for level in range(first_level, 6)))
+    fpn = FPN(backbone.out_channels, cfg.fpn.channels, cfg.fpn.extra_from, p7_relu=cfg.fpn.p7_relu,
+              top_block=cfg.fpn.top_block, first_level=first_level)
     dyhead = build_dyhead(cfg)
-    head = HEADS[cfg.head].build(cfg, cfg.fpn.channels, FPN.strides)
+    head = HEADS[cfg.head].build(cfg, cfg.fpn.channels, fpn.strides)
     return Detector(backbone, fpn, dyhead, head, cfg.pixel_mean, cfg.pixel_std, cfg.input_format)

@@ -23,6 +23,8 @@ neighbour a valid row, so no bounds masks are needed.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -145,13 +147,68 @@ def conv_all_at_once(
     return out.view(b, -1, h, w)
 
 
+def onednn_gemm_available(dtype: torch.dtype) -> bool:
+    """True where the inference GEMMs can go to oneDNN: a float32 GEMM on a torch built with it."""
+    return dtype == torch.float32 and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class GemmWeight:
+    """A conv's weight matrix (C_out, 9*C), plus oneDNN's packed copy of it for inference GEMMs.
+
+    Why oneDNN: torch's float32 ``mm`` calls MKL, which on AMD CPUs runs its AVX2 kernels, while the
+    convolutions it is compared with run oneDNN's AVX-512 kernels; on a Zen 5 core (full-width AVX-512)
+    that left the deformable convs at a third of the convolutions' throughput. oneDNN's inner product
+    on a weight packed once per block call is as fast as MKL or faster everywhere we measured. Packing is
+    inference-only (no autograd), so with autograd the plain matrix and ``addmm`` are used.
+    """
+
+    def __init__(self, matrix: Tensor, pack: bool = True) -> None:
+        self.matrix = matrix
+        self.packed: Tensor | None = None
+        if pack and not matrix.requires_grad and onednn_gemm_available(matrix.dtype) and matrix.device.type == "cpu":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(matrix.contiguous(), CHUNK_POSITIONS)
+
+    def linear(self, cols: Tensor, bias: Tensor | None) -> Tensor:
+        """(n, 9*C) columns -> (n, C_out) = cols @ matrix^T + bias."""
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(cols, self.packed, bias, "none", [], "")
+        return F.linear(cols, self.matrix, bias)
+
+
+# id(weight) -> (weak reference to weight, (version, dtype), GemmWeight); a tensor's == is elementwise, so
+# no WeakKeyDictionary
+_PACKED: dict[int, tuple[weakref.ref, tuple[int, torch.dtype], GemmWeight]] = {}
+
+
+def gemm_weight(weight: Tensor, dtype: torch.dtype) -> GemmWeight:
+    """``GemmWeight(weight_matrix(weight.to(dtype)))``; without autograd, packed once per weight version.
+
+    A DyHead block call would otherwise re-pack its three (C, 9*C) weights every time (~1.5% of it).
+    The cache holds a weak reference to the parameter and checks its version counter, so in-place
+    updates (optimizer steps, ``load_state_dict``) are seen and the module itself stays picklable.
+    """
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return GemmWeight(weight_matrix(weight.to(dtype)))
+    if torch.is_inference(weight):  # made under inference_mode: no version counter, so no cache
+        return GemmWeight(weight_matrix(weight.to(dtype)))
+    key = (weight._version, dtype)
+    hit = _PACKED.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == key:
+        return hit[2]
+    with torch.no_grad():
+        gemm = GemmWeight(weight_matrix(weight.to(dtype)))
+    ident = id(weight)
+    _PACKED[ident] = (weakref.ref(weight, lambda _: _PACKED.pop(ident, None)), key, gemm)
+    return gemm
+
+
 def deform_conv2d_from_table(
     table: Tensor,
     row_start: int,
     in_size: tuple[int, int],
     offset: Tensor,
     mask: Tensor | None,
-    weight_mat: Tensor,
+    weight: Tensor | GemmWeight,
     bias: Tensor | None,
     stride: tuple[int, int] = (1, 1),
     padding: tuple[int, int] = (1, 1),
@@ -160,45 +217,44 @@ def deform_conv2d_from_table(
 ) -> Tensor:
     """The deformable conv of a map stored in a sampling table (from ``row_start``, size ``in_size``).
 
-    offset (B, 18, h, w), mask (B, 9, h, w) or None, weight_mat (C_out, 9*C) from ``weight_matrix``
-    -> (B, C_out, h, w), contiguous. Sample points are computed in the offset's dtype; the gather and the
-    GEMM in the table's (which may be lower, e.g. bfloat16 on CUDA).
+    offset (B, 18, h, w), mask (B, 9, h, w) or None, weight (C_out, 9*C) from ``weight_matrix`` (or a
+    ``GemmWeight`` of it) -> (B, C_out, h, w), contiguous. Sample points are computed in the offset's dtype;
+    the gather and the GEMM in the table's (which may be lower, e.g. bfloat16 on CUDA).
     On CPU, without autograd, it works ``chunk`` output positions at a time: gather their (chunk*9, C)
-    columns, view them as (chunk, 9*C), then one GEMM weight_mat @ columns^T writes straight into the
-    NCHW output. Chunks keep the columns in cache between gather and GEMM, and keep buffers small enough
-    for malloc to recycle (a fresh large buffer costs a page fault per 4 KiB). With autograd, or on
-    another device (CUDA: few large kernels beat many small ones), it gathers everything at once; there
-    ``channels_last`` returns the (B, C_out, h, w) result in channels-last memory (one GEMM columns @
-    weight_mat^T, no transpose).
+    columns, view them as (chunk, 9*C), one GEMM gives their (chunk, C_out) outputs, copied transposed into
+    the output. Chunks keep the columns in cache between gather and GEMM, and keep buffers small enough for
+    malloc to recycle (a fresh large buffer costs a page fault per 4 KiB). With autograd it gathers
+    everything at once (see the comment there); on another device (CUDA: few large kernels beat many small
+    ones) too, and there ``channels_last`` returns the result in channels-last memory.
     """
+    gemm = weight if isinstance(weight, GemmWeight) else GemmWeight(weight, pack=False)
     b, _, h, w = offset.shape
-    hw = h * w
+    n_out = gemm.matrix.shape[0]
     index, weights = bilinear_taps(offset, mask, in_size, stride, padding, row_start)
     weights = weights.to(table.dtype)
-    bias_col = None if bias is None else bias[:, None]  # (C_out, 1)
     if table.device.type != "cpu":
-        return conv_all_at_once(table, index, weights, weight_mat, bias, (b, h, w), channels_last)
+        return conv_all_at_once(table, index, weights, gemm.matrix, bias, (b, h, w), channels_last)
 
-    def piece(start: int, stop: int, out: Tensor | None = None) -> Tensor:
-        """Outputs (C_out, stop - start) of positions [start, stop) (counted over the whole batch)."""
+    def piece(start: int, stop: int) -> Tensor:
+        """Outputs (stop - start, C_out) of positions [start, stop) (counted over the whole batch)."""
         cols = gather_columns(table, index[9 * start : 9 * stop], weights[9 * start : 9 * stop])
-        cols_t = cols.view(stop - start, -1).t()  # (9*C, n)
-        if bias_col is None:
-            return torch.mm(weight_mat, cols_t, out=out)
-        return torch.addmm(bias_col, weight_mat, cols_t, out=out)
+        return gemm.linear(cols.view(stop - start, -1), bias)
 
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (table, weights, weight_mat, bias)):
+    hw = h * w
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (table, weights, gemm.matrix, bias)):
         # Training: one gather and one GEMM over all positions. The backward of every embedding_bag call
         # zero-fills a gradient as large as the whole table, so per-chunk calls would pay that once per
         # chunk (70% of a small tower's backward); autograd keeps every chunk's columns anyway.
-        out = piece(0, b * hw)  # (C_out, B*h*w)
-        return out.view(-1, b, h, w).transpose(0, 1).contiguous()
-    out = table.new_empty(b, weight_mat.shape[0], hw)
+        # (B*h*w, C_out) -> (B, C_out, h, w)
+        return piece(0, b * hw).view(b, hw, n_out).transpose(1, 2).reshape(b, n_out, h, w)
+    out = table.new_empty(b, n_out, hw)
     for i in range(b):
         for a in range(0, hw, chunk):
             stop = min(a + chunk, hw)
-            piece(i * hw + a, i * hw + stop, out[i, :, a:stop])
-    return out.view(b, -1, h, w)
+            # (n, C_out) rows, still in cache, transposed into the NCHW output (GroupNorm's CPU kernel is
+            # accurate on NCHW only: on channels-last it loses 2-3 digits)
+            out[i, :, a:stop] = piece(i * hw + a, i * hw + stop).t()
+    return out.view(b, n_out, h, w)
 
 
 def output_size(in_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]) -> tuple[int, int]:
@@ -242,7 +298,7 @@ def deform_conv2d_fast(
     if not fast_path_applies(input, offset, weight):
         return tv_deform_conv2d(input, offset, weight, bias, stride=stride, padding=padding, mask=mask)
     stride, padding = _pair(stride), _pair(padding)
-    b, _, in_h, in_w = input.shape
+    _, _, in_h, in_w = input.shape
     h, w = output_size((in_h, in_w), stride, padding)
     if offset.shape[-2:] != (h, w) or (mask is not None and mask.shape[-2:] != (h, w)):
         got = tuple(offset.shape[-2:]) if mask is None else (tuple(offset.shape[-2:]), tuple(mask.shape[-2:]))
@@ -253,5 +309,5 @@ def deform_conv2d_fast(
         bias = None if bias is None else bias.to(dtype)
         mask = None if mask is None else mask.to(dtype)
         table, starts = sampling_table([input])
-        wm = weight_matrix(weight)
-        return deform_conv2d_from_table(table, starts[0], (in_h, in_w), offset, mask, wm, bias, stride, padding)
+        gemm = GemmWeight(weight_matrix(weight))
+        return deform_conv2d_from_table(table, starts[0], (in_h, in_w), offset, mask, gemm, bias, stride, padding)

@@ -32,7 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
-from dyhead_cli.models.deform import deform_conv2d_from_table, sampling_table, weight_matrix
+from dyhead_cli.models.deform import (
+    GemmWeight,
+    deform_conv2d_from_table,
+    gemm_weight,
+    sampling_table,
+)
 from dyhead_cli.models.deform_export import deform_conv2d_export
 
 OFFSET_MODES = ("official", "mmdet", "aligned")
@@ -125,13 +130,13 @@ class DeformConvNorm(nn.Module):
         offset: Tensor,
         mask: Tensor,
         offset_mode: str,
-        weight_mat: Tensor,
+        weight_mat: GemmWeight,
         channels_last: bool = False,
     ) -> Tensor:
         """``forward`` for an x stored in a sampling table (see ``deform.sampling_table``).
 
-        ``weight_mat``: this conv's ``deform.weight_matrix`` in the table's dtype (made once per block call);
-        ``channels_last`` (CUDA only): the conv's output in channels-last memory.
+        ``weight_mat``: this conv's ``deform.weight_matrix`` in the table's dtype, as a ``GemmWeight``
+        (made once per block call); ``channels_last`` (CUDA only): the conv's output in channels-last memory.
         """
         h, w = (in_size[0] - 1) // self.stride + 1, (in_size[1] - 1) // self.stride + 1
         offset, mask = fit_offset_to_output(offset, mask, (h, w), offset_mode)
@@ -139,7 +144,7 @@ class DeformConvNorm(nn.Module):
         y = deform_conv2d_from_table(
             table, row_start, in_size, offset, mask, weight_mat, bias, (self.stride,) * 2, channels_last=channels_last
         )
-        return self.norm(y)
+        return self.norm(y.to(self.norm.weight.dtype))  # GroupNorm in float32 after a low-precision GEMM, as autocast
 
 
 def make_divisible(v: float, divisor: int = 4) -> int:
@@ -171,9 +176,13 @@ class DyReLU(nn.Module):
         return torch.maximum(x * a1 + b1, x * a2 + b2)
 
     def forward_fused(self, x: Tensor) -> Tensor:
-        """``forward`` in 3 passes over x instead of 5 (b + x * a fused by addcmul)."""
+        """``forward`` in 3 passes over x instead of 5 (b + x * a fused by addcmul). Without autograd it
+        overwrites x and allocates one map instead of three (fresh large buffers cost page faults)."""
         a1, b1, a2, b2 = self.coefficients(x)
-        return torch.maximum(torch.addcmul(b1, x, a1), torch.addcmul(b2, x, a2))
+        first = torch.addcmul(b1, x, a1)
+        if torch.is_grad_enabled() and (x.requires_grad or a2.requires_grad):  # autograd: nothing in place
+            return torch.maximum(first, torch.addcmul(b2, x, a2))
+        return torch.maximum(first, x.mul_(a2).add_(b2), out=first)
 
 
 class DyHeadBlock(nn.Module):
@@ -269,7 +278,7 @@ class DyHeadBlock(nn.Module):
         with torch.autocast(device, enabled=False):
             table, starts = sampling_table([x.to(table_dtype) for x in features])
             mid, low, high = self.spatial_mid, self.spatial_low, self.spatial_high
-            mats = {conv: weight_matrix(conv.weight.to(table_dtype)) for conv in (mid, low, high)}
+            mats = {conv: gemm_weight(conv.weight, table_dtype) for conv in (mid, low, high)}
         sizes = [tuple(x.shape[-2:]) for x in features]
         mode, cl = self.offset_mode, channels_last
         outs = []

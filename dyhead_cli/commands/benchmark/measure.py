@@ -24,6 +24,9 @@ What is measured, per model and batch size, on random 0..255 images of exactly t
 the standard 4-conv head towers (``head_options.num_convs = 4``), and torchvision's FCOS-R50-FPN, whose
 internal transform is told to keep the input size (min_size/max_size = the benchmark size), so both see
 the same pixels; its timed forward includes that transform (normalise, scale factor 1.0, pad to /32).
+For a Faster R-CNN model (``head = "faster_rcnn"``) the comparison is the paper's instead: the same
+Faster R-CNN without DyHead, ATSS + DyHead on the same backbone (P3..P7, the dense heads' pyramid), and
+torchvision's Faster R-CNN-R50-FPN (``fasterrcnn_resnet50_fpn``, same transform settings).
 All models are built first; their timed calls are interleaved (each round calls every model once, in
 rotating order) so that load from other processes falls on all of them alike; the load average is recorded.
 """
@@ -48,8 +51,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dyhead_cli.engine.machine import cpu_description
 from dyhead_cli.errors import DyheadError
-from dyhead_cli.recipe import CHOICES, ModelConfig, load_recipe
+from dyhead_cli.engine import recipes
+from dyhead_cli.models.dyhead import IMPLS
+from dyhead_cli.recipe import ModelConfig
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 STAGES = ("backbone", "fpn", "dyhead", "head", "postprocess")
@@ -106,7 +112,7 @@ class Timing:
 class Candidate:
     """One model under test: ``build()`` returns it on CPU; ``ours`` = a dyhead ``Detector``."""
 
-    key: str  # "dyhead" | "no_dyhead" | "torchvision_fcos"
+    key: str  # "dyhead" | "no_dyhead" | "torchvision_fcos" (| "atss_dyhead" | "torchvision_faster_rcnn")
     name: str
     build: Callable[[], nn.Module]
     ours: bool
@@ -151,8 +157,8 @@ def resolve_device(gpu: bool) -> str:
 def check_settings(s: Settings) -> None:
     if s.precision not in PRECISIONS:
         raise DyheadError(f"--precision must be one of {', '.join(PRECISIONS)}, got {s.precision!r}")
-    if s.impl is not None and s.impl not in CHOICES["model.dyhead.impl"]:
-        raise DyheadError(f"--impl must be one of {', '.join(CHOICES['model.dyhead.impl'])}, got {s.impl!r}")
+    if s.impl is not None and s.impl not in IMPLS:
+        raise DyheadError(f"--impl must be one of {', '.join(IMPLS)}, got {s.impl!r}")
     if s.iters is not None and s.iters < 1:
         raise DyheadError("--iters must be at least 1")
     if s.warmup is not None and s.warmup < 0:
@@ -169,7 +175,7 @@ def model_config_from(recipe: Path | None, model: str | None) -> tuple[ModelConf
     if recipe is not None and model is not None:
         raise DyheadError("use --recipe or --model, not both")
     if recipe is not None:
-        cfg = load_recipe(recipe).model
+        cfg = recipes.load(recipe).model
         cfg.backbone.pretrained, cfg.backbone.pretrained_file = False, ""
         return cfg, f"recipe {recipe}"
     cfg = ModelConfig()
@@ -188,8 +194,11 @@ def short_backbone(name: str) -> str:
     return f"R{m[1]}" if m else name
 
 
+HEAD_TITLES = {"faster_rcnn": "Faster R-CNN"}
+
+
 def model_name(cfg: ModelConfig) -> str:
-    base = f"{cfg.head.upper()}-{short_backbone(cfg.backbone.name)}"
+    base = f"{HEAD_TITLES.get(cfg.head, cfg.head.upper())}-{short_backbone(cfg.backbone.name)}"
     if cfg.dyhead.num_blocks:
         return f"{base}-DyHead"
     return f"{base}, no DyHead"
@@ -212,11 +221,22 @@ def build_detector(cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def build_torchvision_fcos(num_classes: int, size: tuple[int, int]) -> nn.Module:
-    """torchvision's FCOS-R50-FPN, random weights, its transform set to keep an (H, W) input as it is."""
-    from torchvision.models.detection import fcos_resnet50_fpn
+def as_atss(cfg: ModelConfig) -> ModelConfig:
+    """The same backbone and DyHead under the ATSS head and its P3..P7 pyramid (the ATSS recipes' settings)."""
+    from dyhead_cli.recipe import FPNConfig, HeadOptions
 
-    model = fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes).eval()
+    cfg = copy.deepcopy(cfg)
+    cfg.head, cfg.head_options = "atss", HeadOptions(num_convs=0 if cfg.dyhead.num_blocks else 4)
+    cfg.fpn = FPNConfig(channels=cfg.fpn.channels)
+    return cfg
+
+
+def build_torchvision_fcos(num_classes: int, size: tuple[int, int], builder: str = "fcos_resnet50_fpn") -> nn.Module:
+    """torchvision's FCOS-R50-FPN (or another ``builder`` of torchvision.models.detection), random weights,
+    its transform set to keep an (H, W) input as it is."""
+    from torchvision.models import detection
+
+    model = getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=num_classes).eval()
     model.transform.min_size = (min(size),)  # scale = min(min_size / short side, max_size / long side) = 1
     model.transform.max_size = max(size)
     return model
@@ -230,10 +250,16 @@ def candidates_for(cfg: ModelConfig, s: Settings) -> list[Candidate]:
     if s.compare:
         base = without_dyhead(cfg)
         out.append(Candidate("no_dyhead", model_name(base), lambda: build_detector(base), True, dataclasses.asdict(base)))
-        tv = {"torchvision": "fcos_resnet50_fpn(weights=None, weights_backbone=None)", "num_classes": cfg.num_classes,
+        two_stage = cfg.head == "faster_rcnn"
+        if two_stage:
+            atss = as_atss(cfg)
+            out.append(Candidate("atss_dyhead", model_name(atss), lambda: build_detector(atss), True, dataclasses.asdict(atss)))
+        builder, key, title = (("fasterrcnn_resnet50_fpn", "torchvision_faster_rcnn", "Faster R-CNN-R50 (torchvision)")
+                               if two_stage else ("fcos_resnet50_fpn", "torchvision_fcos", "FCOS-R50 (torchvision)"))
+        num_classes = cfg.num_classes + two_stage  # torchvision's Faster R-CNN counts the background class
+        tv = {"torchvision": f"{builder}(weights=None, weights_backbone=None)", "num_classes": num_classes,
               "transform": {"min_size": min(s.size), "max_size": max(s.size)}}
-        out.append(Candidate("torchvision_fcos", "FCOS-R50 (torchvision)",
-                             lambda: build_torchvision_fcos(cfg.num_classes, s.size), False, tv))
+        out.append(Candidate(key, title, lambda: build_torchvision_fcos(num_classes, s.size, builder), False, tv))
     return out
 
 
@@ -663,6 +689,8 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "cpu": cpu_model(),
+        "cpu_vector_extensions": " ".join(cpu_description()["vector_extensions"]),  # type: ignore[arg-type]
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_cores": os.cpu_count(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -797,7 +825,8 @@ def render_table(report: dict):
     parts.append(_rich_table("size (GFLOPs per image)", MODEL_HEADERS, [model_cells(x) for x in report["models"].values()]))
     parts += [Text(ratio_line(x)) for x in report["ratios"]]
     gpu = f", {m['gpu']} (driver {m.get('driver') or '?'}, CUDA {m['cuda']})" if m["gpu"] else ""
-    parts.append(Text(f"{m['cpu']} ({m['cpu_cores_usable']} cores){gpu}; torch {m['torch']}, "
+    parts.append(Text(f"{m['cpu']} ({m['cpu_cores_usable']} cores; {m.get('cpu_vector_extensions') or 'vector extensions unknown'}; "
+                      f"torch kernels {m.get('torch_cpu_capability')}){gpu}; torch {m['torch']}, "
                       f"torchvision {m['torchvision']}; {s.get('timer', 'timer ?')}; load average {m['load_average_start']} -> "
                       f"{m['load_average_end']}", style="dim"))
     return Group(*parts)

@@ -30,13 +30,15 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dyhead_cli.data.annotations import read_annotation_file
+from dyhead_cli.data.annotations import check_results, read_annotation_file
 from dyhead_cli.data.images import collect_images, images_from_annotations, load_rgb
 from dyhead_cli.engine.inference import LoadedDetector, category_ids, choose_device, load_detector
+from dyhead_cli.engine.paths import check_output_dir, check_output_file, temporary_name, writing
 from dyhead_cli.engine.results import images_json_path
 from dyhead_cli.errors import DyheadError
+from dyhead_cli.recipe import MAX_IMAGE_SIDE
 
-from dyhead_cli.commands.console import err_console, say
+from dyhead_cli.commands.console import err_console, note, say
 from dyhead_cli.commands.visualize.attention import (
     detect,
     feature_activity_picture,
@@ -92,6 +94,28 @@ def output_name(path: Path, root: Path | None) -> str:
     return "__".join(rel.with_suffix("").parts) + ".png"
 
 
+def output_names(paths: Sequence[Path], root: Path | None) -> list[str]:
+    """``output_name`` of each image, made unique: two images never write one picture.
+
+    Where names clash (``a.jpg`` and ``a.png``; ``x/y.jpg`` and ``x__y.jpg``) the source's extension is kept
+    (``a.jpg.png``), then a counter is added (``a.jpg-2.png``). Compared case-insensitively, since some
+    file systems are.
+    """
+    plain = [output_name(Path(p), root) for p in paths]
+    clashes = {n.lower() for n in plain if sum(m.lower() == n.lower() for m in plain) > 1}
+    names: list[str] = []
+    taken: set[str] = set()
+    for p, name in zip(paths, plain):
+        if name.lower() in clashes:
+            name = name[:-4] + Path(p).suffix.lower() + ".png"
+        base, n = name[:-4], 2
+        while name.lower() in taken:
+            name, n = f"{base}-{n}.png", n + 1
+        taken.add(name.lower())
+        names.append(name)
+    return names
+
+
 # ----------------------------------------------------------------------------------------------------
 # command
 
@@ -123,11 +147,32 @@ def load_json(path: Path, what: str) -> Any:
         return json.loads(Path(path).read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DyheadError(f"{what} {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise DyheadError(f"{what} {path} is nested too deeply") from None
+
+
+ATTENTION_PICTURES = ("_scale_attention.png", "_spatial_attention.png", "_feature_activity.png")
+
+
+def check_pictures(out: Path, stems: Sequence[str], attention: bool, inputs: Sequence[tuple[str, Path | None]]) -> None:
+    """Before any drawing: no picture may replace an input (an image drawn into its own folder) or a folder."""
+    for stem in stems:
+        names = [stem[:-4] + suffix for suffix in ATTENTION_PICTURES] if attention else [stem]
+        for name in names:
+            check_output_file(out / name, "--out", inputs, suffixes=(".png",))
 
 
 def save_png(image: Image.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
+    """Write a PNG atomically (a temporary name, then a rename); a failure names ``path``."""
+    tmp = temporary_name(path)
+    with writing(path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(tmp, format="PNG")
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     return path
 
 
@@ -207,11 +252,16 @@ def visualize(
     Ids of a results file are looked up in the annotation file when given (predicted from it), else in
     the ``<stem>.images.json`` that ``dyhead predict`` wrote next to it.
     """
-    from rich.markup import escape
-
     console = console or err_console
-    if size < 64:
-        raise DyheadError(f"--size must be at least 64 pixels, got {size}")
+    if not 64 <= size <= MAX_IMAGE_SIDE:
+        raise DyheadError(f"--size must be within 64..{MAX_IMAGE_SIDE} pixels (larger pictures exhaust memory), got {size}")
+    if limit < 0:
+        raise DyheadError(f"--limit must be >= 0 (0 = all images), got {limit}")
+    if not 0.0 <= score_thr <= 1.0:
+        raise DyheadError(f"--score-thr must be within 0..1, got {score_thr}")
+    inputs = [("checkpoint --weights", weights), ("--recipe", recipe_path), ("--preds file", preds), ("--ann file", ann),
+              ("--images folder", images_dir)] + [("input", p) for p in images]
+    out = check_output_dir(out, "--out", inputs)
     if attention:
         if weights is None:
             raise DyheadError("--attention needs --weights (the model whose attention to draw)")
@@ -241,16 +291,16 @@ def visualize(
         sources.label_cats = category_ids(det, listed.ann_categories if ann is not None else None)
         names.update({c["id"]: c["name"] for c in sources.label_cats})
     if preds is not None:
-        rows = load_json(Path(preds), "predictions file")
-        if not isinstance(rows, list):
-            raise DyheadError(f"{preds} is not a COCO results list")
+        rows = check_results(load_json(Path(preds), "predictions file"), Path(preds))
         sources.preds_rows = group_by_image(rows)
         if sources.gt_index is not None:
             sources.preds_index = sources.gt_index
         else:
             listing_path = images_json_path(Path(preds))
-            listing = load_json(listing_path, "image list (written by 'dyhead predict' next to the results)")
-            root = Path(os.path.abspath(listing.get("root") or listing_path.parent))
+            if not listing_path.is_file():
+                raise DyheadError(f"image list not found: {listing_path} (written by 'dyhead predict' next to the results; or pass --ann)")
+            listing = read_annotation_file(listing_path)
+            root = Path(os.path.abspath(str(listing.get("root") or listing_path.parent)))
             sources.preds_index = ImageIndex.from_images(listing["images"], root)
             names.update({c["id"]: str(c.get("name", c["id"])) for c in listing.get("categories", [])})
             roots.append(root)
@@ -269,16 +319,16 @@ def visualize(
         raise DyheadError(f"--attention draws one image; got {len(todo)}")
 
     summary = VisualizeSummary()
-    out = Path(out)
+    stems = output_names(todo, root)
+    check_pictures(out, stems, attention, inputs + [("input image", p) for p in todo])
     title_size = max(13, size // 30)
-    for path in todo:
+    for path, stem in zip(todo, stems):
         try:
             image = load_rgb(path)
         except DyheadError as e:
-            console.print(f"[yellow]skipped[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            note("skipped", e, to=console)
             summary.skipped.append(str(path))
             continue
-        stem = output_name(path, root)
         if attention:
             summary.written.extend(attention_pictures(det, image, Path(path), out, stem[:-4], sources.device, point, level, block, size, summary))
             continue
@@ -286,12 +336,12 @@ def visualize(
         if sources.gt_index is not None:
             gt = sources.ground_truth(path)
             if gt is None:
-                console.print(f"[yellow]note[/] {escape(str(path))} is not in {escape(str(ann))}: no ground truth drawn", highlight=False)
+                note("note", f"{path} is not in {ann}: no ground truth drawn", to=console)
             panels.append(titled(draw_boxes(image, gt or [], sources.cats, size), f"ground truth ({len(gt or [])})", size=title_size))
         if sources.has_predictions:
             found = sources.predictions(path, score_thr)
             if found is None:
-                console.print(f"[yellow]note[/] {escape(str(path))} is not in the predictions' image list", highlight=False)
+                note("note", f"{path} is not in the predictions' image list", to=console)
             title = f"predictions ({len(found or [])}, score >= {score_thr:g})"
             panels.append(titled(draw_boxes(image, found or [], sources.cats, size), title, size=title_size))
         summary.written.append(save_png(hstack(panels, gap=12), out / stem))

@@ -6,7 +6,12 @@ thresholds in ``heads/postprocess.py``.
 """
 from __future__ import annotations
 
-from dyhead_cli.models.heads import atss, fcos, retinanet
+from dyhead_cli.models.heads import atss, faster_rcnn, fcos, retinanet
 from dyhead_cli.models.heads.dense import HeadSpec
 
-HEADS: dict[str, HeadSpec] = {"atss": atss.SPEC, "fcos": fcos.SPEC, "retinanet": retinanet.SPEC}
+HEADS: dict[str, HeadSpec] = {
+    "atss": atss.SPEC,
+    "fcos": fcos.SPEC,
+    "retinanet": retinanet.SPEC,
+    "faster_rcnn": faster_rcnn.SPEC,
+}

@@ -1,0 +1,52 @@
+"""The Python API, ``dyhead_cli.load(weights)`` -> a ``Predictor`` to call on images.
+
+This module sits on top of the layers (outside them, like ``cli.py``): it only gathers what the engine
+offers under short names. See ``engine/predictor.py`` for what a predictor accepts and returns.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dyhead_cli.engine.predictor import Predictor, load_predictor
+from dyhead_cli.models.build import build_model
+from dyhead_cli.recipe import ModelConfig, Recipe, load_recipe
+
+__all__ = ["ModelConfig", "Predictor", "Recipe", "build_model", "load", "load_recipe"]
+
+
+def load(
+    weights: str | Path,
+    device: str = "auto",
+    *,
+    recipe: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    score_thr: float | None = None,
+    classes: Sequence[str | int] | None = None,
+    iou: float | None = None,
+    max_det: int | None = None,
+    tile: int = 0,
+    tile_overlap: float = 0.2,
+    batch_size: int | None = None,
+    half: bool = False,
+    bf16: bool = False,
+    **extra: Any,
+) -> Predictor:
+    """A ready predictor for a checkpoint (``.safetensors``; the recipe travels in its metadata).
+
+    ``predictor(images)`` -> one ``Detections`` per image (``.boxes`` (N, 4) xyxy in original pixels,
+    ``.scores``, ``.labels``, ``.names``, ``.category_ids``, ``.plot()``, ``.to_coco(image_id)``), with
+    the recipe's resize and batching, the same numbers as ``dyhead predict`` with the same options:
+    ``score_thr``, ``classes`` (names or category ids), ``iou``, ``max_det``, ``tile`` / ``tile_overlap``,
+    ``batch_size`` (default: the recipe's ``eval.batch_size``), ``device`` auto | cpu | cuda[:N].
+    """
+    path = Path(weights)
+    if path.suffix.lower() in (".onnx", ".pt2", ".engine", ".torchscript"):
+        from dyhead_cli.errors import DyheadError
+
+        raise DyheadError(f"{path}: exported models cannot be loaded yet; load the .safetensors checkpoint")
+    return load_predictor(
+        path, device, recipe, overrides, iou, max_det, score_thr=score_thr, classes=classes, tile=tile,
+        tile_overlap=tile_overlap, batch_size=batch_size, half=half, bf16=bf16, **extra,
+    )

@@ -1,0 +1,119 @@
+"""The Python API: the README's example runs, results equal `dyhead predict`'s, every input type agrees."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import dyhead_cli
+from dyhead_cli.cli import app
+from dyhead_cli.engine.detections import Detections
+from dyhead_cli.engine.results import images_json_path
+from dyhead_cli.errors import DyheadError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+runner = CliRunner()
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_python() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    assert len(blocks) == 1, "the README has one Python example, and this test runs it"
+    return blocks[0]
+
+
+def test_the_readme_python_example_runs(run, tmp_path, monkeypatch):
+    """As written, in a folder laid out as after `dyhead train quickstart --out runs/quickstart`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+    (tmp_path / "runs" / "quickstart" / "last.safetensors").symlink_to(run["weights"])
+    (tmp_path / "data" / "synthetic").mkdir(parents=True)
+    (tmp_path / "data" / "synthetic" / "val").symlink_to(run["val_images"])
+    scope: dict = {}
+    exec(compile(readme_python(), "README.md", "exec"), scope)  # noqa: S102 - our own README
+    results = scope["results"]
+    assert len(results) == 2 and all(isinstance(r, Detections) for r in results)
+    drawn = Image.open(tmp_path / "000001_boxes.jpg")
+    assert drawn.size == Image.open(run["val_images"] / "000001.jpg").size
+    assert scope["rows"] == results[0].to_coco(1) and all(r["image_id"] == 1 for r in scope["rows"])
+
+
+def test_api_results_equal_dyhead_predict(run, tmp_path):
+    out = tmp_path / "preds.json"
+    result = runner.invoke(app, ["predict", str(run["val_images"]), "--weights", str(run["weights"]), "--out", str(out), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    listing = json.loads(images_json_path(out).read_text())
+    assert listing["image_ids"] == "file stems"  # 000001.jpg ... : the annotation file's ids
+    cli_rows = json.loads(out.read_text())
+    assert cli_rows
+
+    model = dyhead_cli.load(run["weights"], device="cpu")
+    files = sorted(run["val_images"].glob("*.jpg"))
+    results = model(files)  # the same images in the same order and batches (eval.batch_size)
+    assert len(results) == len(files) == len(listing["images"])
+    api_rows = [row for path, r in zip(files, results) for row in r.to_coco(int(path.stem))]
+    assert sorted(map(json.dumps, api_rows)) == sorted(map(json.dumps, cli_rows))
+    gt_ids = {im["file_name"]: im["id"] for im in json.loads(run["val_ann"].read_text())["images"]}
+    assert {im["file_name"]: im["id"] for im in listing["images"]} == gt_ids
+
+
+def test_every_input_type_gives_the_same_detections(run):
+    model = dyhead_cli.load(run["weights"], device="cpu", batch_size=1)
+    path = run["val_images"] / "000003.jpg"
+    (want,) = model(path)
+    assert len(want) > 0 and want.image_size == (128, 128)
+    rgb = np.array(Image.open(path).convert("RGB"))
+    chw = torch.from_numpy(rgb).permute(2, 0, 1)
+    inputs = {
+        "str": str(path),
+        "PIL": Image.open(path),
+        "numpy RGB": rgb,
+        "tensor uint8": chw,
+        "tensor float 0..1": chw.float() / 255,
+    }
+    for name, x in inputs.items():
+        (got,) = model(x)
+        assert torch.equal(got.boxes, want.boxes) and torch.equal(got.scores, want.scores), name
+        assert got.names == want.names and torch.equal(got.category_ids, want.category_ids), name
+    (bgr,) = model(np.ascontiguousarray(rgb[:, :, ::-1]), bgr=True)
+    assert torch.equal(bgr.boxes, want.boxes)
+    listed = model([rgb, path, chw[None].repeat(2, 1, 1, 1)])  # a list, and a (B, 3, H, W) batch inside it
+    assert len(listed) == 4 and all(torch.equal(r.boxes, want.boxes) for r in listed)
+
+    # what a result holds
+    assert want.boxes.shape == (len(want), 4) and want.boxes.dtype == torch.float32
+    assert (want.boxes[:, 2:] >= want.boxes[:, :2]).all() and float(want.boxes.max()) <= 128.0 + 1e-3
+    assert bool((want.scores[:-1] >= want.scores[1:]).all())  # best first
+    assert set(want.names) <= {"circle", "square", "triangle", "cross"}
+    assert set(want.category_ids.tolist()) <= {1, 3, 7, 10}  # the data set's own ids
+    rows = want.to_coco(42)
+    assert len(rows) == len(want) and rows[0]["image_id"] == 42
+    assert rows[0]["bbox"][2] == pytest.approx(float(want.boxes[0, 2] - want.boxes[0, 0]), abs=0.01)
+    drawn = want.plot(min_score=0.0)
+    assert drawn.size == (128, 128) and np.abs(np.asarray(drawn, np.int16) - rgb).sum() > 0
+    assert np.array_equal(np.asarray(want.plot(min_score=1.01)), rgb)  # nothing scores above 1: untouched
+
+
+def test_api_options_and_mistakes(run):
+    image = run["val_images"] / "000002.jpg"
+    (everything,) = dyhead_cli.load(run["weights"], device="cpu")(image)
+    (capped,) = dyhead_cli.load(run["weights"], device="cpu", max_det=5)(image)  # the head keeps its 5 best
+    assert len(everything) > 5 and len(capped) == 5 and torch.equal(capped.scores, everything.scores[:5])
+    keep = dyhead_cli.load(run["weights"], device="cpu", classes=["square", 10], score_thr=0.02)  # a name, a category id
+    (some,) = keep(image)
+    wanted = [(n in ("square", "cross")) and float(s) >= 0.02 for n, s in zip(everything.names, everything.scores)]
+    assert torch.equal(some.scores, everything.scores[wanted]) and set(some.names) <= {"square", "cross"}
+    with pytest.raises(DyheadError, match="neither a class name"):
+        dyhead_cli.load(run["weights"], device="cpu", classes=["sqare"])
+    model = dyhead_cli.load(run["weights"], device="cpu")
+    with pytest.raises(DyheadError, match="uint8"):
+        model(np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(DyheadError, match="cannot predict on a dict"):
+        model({"not": "an image"})
+    assert dyhead_cli.build_model(dyhead_cli.load_recipe(run["recipe"]).model).__class__.__name__ == "Detector"
