@@ -134,7 +134,7 @@ def evaluate(
 @app.command()
 def predict(
     paths: list[Path] = typer.Argument(..., help="Images, videos, folders (recursive) or one COCO annotation file (its image list)."),
-    weights: Path = typer.Option(..., "--weights", help="Checkpoint (.safetensors); its metadata carries the recipe."),
+    weights: Path = typer.Option(..., "--weights", help="Checkpoint (.safetensors; its metadata carries the recipe) or a model from dyhead export (.onnx, run by onnxruntime)."),
     out: Path = typer.Option(Path("preds.json"), "--out", help="COCO results JSON to write (the image list goes to <stem>.images.json)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Use this recipe instead of the checkpoint's."),
     images_dir: Optional[Path] = typer.Option(None, "--images", help="With an annotation file: the folder its file_names are relative to."),
@@ -180,6 +180,7 @@ def benchmark(
     compare: bool = typer.Option(False, "--compare", help="Also measure the model without DyHead (4-conv towers) and torchvision FCOS-R50."),
     impl: Optional[str] = typer.Option(None, "--impl", help="DyHead deformable convs: fast | reference (default: the model's)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Also time this model from 'dyhead export' under onnxruntime (CPU, same threads), in the same run."),
 ) -> None:
     """Latency, throughput, memory, parameters and FLOPs of a detector, stage by stage (CPU, or GPU with --gpu)."""
     from dyhead_cli.commands import benchmark as command
@@ -187,8 +188,26 @@ def benchmark(
     run_guarded(
         command.run, recipe=recipe, model=model, gpu=gpu, batch_sizes=batch_sizes, size=size, precision=precision,
         channels_last=channels_last, compile=compile, iters=iters, warmup=warmup, json_out=json_out,
-        markdown_out=markdown_out, compare=compare, impl=impl, threads=threads,
+        markdown_out=markdown_out, compare=compare, impl=impl, threads=threads, onnx=onnx,
     )
+
+
+@app.command()
+def export(
+    weights: Path = typer.Argument(..., help="Checkpoint (.safetensors) whose metadata carries the recipe."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx | torch-export (a .pt2 program)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="File to write (default: WEIGHTS with .onnx / .pt2)."),
+    size: str = typer.Option("640x640", "--size", help="Example input HxW, multiples of 128 (the fixed size without --dynamic)."),
+    dynamic: bool = typer.Option(False, "--dynamic", help="Symbolic batch and image size (multiples of 128, at least 256)."),
+    batch: int = typer.Option(1, "--batch", help="Fixed batch size (without --dynamic)."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset (17 or later)."),
+    no_postprocess: bool = typer.Option(False, "--no-postprocess", help="Export the raw per-level head outputs instead of detections."),
+    half: bool = typer.Option(False, "--half", help="float16 weights and activations (inputs and outputs stay float32)."),
+) -> None:
+    """Export a detector to ONNX or torch.export, deformable convolutions in standard ops."""
+    from dyhead_cli.commands import export as command
+
+    run_guarded(command.run, weights, fmt, out, size, dynamic, batch, opset, no_postprocess, half)
 
 
 @app.command()

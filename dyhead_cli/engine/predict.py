@@ -102,7 +102,13 @@ def predict(
         raise DyheadError(f"--workers must be within 0..{MAX_WORKERS}, got {workers}")
     if score_thr is not None and not 0.0 <= score_thr <= 1.0:
         raise DyheadError(f"--score-thr must be within 0..1, got {score_thr}")
-    det = load_detector(weights, recipe_path, [*overrides, *head_overrides(iou, max_det)])
+    if Path(weights).suffix == ".onnx":  # an exported model, run by onnxruntime (engine/onnx_runner.py)
+        from dyhead_cli.engine.onnx_runner import load_for_predict
+
+        det = load_for_predict(weights, recipe_path, [*overrides, *head_overrides(iou, max_det)], device, half, bf16)
+        device = "cpu"
+    else:
+        det = load_detector(weights, recipe_path, [*overrides, *head_overrides(iou, max_det)])
     recipe = det.recipe
     images = collect_images(paths, images_dir, recipe, vid_stride)
     predictor = Predictor(

@@ -38,9 +38,10 @@ from dyhead_cli.models.deform import (
     gemm_weight,
     sampling_table,
 )
+from dyhead_cli.models.deform_export import deform_conv2d_export
 
 OFFSET_MODES = ("official", "mmdet", "aligned")
-IMPLS = ("fast", "reference")
+IMPLS = ("fast", "reference", "export")  # "export": grid_sample + matmul (models/deform_export.py), for ONNX
 
 
 def hard_sigmoid(x: Tensor) -> Tensor:
@@ -73,8 +74,9 @@ def fit_offset_to_output(offset: Tensor, mask: Tensor, size: tuple[int, int], mo
     elif mode == "aligned":
         offset = F.interpolate(offset, size=(h, w), mode="bilinear", align_corners=False)
         # (B, 18, h, w) -> (B, 9, 2, h, w): (dy, dx) per tap, each in the coarser grid's pixels
-        scale = offset.new_tensor([h / big_h, w / big_w]).view(1, 1, 2, 1, 1)
-        offset = (offset.view(b, 9, 2, h, w) * scale).view(b, 18, h, w)
+        # (the scales as Python scalars, not a tensor of them: torch.export keeps them symbolic then)
+        off = offset.view(b, 9, 2, h, w)
+        offset = torch.stack([off[:, :, 0] * (h / big_h), off[:, :, 1] * (w / big_w)], dim=2).view(b, 18, h, w)
         mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
     else:
         raise ValueError(f"offset_mode must be one of {OFFSET_MODES}, got {mode!r}")
@@ -113,9 +115,11 @@ class DeformConvNorm(nn.Module):
         h, w = x.shape[-2:]
         return (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
 
-    def forward(self, x: Tensor, offset: Tensor, mask: Tensor, offset_mode: str) -> Tensor:
+    def forward(self, x: Tensor, offset: Tensor, mask: Tensor, offset_mode: str, exportable: bool = False) -> Tensor:
+        """``exportable``: standard ops only (``deform_export``) instead of torchvision's op; same result."""
         offset, mask = fit_offset_to_output(offset, mask, self.output_size(x), offset_mode)
-        y = deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride, padding=1, mask=mask)
+        conv = deform_conv2d_export if exportable else deform_conv2d
+        y = conv(x, offset, self.weight, self.bias, stride=self.stride, padding=1, mask=mask)
         return self.norm(y)
 
     def forward_from_table(
@@ -234,13 +238,14 @@ class DyHeadBlock(nn.Module):
         if trace is None and self.impl == "fast" and features[0].device.type == "cpu":
             return self.forward_fast(features)
         outs = []
+        mode, exportable = self.offset_mode, self.impl == "export"
         for level, x in enumerate(features):
             offset, mask = self.offset_and_mask(x)
-            maps = {"mid": self.spatial_mid(x, offset, mask, self.offset_mode)}
+            maps = {"mid": self.spatial_mid(x, offset, mask, mode, exportable)}
             if level > 0:
-                maps["low"] = self.spatial_low(features[level - 1], offset, mask, self.offset_mode)
+                maps["low"] = self.spatial_low(features[level - 1], offset, mask, mode, exportable)
             if level < len(features) - 1:
-                high = self.spatial_high(features[level + 1], offset, mask, self.offset_mode)
+                high = self.spatial_high(features[level + 1], offset, mask, mode, exportable)
                 maps["high"] = F.interpolate(high, size=x.shape[-2:], mode="bilinear", align_corners=True)
             weights = {name: self.scale_weight(f) for name, f in maps.items()}  # (B, 1, 1, 1) each
             fused = torch.stack([f * weights[name] for name, f in maps.items()]).mean(dim=0)

@@ -81,6 +81,7 @@ class Settings:
     threads: int | None = None
     compare: bool = False
     seed: int = 0
+    onnx: Path | None = None  # also time this exported model under onnxruntime (commands/benchmark/onnx.py)
 
 
 @dataclass
@@ -525,10 +526,17 @@ def load_candidate(c: Candidate, s: Settings, log: Callable[[str], None]) -> Loa
     return Loaded(c, prepare(model, c, s), info)
 
 
-def measure_batch(loaded: list[Loaded], batch: int, s: Settings, log: Callable[[str], None]) -> list[dict]:
+def measure_batch(loaded: list[Loaded], batch: int, s: Settings, log: Callable[[str], None], onnx: tuple | None = None) -> list[dict]:
     """One batch size: warm every model up, its peak memory alone, the timed calls interleaved, then stages."""
     images, image_sizes = make_inputs(batch, s.size, s.device, s.channels_last, s.seed)
     calls = {x.c.key: forward_fn(x.model, x.c, images, image_sizes, s) for x in loaded}
+    if onnx is not None:  # the exported model under onnxruntime, timed interleaved with the others
+        from dyhead_cli.commands.benchmark.onnx import onnx_call
+
+        calls["onnx"] = onnx_call(onnx[0], images, image_sizes, s.device)
+        log(f"{onnx[1]['name']}: batch {batch}, {s.warmup + 1} warm-up calls")
+        for _ in range(s.warmup + 1):
+            calls["onnx"]()
     memory, memory_reserved = {}, {}
     for x in loaded:
         log(f"{x.c.name}: batch {batch}, {s.warmup} warm-up calls")
@@ -554,6 +562,11 @@ def measure_batch(loaded: list[Loaded], batch: int, s: Settings, log: Callable[[
             row["stages_ms"] = {n: t.p50 * 1e3 for n, t in stage_breakdown(x.model, images, image_sizes, s).items()}
             row["dyhead_share"] = tower_share(row["stages_ms"])
         rows.append(row)
+    if onnx is not None:
+        timing = timings["onnx"]
+        rows.append({"model": onnx[1]["name"], "key": "onnx", "batch_size": batch, "latency_ms": timing.to_ms(),
+                     "times_ms": [t * 1e3 for t in timing.times_s], "images_per_s": batch / timing.p50,
+                     "peak_memory_bytes": 0, "peak_memory_kind": "not measured"})
     return rows
 
 
@@ -606,10 +619,15 @@ def run_benchmark(cfg: ModelConfig, source: str, s: Settings, log: Callable[[str
     if busy:
         log(busy)
     loaded = [load_candidate(c, s, log) for c in candidates_for(cfg, s)]
-    rows = [row for batch in s.batch_sizes for row in measure_batch(loaded, batch, s, log)]
-    models = {x.c.key: x.info for x in loaded}
+    onnx = None
+    if s.onnx is not None:
+        from dyhead_cli.commands.benchmark.onnx import load_onnx
+
+        onnx = load_onnx(s.onnx, torch.get_num_threads())
+    rows = [row for batch in s.batch_sizes for row in measure_batch(loaded, batch, s, log, onnx)]
+    models = {x.c.key: x.info for x in loaded} | ({"onnx": onnx[1]} if onnx is not None else {})
     settings = dataclasses.asdict(s)
-    settings.update(size=list(s.size), threads=torch.get_num_threads(), impl=cfg.dyhead.impl if s.impl is None else s.impl,
+    settings.update(size=list(s.size), onnx=None if s.onnx is None else str(s.onnx), threads=torch.get_num_threads(), impl=cfg.dyhead.impl if s.impl is None else s.impl,
                     source=source, images="random 0..255, exactly HxW, no padding",
                     timer="CUDA events" if s.device == "cuda" else "time.perf_counter")
     machine = machine_start | {"load_average_end": load_average()}
@@ -765,6 +783,8 @@ def stage_cells(r: dict) -> list[str]:
 
 def model_cells(m: dict) -> list[str]:
     f = m["flops_per_image"]
+    if not f:  # an exported model (--onnx): no parameter or FLOP count
+        return [m["name"]] + [""] * 6
     if "backbone" not in f:
         return [m["name"], f"{m['params'] / 1e6:.2f}", _g(f["total"]), "", "", "", ""]
     return [m["name"], f"{m['params'] / 1e6:.2f}", _g(f["total"]), _g(f["backbone"]), _g(f["fpn"]),
@@ -866,12 +886,13 @@ def benchmark_from_cli(
     compare: bool = False,
     impl: str | None = None,
     threads: int | None = None,
+    onnx: Path | None = None,
     log: Callable[[str], None] = lambda m: None,
 ) -> dict:
     """Parse the options, run, write --json/--markdown; returns the report for the CLI to print."""
     settings = Settings(device=resolve_device(gpu), size=parse_size(size), batch_sizes=parse_batch_sizes(batch_sizes),
                         precision=precision, channels_last=channels_last, compile=compile, iters=iters, warmup=warmup,
-                        impl=impl, threads=threads, compare=compare)
+                        impl=impl, threads=threads, compare=compare, onnx=onnx)
     check_settings(settings)
     cfg, source = model_config_from(recipe, model)
     report = run_benchmark(cfg, source, settings, log)
