@@ -17,7 +17,7 @@ Steps 1-3 check behaviour and share the GPU (pytest runs alongside 2-3); steps 4
   4. ``benchmarks/gpu_tower.py``: the DyHead tower's implementations on CUDA (reference vs gather + GEMM);
   5. ``dyhead benchmark --gpu --compare`` at 800x1333, batch 1 and 8, in fp32, bf16 and fp16.
 
-Writes into ``--out`` (at most 7 files, so that all of them come back from the device machine): summary.json
+Writes into ``--out`` (at most 8 files, so that all of them come back from the device machine): summary.json
 (every step: command, status, seconds, figures; the benchmark, tower and training metrics inlined),
 gpu_check.log (every step's full output), tower.json and bench_{fp32,bf16,fp16}.json. Scratch (data, runs)
 goes to ``--work``. Without a CUDA device it says so in one line and exits 0; ``--dry-run`` prints the
@@ -189,10 +189,21 @@ def plan(out: Path, work: Path, args: argparse.Namespace) -> list[Step]:
         Step("data synth", [*CLI, "data", "synth", str(data), "--num-train", "200", "--num-val", "50", "--image-size", "128",
                             "--colour-by-class"], 60),
     ]
-    qs_data = work / "quickstart_data"  # the quickstart's own data set, for the full-budget trainings at the end
-    if args.quickstarts:
-        steps.append(Step("data synth quickstart", [*CLI, "data", "synth", str(qs_data), "--num-train", "2000", "--num-val",
-                                                    "100", "--image-size", "128", "--colour-by-class"], 240, background=True))
+    # The quickstart's data and step budget (750 steps of 16 images) on the GPU, fp32 as the recipes say (e.g.
+    # Faster R-CNN + DyHead for the README's quickstart table): the data, then the training, alongside pytest.
+    qs_data = work / "quickstart_data"
+    qs_sets = [f"data.train_images={qs_data / 'train'}", f"data.train_ann={qs_data / 'annotations' / 'train.json'}",
+               f"data.val_images={qs_data / 'val'}", f"data.val_ann={qs_data / 'annotations' / 'val.json'}",
+               "data.synthetic=false", f"data.num_workers={max(args.workers, 6)}", "train.device=auto"]
+    synth = [*CLI, "data", "synth", str(qs_data), "--num-train", "2000", "--num-val", "100", "--image-size", "128",
+             "--colour-by-class", "--force"]
+    for name in args.quickstarts:
+        run = work / f"run_{name}"
+        train = [*CLI, "train", str(ROOT / "recipes" / f"{name}.toml"), "--out", str(run), "--force"]
+        for s_ in qs_sets:
+            train += ["--set", s_]
+        script = f"test -f {shlex.quote(str(qs_data / 'annotations' / 'val.json'))} || {shlex.join(synth)}; {shlex.join(train)}"
+        steps.append(Step(f"train {name}", ["bash", "-c", script], args.quickstart_timeout, check_training(run), background=True))
     for precision in ("fp16", "bf16"):
         run = work / f"run_{precision}"
         sets = [*data_sets, "train.device=auto", f"train.mixed_precision={precision}", f"train.max_steps={args.train_steps}",
@@ -217,17 +228,12 @@ def plan(out: Path, work: Path, args: argparse.Namespace) -> list[Step]:
                                                       "--batch-sizes", "1,8", "--precision", precision, "--iters",
                                                       str(args.iters), "--warmup", "3", "--json", str(path)],
                           120, check_benchmark(path), timing=True))
-    # The quickstart's data and step budget (750 steps of 16 images) on the GPU, fp32 as the recipes say: ATSS and
-    # Faster R-CNN + DyHead side by side, for the README's quickstart table. Last, with what is left of the budget.
-    qs_sets = [f"data.train_images={qs_data / 'train'}", f"data.train_ann={qs_data / 'annotations' / 'train.json'}",
-               f"data.val_images={qs_data / 'val'}", f"data.val_ann={qs_data / 'annotations' / 'val.json'}",
-               "data.synthetic=false", f"data.num_workers={max(args.workers, 8)}", "train.device=auto"]
-    for name in args.quickstarts:
-        run = work / f"run_{name}"
-        cmd = [*CLI, "train", str(ROOT / "recipes" / f"{name}.toml"), "--out", str(run), "--force"]
-        for s_ in qs_sets:
-            cmd += ["--set", s_]
-        steps.append(Step(f"train {name}", cmd, 240, check_training(run), needs="data synth quickstart"))
+    # the per-conv torchvision path, for the detector-level comparison with our CUDA path
+    path = out / "bench_bf16_reference.json"
+    steps.append(Step("benchmark bf16 reference", [*CLI, "benchmark", "--gpu", "--compare", "--size", "800x1333",
+                                                   "--batch-sizes", "1,8", "--precision", "bf16", "--impl", "reference",
+                                                   "--iters", str(args.iters), "--warmup", "3", "--json", str(path)],
+                      120, check_benchmark(path), timing=True))
     return steps
 
 
@@ -355,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=300, help="optimizer steps of each quickstart training")
     p.add_argument("--quickstarts", nargs="*", default=[], metavar="RECIPE",
                    help="also train these recipes (e.g. quickstart faster_rcnn_quickstart) on the quickstart's full data "
-                        "and step budget, last, within the budget")
+                        "and step budget, alongside pytest")
+    p.add_argument("--quickstart-timeout", type=float, default=300.0, help="seconds for each --quickstarts data + training")
     p.add_argument("--iters", type=int, default=10, help="timed calls per model and batch size in dyhead benchmark")
     p.add_argument("--tower-seconds", type=float, default=50.0, help="gpu_tower.py's --max-seconds")
     p.add_argument("--workers", type=int, default=6, help="data loader workers for training")

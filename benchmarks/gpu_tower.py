@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from dyhead_cli.models.dyhead import DyHead
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-BASE_VARIANTS = ("reference", "fast", "fast-cl", "fast-lowp", "fast-tf32")
+BASE_VARIANTS = ("reference", "sampled", "fast", "fast-lowp")  # (fast-cl and fast-tf32 gained nothing on an H100)
 Features = list[Tensor]
 
 
@@ -106,10 +106,13 @@ def tower_call(tower: DyHead, variant: str, device: str, dtype: torch.dtype | No
     low = variant == "fast-lowp"
     fast = variant.startswith("fast")
     channels_last = variant == "fast-cl"
+    # "sampled": impl "fast" through forward, which off CPU is one grid_sample + one GEMM per conv in the
+    # autocast dtype (models/deform_export.deform_conv2d_sampled); "export": the same ops, all float32
+    impl = {"sampled": "fast", "export": "export"}.get(variant, "fast" if fast else "reference")
 
     def run(feats: Features) -> Features:
         for block in tower.blocks:
-            block.impl = "fast" if fast else "reference"
+            block.impl = impl
             block.fast_low_precision = low
             block.fast_channels_last = channels_last
         tf32 = tf32_matmuls() if variant == "fast-tf32" else contextlib.nullcontext()
@@ -203,7 +206,8 @@ def variant_names(precision: str, device: str, graphs: bool, compile_: bool) -> 
     names = [v for v in BASE_VARIANTS if (v != "fast-lowp" or precision != "fp32") and (v != "fast-tf32" or precision == "fp32")]
     extra = []
     if graphs and device == "cuda":
-        extra += [f"{v}-graph" for v in names if v not in ("fast-cl", "fast-tf32")]
+        # torchvision's op under CUDA-graph capture gave wrong outputs on an H100 (max diff 1.4): not graphed
+        extra += [f"{v}-graph" for v in names if v not in ("reference", "fast-cl", "fast-tf32")]
     if compile_:
         extra += [f"{v}-compile" for v in ("reference", "fast")]
     return names + extra
@@ -273,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             references[batch] = tower_call(tower, "reference", args.device, None)(feats)
         feats = make_features(1, args.channels, sizes, args.device)
         scale = max(r.abs().max().item() for r in references[1])
-        for name in ("fast", "fast-cl") if args.device == "cuda" else ("fast",):
+        for name in ("fast", "sampled") if args.device == "cuda" else ("fast",):
             out = tower_call(tower, name, args.device, None)(feats)
             report["fp32_strict"][name] = {"batch": 1, "max_abs_diff_vs_reference": max_abs_diff(out, references[1]),
                                            "max_abs_reference": scale}

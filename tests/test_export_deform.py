@@ -154,3 +154,24 @@ def test_onnx_export_of_all_offset_modes_runs_on_onnxruntime_at_other_sizes(tmp_
         got = session.run(None, dict(zip(names, (big.numpy(), small.numpy()))))
         for mode, r, g in zip(OFFSET_MODES, ref, got):
             assert (torch.from_numpy(g) - r).abs().max().item() < 1e-4, mode
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_sampled_conv_equals_torchvision(stride):
+    """The CUDA fast path's conv (float32 sampling, GEMM in the autocast dtype) in float32 on CPU."""
+    from torchvision.ops import deform_conv2d
+
+    from dyhead_cli.models.deform_export import deform_conv2d_sampled
+
+    g = torch.Generator().manual_seed(stride)
+    x = torch.randn(2, 16, 11, 13, generator=g)
+    h, w = (11 - 1) // stride + 1, (13 - 1) // stride + 1
+    offset = torch.randn(2, 18, h, w, generator=g) * 3
+    mask = torch.rand(2, 9, h, w, generator=g)
+    weight, bias = torch.randn(8, 16, 3, 3, generator=g), torch.randn(8, generator=g)
+    want = deform_conv2d(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
+    got = deform_conv2d_sampled(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
+    assert got.dtype == torch.float32 and (got - want).abs().max().item() < 1e-4
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the GEMM in bfloat16, the sampling still float32
+        low = deform_conv2d_sampled(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
+    assert low.dtype == torch.bfloat16 and (low.float() - want).abs().max().item() < 0.05 * want.abs().max().item()

@@ -77,7 +77,14 @@ def deform_conv2d_export(
             "deform_conv2d_export supports 3x3 kernels with one weight group and one offset group, got weight "
             f"{tuple(weight.shape)}, input channels {input.shape[1]}, offset channels {offset.shape[1]}"
         )
-    stride, padding = _pair(stride), _pair(padding)
+    cols = sampled_columns(input, offset, mask, _pair(stride), _pair(padding))
+    weight_1x1 = weight.reshape(weight.shape[0], -1, 1, 1).to(cols.dtype)
+    return F.conv2d(cols, weight_1x1, None if bias is None else bias.to(cols.dtype))
+
+
+def sampled_columns(input: Tensor, offset: Tensor, mask: Tensor | None, stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
+    """The modulated deformable conv's columns: input (B, C, H, W), offset (B, 18, h, w), mask (B, 9, h, w)
+    -> (B, C*9, h, w), channel outer and tap inner (the weight's own layout), by one ``grid_sample``."""
     c, in_h, in_w = input.shape[1:]
     h = offset.shape[-2]
     grid = sample_grid(offset, (in_h, in_w), stride, padding).to(input.dtype)
@@ -85,5 +92,32 @@ def deform_conv2d_export(
     cols = cols.unflatten(2, (9, h))  # (B, C, 9, h, w)
     if mask is not None:
         cols = cols * mask.unsqueeze(1).to(cols.dtype)
-    weight_1x1 = weight.reshape(weight.shape[0], c * 9, 1, 1).to(cols.dtype)
-    return F.conv2d(cols.flatten(1, 2), weight_1x1, None if bias is None else bias.to(cols.dtype))
+    return cols.flatten(1, 2)
+
+
+def deform_conv2d_sampled(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 1,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """The CUDA fast path (``impl="fast"`` off CPU): ``deform_conv2d_export``'s computation with the
+    sampling in float32 and the GEMM in the autocast dtype.
+
+    Sample points and bilinear reads stay float32 (a bfloat16 coordinate is off by up to half a pixel on a
+    200-pixel map); the 1x1 conv over the (B, C*9, h, w) columns runs in bfloat16/float16 when autocast is
+    on (tensor cores), else in float32 (TF32 where the user allows it for convs, as for every other conv).
+    One ``grid_sample`` and one GEMM per conv, where torchvision's op runs an im2col and a GEMM per image.
+    Shapes as ``deform_conv2d_export``.
+    """
+    device = input.device.type
+    wide = torch.float64 if input.dtype == torch.float64 else torch.float32
+    gemm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else wide
+    with torch.autocast(device, enabled=False):
+        mask = None if mask is None else mask.to(wide)
+        cols = sampled_columns(input.to(wide), offset.to(wide), mask, _pair(stride), _pair(padding)).to(gemm_dtype)
+        weight_1x1 = weight.reshape(weight.shape[0], -1, 1, 1).to(gemm_dtype)
+        return F.conv2d(cols, weight_1x1, None if bias is None else bias.to(gemm_dtype))

@@ -38,7 +38,7 @@ from dyhead_cli.models.deform import (
     gemm_weight,
     sampling_table,
 )
-from dyhead_cli.models.deform_export import deform_conv2d_export
+from dyhead_cli.models.deform_export import deform_conv2d_export, deform_conv2d_sampled
 
 OFFSET_MODES = ("official", "mmdet", "aligned")
 IMPLS = ("fast", "reference", "export")  # "export": grid_sample + matmul (models/deform_export.py), for ONNX
@@ -116,9 +116,11 @@ class DeformConvNorm(nn.Module):
         return (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
 
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor, offset_mode: str, exportable: bool = False) -> Tensor:
-        """``exportable``: standard ops only (``deform_export``) instead of torchvision's op; same result."""
+        """``exportable``: standard ops only (``deform_export``) instead of torchvision's op; same result.
+        Off CPU, ``impl="fast"`` blocks pass ``exportable="sampled"``: the same ops, the GEMM in the
+        autocast dtype (``deform_conv2d_sampled``)."""
         offset, mask = fit_offset_to_output(offset, mask, self.output_size(x), offset_mode)
-        conv = deform_conv2d_export if exportable else deform_conv2d
+        conv = {False: deform_conv2d, True: deform_conv2d_export, "sampled": deform_conv2d_sampled}[exportable]
         y = conv(x, offset, self.weight, self.bias, stride=self.stride, padding=1, mask=mask)
         return self.norm(y)
 
@@ -235,10 +237,14 @@ class DyHeadBlock(nn.Module):
 
         ``trace``: record the block's intermediates into it (runs the reference convs).
         """
-        if trace is None and self.impl == "fast" and features[0].device.type == "cpu":
+        on_cpu = features[0].device.type == "cpu"
+        if trace is None and self.impl == "fast" and on_cpu:
             return self.forward_fast(features)
         outs = []
-        mode, exportable = self.offset_mode, self.impl == "export"
+        # off CPU, "fast" is one grid_sample + one GEMM per conv (models/deform_export.py), chosen over
+        # torchvision's op by benchmarks/gpu_tower.py on an H100 (see the README)
+        exportable: bool | str = self.impl == "export" or ("sampled" if self.impl == "fast" and not on_cpu else False)
+        mode = self.offset_mode
         for level, x in enumerate(features):
             offset, mask = self.offset_and_mask(x)
             maps = {"mid": self.spatial_mid(x, offset, mask, mode, exportable)}
