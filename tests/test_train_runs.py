@@ -265,3 +265,28 @@ def test_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, recip
         train_from_files(recipe, run, None, ["train.max_steps=2", "train.checkpoint_every=1", "train.eval_every=0", "model.dyhead.num_blocks=0"])
     assert load_weights(run / "last.safetensors")[1]["step"] == 1
     assert not list(run.glob(".*.tmp-*"))
+
+
+def test_preflight_builds_on_cpu_when_the_meta_device_cannot(monkeypatch):
+    """Some timm models cannot be built on meta tensors (torch 2.11: RegNet's init runs aten::_unique2): the
+    preflight check then builds once on the CPU instead of failing the run."""
+    from dyhead_cli.engine import preflight
+    from dyhead_cli.errors import DyheadError
+    from dyhead_cli.models import build
+    from dyhead_cli.recipe import BackboneConfig, DyHeadConfig, FPNConfig, ModelConfig
+
+    real, devices = build.build_model, []
+
+    def build_model(cfg):
+        devices.append(torch.empty(0).device.type)
+        if devices[-1] == "meta":
+            raise DyheadError("could not create timm model 'x': aten::_unique2: no Meta kernel")
+        return real(cfg)
+
+    monkeypatch.setattr(build, "build_model", build_model)
+    cfg = ModelConfig(num_classes=2, backbone=BackboneConfig(name="test_resnet"), fpn=FPNConfig(channels=32),
+                      dyhead=DyHeadConfig(num_blocks=1))
+    preflight.check_model(cfg)
+    assert devices == ["meta", "cpu"]
+    with pytest.raises(DyheadError, match="unknown|timm"):
+        preflight.check_model(ModelConfig(backbone=BackboneConfig(name="resnet5O")))
