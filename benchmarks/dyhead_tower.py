@@ -10,6 +10,7 @@ difference of each variant's outputs from the reference's. Offsets are perturbed
 With ``--train`` each iteration is a forward and a backward pass (gradients w.r.t. the inputs and every
 weight; the max abs difference then covers the input gradients too).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,10 +83,12 @@ def main() -> None:
         names.insert(0, "reference")
     runs = {n: make_variant(n, tower) for n in names}
 
-    print(f"DyHead tower: {args.blocks} blocks x {args.channels} ch, batch {args.batch}, levels "
-          f"{' '.join(f'{h}x{w}' for h, w in sizes)} (input {args.size}), mode {args.mode}, "
-          f"{torch.get_num_threads()} threads, {'forward + backward' if args.train else 'inference'}, "
-          f"torch {torch.__version__}")
+    print(
+        f"DyHead tower: {args.blocks} blocks x {args.channels} ch, batch {args.batch}, levels "
+        f"{' '.join(f'{h}x{w}' for h, w in sizes)} (input {args.size}), mode {args.mode}, "
+        f"{torch.get_num_threads()} threads, {'forward + backward' if args.train else 'inference'}, "
+        f"torch {torch.__version__}"
+    )
     times: dict[str, list[float]] = {n: [] for n in names}
     outputs: dict[str, list[torch.Tensor]] = {}
     grad_out = [torch.randn(f.shape, generator=g) for f in feats]

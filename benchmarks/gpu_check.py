@@ -23,6 +23,7 @@ gpu_check.log (every step's full output), tower.json and bench_{fp32,bf16,fp16}.
 goes to ``--work``. Without a CUDA device it says so in one line and exits 0; ``--dry-run`` prints the
 commands it would run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 CLI = [PY, "-m", "dyhead_cli.cli"]
 PRECISIONS = ("fp32", "bf16", "fp16")
-INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
-           ".whl/*.whl && export PYTHONPATH=/tmp/site:$PWD")
+INSTALL = (
+    "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
+    ".whl/*.whl && export PYTHONPATH=/tmp/site:$PWD"
+)
 
 
 @dataclass
@@ -105,9 +108,15 @@ def check_training(run_dir: Path) -> Callable[[Step, str], dict[str, Any]]:
             raise Failed("no AP at the end of training")
         speeds = [e["images_per_s"] for e in events if e.get("event") == "train" and "images_per_s" in e]
         last = evals[-1]
-        return {"steps": last.get("step"), "first_loss": losses[0], "last_loss": losses[-1], "AP": last["AP"],
-                "AP50": last.get("AP50"), "images_per_s": max(speeds[1:] or speeds or [0.0]),
-                "checkpoint": (run_dir / "last.safetensors").is_file()}
+        return {
+            "steps": last.get("step"),
+            "first_loss": losses[0],
+            "last_loss": losses[-1],
+            "AP": last["AP"],
+            "AP50": last.get("AP50"),
+            "images_per_s": max(speeds[1:] or speeds or [0.0]),
+            "checkpoint": (run_dir / "last.safetensors").is_file(),
+        }
 
     return check
 
@@ -149,10 +158,17 @@ def check_tower(path: Path) -> Callable[[Step, str], dict[str, Any]]:
         bad = {k: v for k, v in strict.items() if not v < 1e-3 * max(1.0, report["fp32_strict"][k]["max_abs_reference"])}
         if bad:
             raise Failed(f"gather + GEMM differs from the reference in float32: {bad}")
-        fastest = {f"{f['precision']} b{f['batch']}": f"{f['variant']} {f['median_ms']:.1f} ms "
-                   f"(x{f['speedup_vs_reference'] or float('nan'):.2f})" for f in report.get("fastest", [])}
-        return {"fp32_max_abs_diff": strict, "fastest": fastest, "errors": report.get("errors", []),
-                "skipped": report.get("skipped", [])}
+        fastest = {
+            f"{f['precision']} b{f['batch']}": f"{f['variant']} {f['median_ms']:.1f} ms "
+            f"(x{f['speedup_vs_reference'] or float('nan'):.2f})"
+            for f in report.get("fastest", [])
+        }
+        return {
+            "fp32_max_abs_diff": strict,
+            "fastest": fastest,
+            "errors": report.get("errors", []),
+            "skipped": report.get("skipped", []),
+        }
 
     return check
 
@@ -163,11 +179,13 @@ def check_benchmark(path: Path) -> Callable[[Step, str], dict[str, Any]]:
         figures: dict[str, Any] = {"gpu": report["machine"].get("gpu"), "driver": report["machine"].get("driver")}
         for r in report["results"]:
             b = r["batch_size"]
-            figures[f"{r['key']} b{b}"] = {"p50_ms": round(r["latency_ms"]["p50"], 2),
-                                           "p90_ms": round(r["latency_ms"]["p90"], 2),
-                                           "images_per_s": round(r["images_per_s"], 1),
-                                           "peak_mb": round(r["peak_memory_bytes"] / 2**20),
-                                           **({"dyhead_share": round(r["dyhead_share"], 3)} if "dyhead_share" in r else {})}
+            figures[f"{r['key']} b{b}"] = {
+                "p50_ms": round(r["latency_ms"]["p50"], 2),
+                "p90_ms": round(r["latency_ms"]["p90"], 2),
+                "images_per_s": round(r["images_per_s"], 1),
+                "peak_mb": round(r["peak_memory_bytes"] / 2**20),
+                **({"dyhead_share": round(r["dyhead_share"], 3)} if "dyhead_share" in r else {}),
+            }
         return figures
 
     return check
@@ -180,23 +198,66 @@ def check_benchmark(path: Path) -> Callable[[Step, str], dict[str, Any]]:
 def plan(out: Path, work: Path, args: argparse.Namespace) -> list[Step]:
     data = work / "data"
     ann_val = data / "annotations" / "val.json"
-    data_sets = [f"data.train_images={data / 'train'}", f"data.train_ann={data / 'annotations' / 'train.json'}",
-                 f"data.val_images={data / 'val'}", f"data.val_ann={ann_val}", "data.synthetic=false",
-                 f"data.num_workers={args.workers}"]
+    data_sets = [
+        f"data.train_images={data / 'train'}",
+        f"data.train_ann={data / 'annotations' / 'train.json'}",
+        f"data.val_images={data / 'val'}",
+        f"data.val_ann={ann_val}",
+        "data.synthetic=false",
+        f"data.num_workers={args.workers}",
+    ]
     steps = [
-        Step("pytest -m gpu", [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"], 200, check_pytest,
-             background=True),
-        Step("data synth", [*CLI, "data", "synth", str(data), "--num-train", "200", "--num-val", "50", "--image-size", "128",
-                            "--colour-by-class"], 60),
+        Step(
+            "pytest -m gpu",
+            [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
+            200,
+            check_pytest,
+            background=True,
+        ),
+        Step(
+            "data synth",
+            [
+                *CLI,
+                "data",
+                "synth",
+                str(data),
+                "--num-train",
+                "200",
+                "--num-val",
+                "50",
+                "--image-size",
+                "128",
+                "--colour-by-class",
+            ],
+            60,
+        ),
     ]
     # The quickstart's data and step budget (750 steps of 16 images) on the GPU, fp32 as the recipes say (e.g.
     # Faster R-CNN + DyHead for the README's quickstart table): the data, then the training, alongside pytest.
     qs_data = work / "quickstart_data"
-    qs_sets = [f"data.train_images={qs_data / 'train'}", f"data.train_ann={qs_data / 'annotations' / 'train.json'}",
-               f"data.val_images={qs_data / 'val'}", f"data.val_ann={qs_data / 'annotations' / 'val.json'}",
-               "data.synthetic=false", f"data.num_workers={max(args.workers, 6)}", "train.device=auto"]
-    synth = [*CLI, "data", "synth", str(qs_data), "--num-train", "2000", "--num-val", "100", "--image-size", "128",
-             "--colour-by-class", "--force"]
+    qs_sets = [
+        f"data.train_images={qs_data / 'train'}",
+        f"data.train_ann={qs_data / 'annotations' / 'train.json'}",
+        f"data.val_images={qs_data / 'val'}",
+        f"data.val_ann={qs_data / 'annotations' / 'val.json'}",
+        "data.synthetic=false",
+        f"data.num_workers={max(args.workers, 6)}",
+        "train.device=auto",
+    ]
+    synth = [
+        *CLI,
+        "data",
+        "synth",
+        str(qs_data),
+        "--num-train",
+        "2000",
+        "--num-val",
+        "100",
+        "--image-size",
+        "128",
+        "--colour-by-class",
+        "--force",
+    ]
     for name in args.quickstarts:
         run = work / f"run_{name}"
         train = [*CLI, "train", str(ROOT / "recipes" / f"{name}.toml"), "--out", str(run), "--force"]
@@ -206,34 +267,139 @@ def plan(out: Path, work: Path, args: argparse.Namespace) -> list[Step]:
         steps.append(Step(f"train {name}", ["bash", "-c", script], args.quickstart_timeout, check_training(run), background=True))
     for precision in ("fp16", "bf16"):
         run = work / f"run_{precision}"
-        sets = [*data_sets, "train.device=auto", f"train.mixed_precision={precision}", f"train.max_steps={args.train_steps}",
-                "train.epochs=1000", "train.eval_every=0", "train.log_every=10"]
-        cmd = [PY, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", precision, "--dynamo_backend", "no", "-m", "dyhead_cli.cli", "train",
-               str(ROOT / "recipes" / "quickstart.toml"), "--out", str(run), "--force"]
+        sets = [
+            *data_sets,
+            "train.device=auto",
+            f"train.mixed_precision={precision}",
+            f"train.max_steps={args.train_steps}",
+            "train.epochs=1000",
+            "train.eval_every=0",
+            "train.log_every=10",
+        ]
+        cmd = [
+            PY,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            precision,
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "dyhead_cli.cli",
+            "train",
+            str(ROOT / "recipes" / "quickstart.toml"),
+            "--out",
+            str(run),
+            "--force",
+        ]
         for s in sets:
             cmd += ["--set", s]
         steps.append(Step(f"train {precision}", cmd, 120, check_training(run), needs="data synth"))
     preds = work / "preds_half.json"
-    steps.append(Step("predict --half", [*CLI, "predict", str(ann_val), "--images", str(data / "val"), "--weights",
-                                         str(work / "run_fp16" / "last.safetensors"), "--device", "cuda", "--half",
-                                         "--set", "model.head_options.score_thresh=0.01", "--out", str(preds)],
-                      60, check_predict(preds, ann_val), needs="train fp16"))
-    steps.append(Step("gpu_tower", [PY, str(ROOT / "benchmarks" / "gpu_tower.py"), "--json", str(out / "tower.json"),
-                                    "--max-seconds", str(args.tower_seconds), "--budget-s", "0.6"],
-                      args.tower_seconds + 45, check_tower(out / "tower.json"), timing=True))
+    steps.append(
+        Step(
+            "predict --half",
+            [
+                *CLI,
+                "predict",
+                str(ann_val),
+                "--images",
+                str(data / "val"),
+                "--weights",
+                str(work / "run_fp16" / "last.safetensors"),
+                "--device",
+                "cuda",
+                "--half",
+                "--set",
+                "model.head_options.score_thresh=0.01",
+                "--out",
+                str(preds),
+            ],
+            60,
+            check_predict(preds, ann_val),
+            needs="train fp16",
+        )
+    )
+    steps.append(
+        Step(
+            "gpu_tower",
+            [
+                PY,
+                str(ROOT / "benchmarks" / "gpu_tower.py"),
+                "--json",
+                str(out / "tower.json"),
+                "--max-seconds",
+                str(args.tower_seconds),
+                "--budget-s",
+                "0.6",
+            ],
+            args.tower_seconds + 45,
+            check_tower(out / "tower.json"),
+            timing=True,
+        )
+    )
     for precision in PRECISIONS:
         path = out / f"bench_{precision}.json"
-        steps.append(Step(f"benchmark {precision}", [*CLI, "benchmark", "--gpu", "--compare", "--size", "800x1333",
-                                                      "--batch-sizes", "1,8", "--precision", precision, "--iters",
-                                                      str(args.iters), "--warmup", "3", "--json", str(path)],
-                          120, check_benchmark(path), timing=True))
+        steps.append(
+            Step(
+                f"benchmark {precision}",
+                [
+                    *CLI,
+                    "benchmark",
+                    "--gpu",
+                    "--compare",
+                    "--size",
+                    "800x1333",
+                    "--batch-sizes",
+                    "1,8",
+                    "--precision",
+                    precision,
+                    "--iters",
+                    str(args.iters),
+                    "--warmup",
+                    "3",
+                    "--json",
+                    str(path),
+                ],
+                120,
+                check_benchmark(path),
+                timing=True,
+            )
+        )
     # the per-conv torchvision path, for the detector-level comparison with our CUDA path
     path = out / "bench_bf16_reference.json"
-    steps.append(Step("benchmark bf16 reference", [*CLI, "benchmark", "--gpu", "--compare", "--size", "800x1333",
-                                                   "--batch-sizes", "1,8", "--precision", "bf16", "--impl", "reference",
-                                                   "--iters", str(args.iters), "--warmup", "3", "--json", str(path)],
-                      120, check_benchmark(path), timing=True))
+    steps.append(
+        Step(
+            "benchmark bf16 reference",
+            [
+                *CLI,
+                "benchmark",
+                "--gpu",
+                "--compare",
+                "--size",
+                "800x1333",
+                "--batch-sizes",
+                "1,8",
+                "--precision",
+                "bf16",
+                "--impl",
+                "reference",
+                "--iters",
+                str(args.iters),
+                "--warmup",
+                "3",
+                "--json",
+                str(path),
+            ],
+            120,
+            check_benchmark(path),
+            timing=True,
+        )
+    )
     return steps
 
 
@@ -255,8 +421,9 @@ class Running:
 def start_step(step: Step, env: dict[str, str], timeout: float, scratch: Path) -> Running:
     output = scratch / f"{re.sub(r'[^A-Za-z0-9]+', '_', step.name)}.out"
     with open(output, "w") as f:
-        proc = subprocess.Popen(step.cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            step.cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
     now = time.perf_counter()
     return Running(step, proc, output, now, now + timeout)
 
@@ -302,11 +469,20 @@ def conclude(step: Step, output: str) -> None:
 def machine() -> dict[str, Any]:
     import torch
 
-    info: dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
-                            "gpu": torch.cuda.get_device_name(0)}
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0),
+    }
     try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=False)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
         info["nvidia_smi"] = smi.stdout.strip()
     except (OSError, subprocess.SubprocessError) as e:
         info["nvidia_smi"] = f"unavailable: {e}"
@@ -336,8 +512,14 @@ def short_figures(s: Step) -> str:
     if s.name.startswith("pytest"):
         return f.get("line", "")
     if s.name.startswith("train"):
-        return (f"loss {f['first_loss']:.3f} -> {f['last_loss']:.3f}, AP {f['AP']:.1f} (AP50 {f['AP50']:.1f}) after "
-                f"{f['steps']} steps, {f['images_per_s']:.0f} img/s") if f else ""
+        return (
+            (
+                f"loss {f['first_loss']:.3f} -> {f['last_loss']:.3f}, AP {f['AP']:.1f} (AP50 {f['AP50']:.1f}) after "
+                f"{f['steps']} steps, {f['images_per_s']:.0f} img/s"
+            )
+            if f
+            else ""
+        )
     if s.name.startswith("predict"):
         return f"{f.get('detections')} detections, AP {f.get('AP')}" if f else ""
     if s.name == "gpu_tower" and f:
@@ -359,9 +541,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/gpu_check_work"), help="scratch: data and training runs")
     p.add_argument("--budget-s", type=float, default=290.0, help="skip the steps that no longer fit in this")
     p.add_argument("--train-steps", type=int, default=300, help="optimizer steps of each quickstart training")
-    p.add_argument("--quickstarts", nargs="*", default=[], metavar="RECIPE",
-                   help="also train these recipes (e.g. quickstart faster_rcnn_quickstart) on the quickstart's full data "
-                        "and step budget, alongside pytest")
+    p.add_argument(
+        "--quickstarts",
+        nargs="*",
+        default=[],
+        metavar="RECIPE",
+        help="also train these recipes (e.g. quickstart faster_rcnn_quickstart) on the quickstart's full data "
+        "and step budget, alongside pytest",
+    )
     p.add_argument("--quickstart-timeout", type=float, default=300.0, help="seconds for each --quickstarts data + training")
     p.add_argument("--iters", type=int, default=10, help="timed calls per model and batch size in dyhead benchmark")
     p.add_argument("--tower-seconds", type=float, default=50.0, help="gpu_tower.py's --max-seconds")
@@ -391,8 +578,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p),
-               PYTHONUNBUFFERED="1", COLUMNS="200")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p),
+        PYTHONUNBUFFERED="1",
+        COLUMNS="200",
+    )
     info = machine()
     print(f"gpu_check on {info['gpu']} ({info['nvidia_smi']}), torch {info['torch']}, CUDA {info['cuda']}", flush=True)
     passed: set[str] = set()
@@ -431,15 +622,32 @@ def main(argv: list[str] | None = None) -> int:
     ok = all(s.status == "ok" for s in steps)
     reports = {name: _maybe_json(out / name) for name in ["tower.json", *(f"bench_{q}.json" for q in PRECISIONS)]}
     trainings = {p_: _maybe_lines(work / f"run_{p_}" / "metrics.jsonl") for p_ in ("fp16", "bf16")}
-    summary = {"ok": ok, "seconds": round(total, 1), "machine": info, "install": INSTALL,
-               "steps": [{"name": s.name, "command": shlex.join(s.cmd), "status": s.status, "seconds": round(s.seconds, 1),
-                          "note": s.note, "figures": s.figures} for s in steps],
-               "reports": reports, "training_metrics": trainings}
+    summary = {
+        "ok": ok,
+        "seconds": round(total, 1),
+        "machine": info,
+        "install": INSTALL,
+        "steps": [
+            {
+                "name": s.name,
+                "command": shlex.join(s.cmd),
+                "status": s.status,
+                "seconds": round(s.seconds, 1),
+                "note": s.note,
+                "figures": s.figures,
+            }
+            for s in steps
+        ],
+        "reports": reports,
+        "training_metrics": trainings,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print()
     print(summary_table(steps))
-    print(f"\ngpu_check: {'all passed' if ok else 'FAILED'} in {total:.0f} s; details in {out / 'summary.json'} and "
-          f"{out / 'gpu_check.log'}")
+    print(
+        f"\ngpu_check: {'all passed' if ok else 'FAILED'} in {total:.0f} s; details in {out / 'summary.json'} and "
+        f"{out / 'gpu_check.log'}"
+    )
     return 0 if ok else 1
 
 

@@ -28,6 +28,7 @@ every variant's outputs against the reference's in float32 with TF32 off (``fp32
 configuration's outputs against that strict float32 reference of the same batch (the error of the
 precision). Offset convs get N(0, 0.02) weights so sampling really moves off the grid.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,7 +102,9 @@ def tf32_matmuls():
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def tower_call(tower: DyHead, variant: str, device: str, dtype: torch.dtype | None, cache: bool = True) -> Callable[[Features], Features]:
+def tower_call(
+    tower: DyHead, variant: str, device: str, dtype: torch.dtype | None, cache: bool = True
+) -> Callable[[Features], Features]:
     """features -> outputs, running ``tower`` as the base variant says, under inference mode and autocast."""
     low = variant == "fast-lowp"
     fast = variant.startswith("fast")
@@ -181,17 +184,31 @@ def max_abs_diff(a: Features, b: Features) -> float:
 def machine(device: str) -> dict[str, Any]:
     import torchvision
 
-    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "torchvision": torchvision.__version__, "cuda": torch.version.cuda}
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+    }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
-                    memory_gib=round(props.total_memory / 2**30, 1), cudnn=torch.backends.cudnn.version(),
-                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
-                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+        info.update(
+            gpu=props.name,
+            capability=f"{props.major}.{props.minor}",
+            sms=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            cudnn=torch.backends.cudnn.version(),
+            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+            matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+        )
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20, check=False)
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
+            )
             info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     else:
         info["threads"] = torch.get_num_threads()
@@ -260,15 +277,31 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     tower = build_tower(args.channels, args.blocks, args.mode, args.device)
     report: dict[str, Any] = {
-        "command": " ".join(sys.argv), "machine": machine(args.device),
-        "settings": {"device": args.device, "size": [height, width], "levels": [list(s) for s in sizes],
-                     "blocks": args.blocks, "channels": args.channels, "offset_mode": args.mode,
-                     "batches": batches, "precisions": precisions, "warmup": args.warmup, "iters": args.iters,
-                     "budget_s": args.budget_s},
-        "fp32_strict": {}, "results": [], "errors": [], "skipped": [],
+        "command": " ".join(sys.argv),
+        "machine": machine(args.device),
+        "settings": {
+            "device": args.device,
+            "size": [height, width],
+            "levels": [list(s) for s in sizes],
+            "blocks": args.blocks,
+            "channels": args.channels,
+            "offset_mode": args.mode,
+            "batches": batches,
+            "precisions": precisions,
+            "warmup": args.warmup,
+            "iters": args.iters,
+            "budget_s": args.budget_s,
+        },
+        "fp32_strict": {},
+        "results": [],
+        "errors": [],
+        "skipped": [],
     }
-    print(f"DyHead tower {args.blocks} x {args.channels} ch on {report['machine'].get('gpu', args.device)}, levels "
-          f"{' '.join(f'{h}x{w}' for h, w in sizes)} ({height}x{width}), offset mode {args.mode}", flush=True)
+    print(
+        f"DyHead tower {args.blocks} x {args.channels} ch on {report['machine'].get('gpu', args.device)}, levels "
+        f"{' '.join(f'{h}x{w}' for h, w in sizes)} ({height}x{width}), offset mode {args.mode}",
+        flush=True,
+    )
 
     references: dict[int, Features] = {}  # per batch: the reference in float32 with TF32 off
     with torch.inference_mode(), strict_fp32(args.device):
@@ -279,11 +312,17 @@ def main(argv: list[str] | None = None) -> int:
         scale = max(r.abs().max().item() for r in references[1])
         for name in ("fast", "sampled") if args.device == "cuda" else ("fast",):
             out = tower_call(tower, name, args.device, None)(feats)
-            report["fp32_strict"][name] = {"batch": 1, "max_abs_diff_vs_reference": max_abs_diff(out, references[1]),
-                                           "max_abs_reference": scale}
+            report["fp32_strict"][name] = {
+                "batch": 1,
+                "max_abs_diff_vs_reference": max_abs_diff(out, references[1]),
+                "max_abs_reference": scale,
+            }
     for name, acc in report["fp32_strict"].items():
-        print(f"fp32, TF32 off, batch 1: {name} vs reference max abs diff {acc['max_abs_diff_vs_reference']:.2e} "
-              f"(largest |output| {acc['max_abs_reference']:.2f})", flush=True)
+        print(
+            f"fp32, TF32 off, batch 1: {name} vs reference max abs diff {acc['max_abs_diff_vs_reference']:.2e} "
+            f"(largest |output| {acc['max_abs_reference']:.2f})",
+            flush=True,
+        )
 
     for precision in precisions:
         dtype = PRECISIONS[precision]
@@ -308,15 +347,26 @@ def main(argv: list[str] | None = None) -> int:
                 median = statistics.median(times)
                 ref_ms = median if name == "reference" else ref_ms
                 srt = sorted(times)
-                row = {"precision": precision, "batch": batch, "variant": name, "median_ms": median,
-                       "p90_ms": srt[min(len(srt) - 1, round(0.9 * (len(srt) - 1)))], "min_ms": srt[0],
-                       "calls": len(times), "images_per_s": batch / median * 1e3, "peak_memory_mb": peak / 2**20,
-                       "speedup_vs_reference": (ref_ms / median) if ref_ms else None,
-                       "max_abs_diff_vs_fp32_strict_reference": diff}
+                row = {
+                    "precision": precision,
+                    "batch": batch,
+                    "variant": name,
+                    "median_ms": median,
+                    "p90_ms": srt[min(len(srt) - 1, round(0.9 * (len(srt) - 1)))],
+                    "min_ms": srt[0],
+                    "calls": len(times),
+                    "images_per_s": batch / median * 1e3,
+                    "peak_memory_mb": peak / 2**20,
+                    "speedup_vs_reference": (ref_ms / median) if ref_ms else None,
+                    "max_abs_diff_vs_fp32_strict_reference": diff,
+                }
                 report["results"].append(row)
-                print(f"{precision:>4} b{batch:<2} {name:<22} median {median:8.2f} ms  p90 {row['p90_ms']:8.2f}  "
-                      f"{row['images_per_s']:7.1f} img/s  peak {row['peak_memory_mb']:7.0f} MB  "
-                      f"x{row['speedup_vs_reference'] or float('nan'):5.2f} vs ref  diff {diff:.1e}", flush=True)
+                print(
+                    f"{precision:>4} b{batch:<2} {name:<22} median {median:8.2f} ms  p90 {row['p90_ms']:8.2f}  "
+                    f"{row['images_per_s']:7.1f} img/s  peak {row['peak_memory_mb']:7.0f} MB  "
+                    f"x{row['speedup_vs_reference'] or float('nan'):5.2f} vs ref  diff {diff:.1e}",
+                    flush=True,
+                )
             del feats
             if args.device == "cuda":
                 torch.cuda.empty_cache()
@@ -326,11 +376,21 @@ def main(argv: list[str] | None = None) -> int:
         key = (r["precision"], r["batch"])
         if key not in best or r["median_ms"] < best[key]["median_ms"]:
             best[key] = r
-    report["fastest"] = [{"precision": k[0], "batch": k[1], "variant": r["variant"], "median_ms": r["median_ms"],
-                          "speedup_vs_reference": r["speedup_vs_reference"]} for k, r in best.items()]
+    report["fastest"] = [
+        {
+            "precision": k[0],
+            "batch": k[1],
+            "variant": r["variant"],
+            "median_ms": r["median_ms"],
+            "speedup_vs_reference": r["speedup_vs_reference"],
+        }
+        for k, r in best.items()
+    ]
     for b in report["fastest"]:
-        print(f"fastest {b['precision']} b{b['batch']}: {b['variant']} {b['median_ms']:.2f} ms "
-              f"(x{b['speedup_vs_reference'] or float('nan'):.2f} vs reference)")
+        print(
+            f"fastest {b['precision']} b{b['batch']}: {b['variant']} {b['median_ms']:.2f} ms "
+            f"(x{b['speedup_vs_reference'] or float('nan'):.2f} vs reference)"
+        )
     if report["skipped"]:
         print(f"skipped after {args.max_seconds:.0f} s: {', '.join(report['skipped'])}")
     print(f"gpu_tower: {report['seconds']} s, {len(report['errors'])} errors")

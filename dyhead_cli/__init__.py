@@ -9,6 +9,7 @@
 Also ``build_model(model_config)``, ``load_recipe(path or built-in name)``, ``builtin_recipe_names()``
 and ``__version__``. The names load lazily: ``import dyhead_cli`` alone does not import torch.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any

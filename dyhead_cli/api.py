@@ -3,6 +3,7 @@
 This module sits on top of the layers (outside them, like ``cli.py``): it only gathers what the engine
 offers under short names. See ``engine/predictor.py`` for what a predictor accepts and returns.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -47,6 +48,18 @@ def load(
 
         raise DyheadError(f"{path}: exported models cannot be loaded yet; load the .safetensors checkpoint")
     return load_predictor(
-        path, device, recipe, overrides, iou, max_det, score_thr=score_thr, classes=classes, tile=tile,
-        tile_overlap=tile_overlap, batch_size=batch_size, half=half, bf16=bf16, **extra,
+        path,
+        device,
+        recipe,
+        overrides,
+        iou,
+        max_det,
+        score_thr=score_thr,
+        classes=classes,
+        tile=tile,
+        tile_overlap=tile_overlap,
+        batch_size=batch_size,
+        half=half,
+        bf16=bf16,
+        **extra,
     )

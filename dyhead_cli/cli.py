@@ -3,6 +3,7 @@ in ``commands/`` (which calls the engine and prints).
 
 Every user mistake surfaces as a ``DyheadError`` and is printed as one line with exit code 1.
 """
+
 from __future__ import annotations
 
 import os
@@ -75,8 +76,11 @@ def run_guarded(fn, *args, **kwargs):
     except Exception as e:  # noqa: BLE001 - the last line of defence: never show a traceback to a user
         if debug():
             raise
-        fail(f"internal error ({type(e).__name__}: {last_line(e)}); please report it with the command you ran "
-             f"(DYHEAD_DEBUG=1 shows the traceback)", 2)
+        fail(
+            f"internal error ({type(e).__name__}: {last_line(e)}); please report it with the command you ran "
+            f"(DYHEAD_DEBUG=1 shows the traceback)",
+            2,
+        )
 
 
 def debug() -> bool:
@@ -104,10 +108,20 @@ SetOpt = typer.Option(None, "--set", help="Dotted override, e.g. --set train.lr=
 
 @app.command()
 def train(
-    recipe: Optional[Path] = typer.Argument(None, help="Recipe TOML file (see recipes/); with --resume, the run's own recipe is used."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<recipe name>-<timestamp>); a new or empty folder."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint, with its recipe."),
-    force: bool = typer.Option(False, "--force", help="Start over in an --out folder that holds a run (its checkpoints and logs are replaced) or other files."),
+    recipe: Optional[Path] = typer.Argument(
+        None, help="Recipe TOML file (see recipes/); with --resume, the run's own recipe is used."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Run directory (default runs/<recipe name>-<timestamp>); a new or empty folder."
+    ),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue the run in this directory from its last checkpoint, with its recipe."
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Start over in an --out folder that holds a run (its checkpoints and logs are replaced) or other files.",
+    ),
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Train a detector from a recipe (or continue a run with --resume)."""
@@ -120,8 +134,12 @@ def train(
 def evaluate(
     recipe: Path = RecipeArg,
     weights: Path = typer.Option(..., "--weights", help="Checkpoint (.safetensors) to evaluate."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write AP/AR numbers, per-class AP and AP50, precision/recall at the best-F1 threshold here."),
-    plots: Optional[Path] = typer.Option(None, "--plots", help="Write a confusion matrix and per-class precision-recall curves (PNG) into this folder."),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", help="Write AP/AR numbers, per-class AP and AP50, precision/recall at the best-F1 threshold here."
+    ),
+    plots: Optional[Path] = typer.Option(
+        None, "--plots", help="Write a confusion matrix and per-class precision-recall curves (PNG) into this folder."
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -133,22 +151,48 @@ def evaluate(
 
 @app.command()
 def predict(
-    paths: list[Path] = typer.Argument(..., help="Images, videos, folders (recursive) or one COCO annotation file (its image list)."),
-    weights: Path = typer.Option(..., "--weights", help="Checkpoint (.safetensors; its metadata carries the recipe) or a model from dyhead export (.onnx, run by onnxruntime)."),
-    out: Path = typer.Option(Path("preds.json"), "--out", help="COCO results JSON to write (the image list goes to <stem>.images.json)."),
+    paths: list[Path] = typer.Argument(
+        ..., help="Images, videos, folders (recursive) or one COCO annotation file (its image list)."
+    ),
+    weights: Path = typer.Option(
+        ...,
+        "--weights",
+        help="Checkpoint (.safetensors; its metadata carries the recipe) or a model from dyhead export (.onnx, run by onnxruntime).",
+    ),
+    out: Path = typer.Option(
+        Path("preds.json"), "--out", help="COCO results JSON to write (the image list goes to <stem>.images.json)."
+    ),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Use this recipe instead of the checkpoint's."),
-    images_dir: Optional[Path] = typer.Option(None, "--images", help="With an annotation file: the folder its file_names are relative to."),
+    images_dir: Optional[Path] = typer.Option(
+        None, "--images", help="With an annotation file: the folder its file_names are relative to."
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch (default: the recipe's eval.batch_size)."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Images per batch (default: the recipe's eval.batch_size)."
+    ),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (default: the recipe's data.num_workers)."),
-    score_thr: Optional[float] = typer.Option(None, "--score-thr", help="Drop detections scoring below this (default: keep all the model gives)."),
-    classes: Optional[str] = typer.Option(None, "--classes", help="Keep only these classes: comma-separated names or category ids."),
-    iou: Optional[float] = typer.Option(None, "--iou", help="NMS IoU threshold (default: the recipe's model.head_options.nms_thresh)."),
-    max_det: Optional[int] = typer.Option(None, "--max-det", help="Detections kept per image (default: the recipe's detections_per_img)."),
-    tile: int = typer.Option(0, "--tile", help="Tiled inference for large images: crops of SIZE pixels (plus the whole image), merged by NMS."),
-    tile_overlap: float = typer.Option(0.2, "--tile-overlap", help="With --tile: how much neighbouring crops overlap (fraction of SIZE)."),
+    score_thr: Optional[float] = typer.Option(
+        None, "--score-thr", help="Drop detections scoring below this (default: keep all the model gives)."
+    ),
+    classes: Optional[str] = typer.Option(
+        None, "--classes", help="Keep only these classes: comma-separated names or category ids."
+    ),
+    iou: Optional[float] = typer.Option(
+        None, "--iou", help="NMS IoU threshold (default: the recipe's model.head_options.nms_thresh)."
+    ),
+    max_det: Optional[int] = typer.Option(
+        None, "--max-det", help="Detections kept per image (default: the recipe's detections_per_img)."
+    ),
+    tile: int = typer.Option(
+        0, "--tile", help="Tiled inference for large images: crops of SIZE pixels (plus the whole image), merged by NMS."
+    ),
+    tile_overlap: float = typer.Option(
+        0.2, "--tile-overlap", help="With --tile: how much neighbouring crops overlap (fraction of SIZE)."
+    ),
     vid_stride: int = typer.Option(1, "--vid-stride", help="Videos: predict every N-th frame."),
-    save: Optional[Path] = typer.Option(None, "--save", help="Folder for annotated images (videos: an annotated video); boxes scoring >= --score-thr, else 0.3."),
+    save: Optional[Path] = typer.Option(
+        None, "--save", help="Folder for annotated images (videos: an annotated video); boxes scoring >= --score-thr, else 0.3."
+    ),
     half: bool = typer.Option(False, "--half", help="float16 autocast (CUDA)."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast (CPU or CUDA)."),
     overrides: Optional[list[str]] = SetOpt,
@@ -158,15 +202,37 @@ def predict(
 
     wanted = [c for c in (classes or "").split(",") if c.strip()] or None
     run_guarded(
-        command.run, paths, weights, out, recipe, overrides or [], images_dir, device, batch_size, workers, score_thr, half, bf16,
-        vid_stride, save, wanted, iou, max_det, tile, tile_overlap,
+        command.run,
+        paths,
+        weights,
+        out,
+        recipe,
+        overrides or [],
+        images_dir,
+        device,
+        batch_size,
+        workers,
+        score_thr,
+        half,
+        bf16,
+        vid_stride,
+        save,
+        wanted,
+        iou,
+        max_det,
+        tile,
+        tile_overlap,
     )
 
 
 @app.command()
 def benchmark(
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Benchmark the model of this recipe (pretrained weights are not loaded)."),
-    model: Optional[str] = typer.Option(None, "--model", help="A timm backbone name, with ATSS + 6-block DyHead on top (default resnet50)."),
+    recipe: Optional[Path] = typer.Option(
+        None, "--recipe", help="Benchmark the model of this recipe (pretrained weights are not loaded)."
+    ),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="A timm backbone name, with ATSS + 6-block DyHead on top (default resnet50)."
+    ),
     gpu: bool = typer.Option(False, "--gpu", help="Run on the CUDA device."),
     batch_sizes: str = typer.Option("1", "--batch-sizes", help="Comma-separated batch sizes, e.g. 1,8."),
     size: str = typer.Option("800x1333", "--size", help="Input HxW (or one number for a square)."),
@@ -175,20 +241,40 @@ def benchmark(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the backbone, FPN, DyHead and head."),
     iters: Optional[int] = typer.Option(None, "--iters", help="Timed iterations (default 10 on CPU, 50 on GPU)."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Untimed warm-up iterations (default 2 on CPU, 10 on GPU)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report (machine, command, settings, figures) as JSON."),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", help="Write the full report (machine, command, settings, figures) as JSON."
+    ),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the report as Markdown."),
-    compare: bool = typer.Option(False, "--compare", help="Also measure the model without DyHead (4-conv towers) and torchvision FCOS-R50."),
+    compare: bool = typer.Option(
+        False, "--compare", help="Also measure the model without DyHead (4-conv towers) and torchvision FCOS-R50."
+    ),
     impl: Optional[str] = typer.Option(None, "--impl", help="DyHead deformable convs: fast | reference (default: the model's)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
-    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Also time this model from 'dyhead export' under onnxruntime (CPU, same threads), in the same run."),
+    onnx: Optional[Path] = typer.Option(
+        None, "--onnx", help="Also time this model from 'dyhead export' under onnxruntime (CPU, same threads), in the same run."
+    ),
 ) -> None:
     """Latency, throughput, memory, parameters and FLOPs of a detector, stage by stage (CPU, or GPU with --gpu)."""
     from dyhead_cli.commands import benchmark as command
 
     run_guarded(
-        command.run, recipe=recipe, model=model, gpu=gpu, batch_sizes=batch_sizes, size=size, precision=precision,
-        channels_last=channels_last, compile=compile, iters=iters, warmup=warmup, json_out=json_out,
-        markdown_out=markdown_out, compare=compare, impl=impl, threads=threads, onnx=onnx,
+        command.run,
+        recipe=recipe,
+        model=model,
+        gpu=gpu,
+        batch_sizes=batch_sizes,
+        size=size,
+        precision=precision,
+        channels_last=channels_last,
+        compile=compile,
+        iters=iters,
+        warmup=warmup,
+        json_out=json_out,
+        markdown_out=markdown_out,
+        compare=compare,
+        impl=impl,
+        threads=threads,
+        onnx=onnx,
     )
 
 
@@ -201,7 +287,9 @@ def export(
     dynamic: bool = typer.Option(False, "--dynamic", help="Symbolic batch and image size (multiples of 128, at least 256)."),
     batch: int = typer.Option(1, "--batch", help="Fixed batch size (without --dynamic)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset (17 or later)."),
-    no_postprocess: bool = typer.Option(False, "--no-postprocess", help="Export the raw per-level head outputs instead of detections."),
+    no_postprocess: bool = typer.Option(
+        False, "--no-postprocess", help="Export the raw per-level head outputs instead of detections."
+    ),
     half: bool = typer.Option(False, "--half", help="float16 weights and activations (inputs and outputs stay float32)."),
 ) -> None:
     """Export a detector to ONNX or torch.export, deformable convolutions in standard ops."""
@@ -212,18 +300,30 @@ def export(
 
 @app.command()
 def visualize(
-    images: Optional[list[Path]] = typer.Argument(None, help="Images or folders to draw on (default: the --ann / --preds image list)."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint: draw its predictions (or, with --attention, its attention)."),
-    preds: Optional[Path] = typer.Option(None, "--preds", help="COCO results from 'dyhead predict' to draw (ids via its .images.json, or --ann)."),
-    ann: Optional[Path] = typer.Option(None, "--ann", help="COCO annotation file: draw its ground truth (side by side with predictions)."),
+    images: Optional[list[Path]] = typer.Argument(
+        None, help="Images or folders to draw on (default: the --ann / --preds image list)."
+    ),
+    weights: Optional[Path] = typer.Option(
+        None, "--weights", help="Checkpoint: draw its predictions (or, with --attention, its attention)."
+    ),
+    preds: Optional[Path] = typer.Option(
+        None, "--preds", help="COCO results from 'dyhead predict' to draw (ids via its .images.json, or --ann)."
+    ),
+    ann: Optional[Path] = typer.Option(
+        None, "--ann", help="COCO annotation file: draw its ground truth (side by side with predictions)."
+    ),
     images_dir: Optional[Path] = typer.Option(None, "--images", help="With --ann: the folder its file_names are relative to."),
     out: Path = typer.Option(Path("vis"), "--out", help="Folder for the PNGs."),
     score_thr: float = typer.Option(0.3, "--score-thr", help="Draw predictions scoring at least this."),
     size: int = typer.Option(512, "--size", help="Longer side of each drawn image, in pixels."),
     limit: int = typer.Option(0, "--limit", help="Draw at most this many images (0 = all)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
-    attention: bool = typer.Option(False, "--attention", help="Draw DyHead's scale/spatial attention and feature activity for one image (needs --weights)."),
-    point: Optional[str] = typer.Option(None, "--point", help="x,y in image pixels for the spatial attention (default: the top detection's centre)."),
+    attention: bool = typer.Option(
+        False, "--attention", help="Draw DyHead's scale/spatial attention and feature activity for one image (needs --weights)."
+    ),
+    point: Optional[str] = typer.Option(
+        None, "--point", help="x,y in image pixels for the spatial attention (default: the top detection's centre)."
+    ),
     level: str = typer.Option("P3", "--level", help="Pyramid level for the spatial attention and activity maps (P3..P7)."),
     block: Optional[int] = typer.Option(None, "--block", help="DyHead block (1..N) for the spatial attention (default: all)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Use this recipe instead of the checkpoint's."),
@@ -233,9 +333,23 @@ def visualize(
     from dyhead_cli.commands import visualize as command
 
     run_guarded(
-        command.run, images=images or [], out=out, weights=weights, recipe_path=recipe, overrides=overrides or [],
-        preds=preds, ann=ann, images_dir=images_dir, score_thr=score_thr, size=size, limit=limit, device=device,
-        attention=attention, point=point, level=level, block=block,
+        command.run,
+        images=images or [],
+        out=out,
+        weights=weights,
+        recipe_path=recipe,
+        overrides=overrides or [],
+        preds=preds,
+        ann=ann,
+        images_dir=images_dir,
+        score_thr=score_thr,
+        size=size,
+        limit=limit,
+        device=device,
+        attention=attention,
+        point=point,
+        level=level,
+        block=block,
     )
 
 
@@ -244,11 +358,29 @@ def convert(
     src: Path = typer.Argument(..., help="Reference checkpoint (.pth/.pkl/.safetensors)."),
     dst: Path = typer.Argument(..., help="Our safetensors checkpoint to write."),
     source: str = typer.Option(..., "--from", help="official | mmdet"),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Convert into this recipe's model (and keep its data/train/eval) instead of the one read from the checkpoint."),
-    offset_mode: Optional[str] = typer.Option(None, "--offset-mode", help="official | mmdet | aligned: the DyHead offset behaviour the weights were trained with (default: read from the checkpoint)."),
-    resnet_style: str = typer.Option("auto", "--resnet-style", help="auto | caffe | pytorch: where the ResNet's stride sits (caffe: 1x1 conv, BGR input) when the checkpoint does not say."),
-    approximate: bool = typer.Option(False, "--approximate", help="Convert even where our model cannot express the reference architecture (listed); for fine-tuning, not for the published AP."),
-    recipe_out: Optional[Path] = typer.Option(None, "--recipe-out", help="Where to write the recipe TOML (default: DST with .toml)."),
+    recipe: Optional[Path] = typer.Option(
+        None,
+        "--recipe",
+        help="Convert into this recipe's model (and keep its data/train/eval) instead of the one read from the checkpoint.",
+    ),
+    offset_mode: Optional[str] = typer.Option(
+        None,
+        "--offset-mode",
+        help="official | mmdet | aligned: the DyHead offset behaviour the weights were trained with (default: read from the checkpoint).",
+    ),
+    resnet_style: str = typer.Option(
+        "auto",
+        "--resnet-style",
+        help="auto | caffe | pytorch: where the ResNet's stride sits (caffe: 1x1 conv, BGR input) when the checkpoint does not say.",
+    ),
+    approximate: bool = typer.Option(
+        False,
+        "--approximate",
+        help="Convert even where our model cannot express the reference architecture (listed); for fine-tuning, not for the published AP.",
+    ),
+    recipe_out: Optional[Path] = typer.Option(
+        None, "--recipe-out", help="Where to write the recipe TOML (default: DST with .toml)."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing DST (and its recipe TOML)."),
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:

@@ -1,4 +1,5 @@
 """One exception type for every mistake a user can make; the CLI prints it as one line."""
+
 from __future__ import annotations
 
 import difflib

@@ -12,6 +12,7 @@ A recipe may start from another with a top-level ``extends = "NAME"`` (a built-i
 ``extends = "base.toml"`` (relative to the extending file): its tables are merged key by key over the
 base's (lists and scalars replace), and ``name`` is never inherited.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -95,7 +96,9 @@ class BackboneConfig:
     name: str = "resnet50"
     pretrained: bool = False
     pretrained_file: str = ""  # a local weight file (safetensors or a weights-only torch file)
-    img_size: list[int] = ranged(list, ge=32, le=MAX_IMAGE_SIDE, length=(0, 2))  # [H, W] for models that need it (Swin); [] = none
+    img_size: list[int] = ranged(
+        list, ge=32, le=MAX_IMAGE_SIDE, length=(0, 2)
+    )  # [H, W] for models that need it (Swin); [] = none
     frozen_stages: int = ranged(0, ge=0, le=5)  # stem + this many stages get requires_grad=False (detectron2's freeze_at)
     norm_eval: bool = False  # keep BatchNorm in eval mode while training (frozen statistics)
     # MSRA/caffe ResNets (detectron2's STRIDE_IN_1X1, MMDetection style='caffe') put each stage's stride in
@@ -149,8 +152,12 @@ class HeadOptions:
     pre_nms_top_n: int = ranged(1000, ge=1, le=1_000_000)  # candidates kept per level before NMS
     detections_per_img: int = ranged(100, ge=1, le=100_000)
     postprocess: str = "official"  # "official" | "mmdet": the candidate ranking and clipping order of that code
-    anchor_offset: float | None = None  # checked by models.build.resolve_model_config; prior centres at (i + offset) * stride; None = head default (ATSS 0.5, RetinaNet 0)
-    pred_kernel_size: int | None = None  # checked by models.build.resolve_model_config; predictor conv kernel; None = head default (ATSS 1, FCOS/RetinaNet 3)
+    anchor_offset: float | None = (
+        None  # checked by models.build.resolve_model_config; prior centres at (i + offset) * stride; None = head default (ATSS 0.5, RetinaNet 0)
+    )
+    pred_kernel_size: int | None = (
+        None  # checked by models.build.resolve_model_config; predictor conv kernel; None = head default (ATSS 1, FCOS/RetinaNet 3)
+    )
     tower_norm: str = "gn"  # norm in the num_convs tower convs: "gn" | "none" (detectron2's RetinaNet)
 
 
@@ -437,7 +444,9 @@ def check_ranges(obj: Any, where: str = "") -> None:
                 raise DyheadError(f"recipe key '{dotted}' = {value!r} must have {want} values, it has {len(value)}")
             bad = [v for v in value if not rng.allows(v)]
             if bad:
-                raise DyheadError(f"recipe key '{dotted}' = {value!r}: {bad[0]!r} is out of range (each value must be {rng.describe()})")
+                raise DyheadError(
+                    f"recipe key '{dotted}' = {value!r}: {bad[0]!r} is out of range (each value must be {rng.describe()})"
+                )
         elif not rng.allows(value):
             raise DyheadError(f"recipe key '{dotted}' = {value!r} is out of range: it must be {rng.describe()}")
 
@@ -460,17 +469,15 @@ def validate(recipe: Recipe) -> Recipe:
         for part in dotted.split("."):
             obj = getattr(obj, part)
         if obj not in choices:
-            raise DyheadError(
-                f"recipe key '{dotted}' = {obj!r} is not one of {', '.join(choices)}{suggest(str(obj), choices)}"
-            )
+            raise DyheadError(f"recipe key '{dotted}' = {obj!r} is not one of {', '.join(choices)}{suggest(str(obj), choices)}")
     m = recipe.model
     if m.class_names and len(m.class_names) != m.num_classes:
-        raise DyheadError(
-            f"model.class_names has {len(m.class_names)} names but model.num_classes = {m.num_classes}"
-        )
+        raise DyheadError(f"model.class_names has {len(m.class_names)} names but model.num_classes = {m.num_classes}")
     for tracker in recipe.train.log_with:
         if tracker not in TRACKERS:
-            raise DyheadError(f"train.log_with: unknown tracker '{tracker}'{suggest(tracker, TRACKERS)}; choose from {', '.join(TRACKERS)}")
+            raise DyheadError(
+                f"train.log_with: unknown tracker '{tracker}'{suggest(tracker, TRACKERS)}; choose from {', '.join(TRACKERS)}"
+            )
     return recipe
 
 

@@ -1,4 +1,5 @@
 """Shared test set-up: keep torch to the 2 cores CI has, and skip GPU tests without CUDA."""
+
 from __future__ import annotations
 
 from pathlib import Path

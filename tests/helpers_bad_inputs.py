@@ -4,6 +4,7 @@ A failure is good when: the exit code is the documented one, stderr is exactly o
 (``error: ...``) naming what is wrong, nothing anywhere says "Traceback", no exception escaped, and no
 file under the protected folders was written, changed or removed (hashes before and after).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -117,7 +118,9 @@ def make_checkpoint(root: Path, **backbone: Any) -> tuple[Path, Path]:
     return weights, recipe_path
 
 
-def coco_file(path: Path, images: list[dict], annotations: list[dict] | None = None, categories: list[dict] | None = None) -> Path:
+def coco_file(
+    path: Path, images: list[dict], annotations: list[dict] | None = None, categories: list[dict] | None = None
+) -> Path:
     import json
 
     data = {

@@ -1,4 +1,5 @@
 """Test helpers for the detector heads: tiny synthetic images with boxes, a COCO AP50, an overfit loop."""
+
 from __future__ import annotations
 
 import contextlib
@@ -62,17 +63,24 @@ def coco_ap50(targets: list[dict[str, Tensor]], detections: list[dict[str, Tenso
         images.append({"id": image_id, "width": 1000, "height": 1000})
         for (x0, y0, x1, y1), label in zip(t["boxes"].tolist(), t["labels"].tolist()):
             annotations.append(
-                {"id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
-                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": label + 1,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": 0,
+                }
             )
         for (x0, y0, x1, y1), score, label in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist()):
-            results.append(
-                {"image_id": image_id, "category_id": label + 1, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score}
-            )
+            results.append({"image_id": image_id, "category_id": label + 1, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
-        gt.dataset = {"images": images, "annotations": annotations,
-                      "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)]}
+        gt.dataset = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)],
+        }
         gt.createIndex()
     return coco_evaluate(gt, results)["AP50"] / 100.0
 

@@ -1,4 +1,5 @@
 """Test helpers for ``dyhead export``: tiny checkpoints, exporting both formats from one trace, comparing."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -76,5 +77,7 @@ def assert_same_detections(got: dict[str, Tensor], ref: dict[str, Tensor], iou: 
     used = torch.zeros(len(got["scores"]), dtype=torch.bool)
     for i in range(len(ref["scores"])):
         free = (fits[i] & ~used).nonzero().flatten()
-        assert len(free), f"reference detection {i} (label {int(ref['labels'][i])}, score {float(ref['scores'][i]):.5f}) has no match"
+        assert len(free), (
+            f"reference detection {i} (label {int(ref['labels'][i])}, score {float(ref['scores'][i]):.5f}) has no match"
+        )
         used[free[0]] = True

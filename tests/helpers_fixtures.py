@@ -3,6 +3,7 @@
 They are read in place, never copied into the repository; tests that need them skip when ``../shared``
 is absent.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,6 +37,6 @@ def load_tower_fixture(name: str) -> tuple[dict[str, str], dict[str, torch.Tenso
     with safe_open(str(fixture_path(f"dyhead_parity_{name}.safetensors")), "pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    state = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
+    state = {k[len("state_dict.") :]: v for k, v in tensors.items() if k.startswith("state_dict.")}
     n = len(json.loads(meta["sizes"]))
     return meta, state, [tensors[f"input.{i}"] for i in range(n)], [tensors[f"output.{i}"] for i in range(n)]

@@ -16,6 +16,7 @@ Generated from the architecture descriptions of the reference code, independentl
   ``atss_reg``, ``atss_centerness`` (``pred_kernel_size`` x ``pred_kernel_size``), ``bbox_head.scales.<i>.scale``
   (0-d, mmcv's ``Scale``).
 """
+
 from __future__ import annotations
 
 import math
@@ -165,7 +166,10 @@ def retinanet_head_shapes(channels: int, num_classes: int, num_convs: int = 4, n
     for tower in ("cls_subnet", "bbox_subnet"):
         for i in range(num_convs):
             shapes[f"head.{tower}.{2 * i}.weight"], shapes[f"head.{tower}.{2 * i}.bias"] = (channels, channels, 3, 3), (channels,)
-    shapes["head.cls_score.weight"], shapes["head.cls_score.bias"] = (num_anchors * num_classes, channels, 3, 3), (num_anchors * num_classes,)
+    shapes["head.cls_score.weight"], shapes["head.cls_score.bias"] = (
+        (num_anchors * num_classes, channels, 3, 3),
+        (num_anchors * num_classes,),
+    )
     shapes["head.bbox_pred.weight"], shapes["head.bbox_pred.bias"] = (num_anchors * 4, channels, 3, 3), (num_anchors * 4,)
     return shapes
 
@@ -248,7 +252,9 @@ def window_index(window: int) -> Tensor:
     return rel[..., 0] * (2 * window - 1) + rel[..., 1]
 
 
-def timm_swin_to_official(body: dict[str, Tensor], out_channels: list[int], prefix: str = "backbone.backbone.bottom_up.") -> dict[str, Tensor]:
+def timm_swin_to_official(
+    body: dict[str, Tensor], out_channels: list[int], prefix: str = "backbone.backbone.bottom_up."
+) -> dict[str, Tensor]:
     """timm Swin (features_only) -> the DyHead repo's SwinTransformer keys, + output norms norm1..3 and index buffers."""
     out = {}
     g = torch.Generator().manual_seed(7)
@@ -282,7 +288,9 @@ def timm_swin_to_mmdet(body: dict[str, Tensor], out_channels: list[int]) -> dict
     for key, value in official.items():
         name = key.replace("patch_embed.proj.", "patch_embed.projection.")
         name = re.sub(r"^layers\.", "stages.", name)
-        name = name.replace(".attn.", ".attn.w_msa.").replace(".mlp.fc1.", ".ffn.layers.0.0.").replace(".mlp.fc2.", ".ffn.layers.1.")
+        name = (
+            name.replace(".attn.", ".attn.w_msa.").replace(".mlp.fc1.", ".ffn.layers.0.0.").replace(".mlp.fc2.", ".ffn.layers.1.")
+        )
         if ".downsample." in name:
             value = swin_to_unfold_order(value)
         out[f"backbone.{name}"] = value

@@ -1,4 +1,5 @@
 """A tiny recipe for end-to-end training tests: seconds per run on a 2-core CPU."""
+
 from __future__ import annotations
 
 from pathlib import Path

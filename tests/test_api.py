@@ -1,4 +1,5 @@
 """The Python API: the README's example runs, results equal `dyhead predict`'s, every input type agrees."""
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,9 @@ def test_the_readme_python_example_runs(run, tmp_path, monkeypatch):
 
 def test_api_results_equal_dyhead_predict(run, tmp_path):
     out = tmp_path / "preds.json"
-    result = runner.invoke(app, ["predict", str(run["val_images"]), "--weights", str(run["weights"]), "--out", str(out), "--workers", "0"])
+    result = runner.invoke(
+        app, ["predict", str(run["val_images"]), "--weights", str(run["weights"]), "--out", str(out), "--workers", "0"]
+    )
     assert result.exit_code == 0, result.output
     listing = json.loads(images_json_path(out).read_text())
     assert listing["image_ids"] == "file stems"  # 000001.jpg ... : the annotation file's ids

@@ -1,4 +1,5 @@
 """Architecture options the reference detectors need: stride_in_1x1, out_norm, p7_relu, per-head options."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,6 @@ from dyhead_cli.models.backbone import TimmBackbone
 from dyhead_cli.models.build import build_model
 from dyhead_cli.models.fpn import FPN
 from dyhead_cli.recipe import load_recipe, recipe_from_dict, save_recipe
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

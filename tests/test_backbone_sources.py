@@ -1,4 +1,5 @@
 """Backbone names timm resolves itself (hf-hub:, local-dir:) and local ImageNet weight files."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_hf_hub_names_go_to_timm_without_the_network(tmp_path):
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"architecture": "test_resnet", "num_classes": 1000, "pretrained_cfg": {"input_size": [3, 160, 160]}}))
+    config.write_text(
+        json.dumps({"architecture": "test_resnet", "num_classes": 1000, "pretrained_cfg": {"input_size": [3, 160, 160]}})
+    )
     asked = []
 
     def fake_download(model_id, filename, cache_dir=None, **kwargs):
@@ -37,7 +40,10 @@ def test_hf_hub_names_go_to_timm_without_the_network(tmp_path):
     def offline(model_id, filename, cache_dir=None, **kwargs):
         raise ConnectionError("no network here")
 
-    with mock.patch.object(timm_hub, "download_from_hf", offline), pytest.raises(DyheadError, match="could not fetch timm model 'hf-hub:timm/x'"):
+    with (
+        mock.patch.object(timm_hub, "download_from_hf", offline),
+        pytest.raises(DyheadError, match="could not fetch timm model 'hf-hub:timm/x'"),
+    ):
         TimmBackbone("hf-hub:timm/x")
     with pytest.raises(DyheadError, match="unknown timm model 'resnet5O'.*did you mean"):
         TimmBackbone("resnet5O")  # plain names keep the suggestion
@@ -47,7 +53,9 @@ def test_pretrained_file_drops_classifier_keys_quietly_and_refuses_files_that_do
     state = {k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}
     assert "fc.weight" in state
     save_file(state, tmp_path / "imagenet.safetensors")
-    save_file({**state, "head.fc.weight": torch.zeros(5, 3), "classifier.bias": torch.zeros(5)}, tmp_path / "other_head.safetensors")
+    save_file(
+        {**state, "head.fc.weight": torch.zeros(5, 3), "classifier.bias": torch.zeros(5)}, tmp_path / "other_head.safetensors"
+    )
     save_file({**state, "extra.weight": torch.zeros(2)}, tmp_path / "extra.safetensors")
     save_file({k: v for k, v in state.items() if not k.startswith("layer4.")}, tmp_path / "partial.safetensors")
 

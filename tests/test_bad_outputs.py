@@ -4,6 +4,7 @@ names, exit codes, and the last line of defence in ``run_guarded``: every comman
 Each refusal is checked by ``expect_refusal``: one ``error:`` line, the documented exit code, no traceback,
 no file under the protected folders written, changed or removed.
 """
+
 from __future__ import annotations
 
 import errno
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_bad_inputs import check_clean_run, coco_file, expect_refusal, invoke, make_checkpoint, snapshot, write_image
 
 from dyhead_cli.engine import results as results_module
 from dyhead_cli.errors import DyheadError
-from helpers_bad_inputs import check_clean_run, coco_file, expect_refusal, invoke, make_checkpoint, snapshot, write_image
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
@@ -56,17 +57,29 @@ def predict_cases(w: dict[str, Path], t: Path) -> dict[str, tuple[list, str]]:
         "out-is-recipe": (["predict", img, "--weights", w["weights"], "--recipe", w["recipe"], "--out", w["recipe"]], "--recipe"),
         "out-is-image": (["predict", img, "--weights", w["weights"], "--out", img], "input"),
         "out-is-a-folder": (["predict", img, "--weights", w["weights"], "--out", t / "afolder"], "is a folder"),
-        "out-replaces-other-checkpoint": (["predict", img, "--weights", w["weights"], "--out", t / "other.safetensors"], "already exists"),
+        "out-replaces-other-checkpoint": (
+            ["predict", img, "--weights", w["weights"], "--out", t / "other.safetensors"],
+            "already exists",
+        ),
         "out-replaces-other-file": (["predict", img, "--weights", w["weights"], "--out", t / "notes.txt"], "already exists"),
-        "out-under-a-file": (["predict", img, "--weights", w["weights"], "--out", t / "parentfile" / "p.json"], "is a file, not a folder"),
+        "out-under-a-file": (
+            ["predict", img, "--weights", w["weights"], "--out", t / "parentfile" / "p.json"],
+            "is a file, not a folder",
+        ),
         "weights-is-pth": (["predict", img, "--weights", _pth(t), "--out", t / "p.json"], "dyhead convert"),
         "weights-is-garbage": (["predict", img, "--weights", t / "notes.txt", "--out", t / "p.json"], "dyhead convert"),
         "weights-is-folder": (["predict", img, "--weights", t / "afolder", "--out", t / "p.json"], "is a folder"),
         "weights-missing": (["predict", img, "--weights", t / "none.safetensors", "--out", t / "p.json"], "not found"),
         "image-missing": (["predict", t / "none.png", "--weights", w["weights"], "--out", t / "p.json"], "no such file"),
         "workers-huge": (["predict", img, "--weights", w["weights"], "--workers", 100000, "--out", t / "p.json"], "--workers"),
-        "batch-size-zero": (["predict", img, "--weights", w["weights"], "--batch-size", 0, "--out", t / "p.json"], "--batch-size"),
-        "score-thr-nan": (["predict", img, "--weights", w["weights"], "--score-thr", "nan", "--out", t / "p.json"], "--score-thr"),
+        "batch-size-zero": (
+            ["predict", img, "--weights", w["weights"], "--batch-size", 0, "--out", t / "p.json"],
+            "--batch-size",
+        ),
+        "score-thr-nan": (
+            ["predict", img, "--weights", w["weights"], "--score-thr", "nan", "--out", t / "p.json"],
+            "--score-thr",
+        ),
         "device-bogus": (["predict", img, "--weights", w["weights"], "--device", "tpu", "--out", t / "p.json"], "--device"),
     }
 
@@ -78,10 +91,24 @@ def _pth(t: Path) -> Path:
 
 
 PREDICT_CASES = [
-    "out-is-weights", "out-is-annotation-input", "out-is-recipe", "out-is-image", "out-is-a-folder",
-    "out-replaces-other-checkpoint", "out-replaces-other-file", "out-under-a-file", "image-list-is-annotation-input",
-    "weights-is-pth", "weights-is-garbage", "weights-is-folder", "weights-missing", "image-missing", "workers-huge",
-    "batch-size-zero", "score-thr-nan", "device-bogus",
+    "out-is-weights",
+    "out-is-annotation-input",
+    "out-is-recipe",
+    "out-is-image",
+    "out-is-a-folder",
+    "out-replaces-other-checkpoint",
+    "out-replaces-other-file",
+    "out-under-a-file",
+    "image-list-is-annotation-input",
+    "weights-is-pth",
+    "weights-is-garbage",
+    "weights-is-folder",
+    "weights-missing",
+    "image-missing",
+    "workers-huge",
+    "batch-size-zero",
+    "score-thr-nan",
+    "device-bogus",
 ]
 
 
@@ -147,7 +174,9 @@ def test_unwritable_output_folders_are_one_line_naming_the_path(world, tmp_path,
     """Root ignores permission bits: /sys refuses new files and /proc new folders even to root."""
     out = Path(folder) / "p.json"
     result = expect_refusal(
-        ["predict", world["images"] / "a.png", "--weights", world["weights"], "--out", out], str(out), protect=_protect(world, tmp_path)
+        ["predict", world["images"] / "a.png", "--weights", world["weights"], "--out", out],
+        str(out),
+        protect=_protect(world, tmp_path),
     )
     assert "cannot write" in result.stderr
 
@@ -234,12 +263,18 @@ def visualize_cases(w: dict[str, Path], t: Path) -> dict[str, tuple[list, str]]:
     return {
         "out-is-a-file": ([*base, "--out", t / "afile"], "is a file, not a folder"),
         "out-is-the-image-folder": ([*base, "--out", w["images"]], "input"),
-        "out-is-the-ann-image-folder": (["visualize", "--ann", w["ann"], "--images", w["images"], "--out", w["images"]], "--images folder this command reads"),
+        "out-is-the-ann-image-folder": (
+            ["visualize", "--ann", w["ann"], "--images", w["images"], "--out", w["images"]],
+            "--images folder this command reads",
+        ),
         "size-huge": ([*base, "--size", 1_000_000, "--out", t / "vis"], "4096"),
         "size-tiny": ([*base, "--size", 10, "--out", t / "vis"], "--size"),
         "limit-negative": ([*base, "--limit", -1, "--out", t / "vis"], "--limit"),
         "score-thr-out-of-range": ([*base, "--score-thr", 3, "--out", t / "vis"], "--score-thr"),
-        "preds-row-lacks-category": (["visualize", "--preds", preds, "--ann", w["ann"], "--out", t / "vis"], "[0] lacks 'category_id'"),
+        "preds-row-lacks-category": (
+            ["visualize", "--preds", preds, "--ann", w["ann"], "--out", t / "vis"],
+            "[0] lacks 'category_id'",
+        ),
         "preds-not-a-list": (["visualize", "--preds", notlist, "--ann", w["ann"], "--out", t / "vis"], "not a COCO results list"),
         "preds-without-image-list": (["visualize", "--preds", _good_preds(t), "--out", t / "vis"], "image list not found"),
     }
@@ -252,15 +287,34 @@ def _good_preds(t: Path) -> Path:
 
 
 VISUALIZE_CASES = [
-    "out-is-a-file", "out-is-the-image-folder", "out-is-the-ann-image-folder", "size-huge", "size-tiny", "limit-negative",
-    "score-thr-out-of-range", "preds-row-lacks-category", "preds-not-a-list", "preds-without-image-list", "attention-bad-point",
+    "out-is-a-file",
+    "out-is-the-image-folder",
+    "out-is-the-ann-image-folder",
+    "size-huge",
+    "size-tiny",
+    "limit-negative",
+    "score-thr-out-of-range",
+    "preds-row-lacks-category",
+    "preds-not-a-list",
+    "preds-without-image-list",
+    "attention-bad-point",
 ]
 
 
 @pytest.mark.parametrize("case", VISUALIZE_CASES)
 def test_visualize_refuses_before_any_work(world, tmp_path, case):
     if case == "attention-bad-point":
-        args = ["visualize", world["images"] / "a.png", "--weights", world["weights"], "--attention", "--point", "nan,1", "--out", tmp_path / "vis"]
+        args = [
+            "visualize",
+            world["images"] / "a.png",
+            "--weights",
+            world["weights"],
+            "--attention",
+            "--point",
+            "nan,1",
+            "--out",
+            tmp_path / "vis",
+        ]
         expect_refusal(args, "--point", protect=_protect(world, tmp_path))
         return
     args, expect = visualize_cases(world, tmp_path)[case]
@@ -271,7 +325,11 @@ def test_visualize_never_draws_over_an_input_image(world, tmp_path):
     """An output picture named like an input PNG in the --out folder: refused, the PNG kept."""
     folder = tmp_path / "mix"
     write_image(folder / "a.png")
-    expect_refusal(["visualize", folder / "a.png", "--weights", world["weights"], "--out", folder], "input", protect=_protect(world, tmp_path))
+    expect_refusal(
+        ["visualize", folder / "a.png", "--weights", world["weights"], "--out", folder],
+        "input",
+        protect=_protect(world, tmp_path),
+    )
 
 
 def test_images_with_one_name_get_one_picture_each(world, tmp_path):
@@ -306,7 +364,10 @@ def convert_cases(t: Path) -> dict[str, tuple[list, str]]:
         "dst-is-src": (["convert", src, src, "--from", "official"], "source checkpoint SRC"),
         "default-recipe-out-is-recipe": ([*conv, t / "mine.safetensors", "--from", "official", "--recipe", mine], "--recipe"),
         "recipe-out-is-src": ([*conv, t / "new.safetensors", "--from", "official", "--recipe-out", pth], "source checkpoint SRC"),
-        "recipe-out-is-dst": ([*conv, t / "new.safetensors", "--from", "official", "--recipe-out", t / "new.safetensors"], "same file"),
+        "recipe-out-is-dst": (
+            [*conv, t / "new.safetensors", "--from", "official", "--recipe-out", t / "new.safetensors"],
+            "same file",
+        ),
         "dst-exists": ([*conv, existing, "--from", "official"], "--force"),
         "dst-is-a-folder": ([*conv, t / "afolder.safetensors", "--from", "official"], "is a folder"),
         "dst-under-a-file": ([*conv, t / "parentfile" / "x.safetensors", "--from", "official"], "is a file, not a folder"),
@@ -314,8 +375,16 @@ def convert_cases(t: Path) -> dict[str, tuple[list, str]]:
     }
 
 
-CONVERT_CASES = ["dst-is-src", "default-recipe-out-is-recipe", "recipe-out-is-src", "recipe-out-is-dst", "dst-exists",
-                 "dst-is-a-folder", "dst-under-a-file", "dst-wrong-suffix"]
+CONVERT_CASES = [
+    "dst-is-src",
+    "default-recipe-out-is-recipe",
+    "recipe-out-is-src",
+    "recipe-out-is-dst",
+    "dst-exists",
+    "dst-is-a-folder",
+    "dst-under-a-file",
+    "dst-wrong-suffix",
+]
 
 
 @pytest.mark.parametrize("case", CONVERT_CASES)
@@ -345,8 +414,16 @@ def synth_cases(t: Path) -> dict[str, tuple[list, str]]:
     }
 
 
-SYNTH_CASES = ["image-size-huge", "image-size-tiny", "num-train-huge", "num-val-negative", "seed-negative", "out-is-a-file",
-               "out-under-a-file", "out-holds-other-data"]
+SYNTH_CASES = [
+    "image-size-huge",
+    "image-size-tiny",
+    "num-train-huge",
+    "num-val-negative",
+    "seed-negative",
+    "out-is-a-file",
+    "out-under-a-file",
+    "out-holds-other-data",
+]
 
 
 @pytest.mark.parametrize("case", SYNTH_CASES)
@@ -380,8 +457,10 @@ GUARD_CASES = {
     "disk-full": (OSError(errno.ENOSPC, "No space left on device", "/data/out.json"), 1, ("/data/out.json", "disk is full")),
     "read-only": (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/x"), 1, ("/mnt/ro/x", "read-only")),
     "worker-prefix": (
-        DyheadError("Caught DyheadError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-                    '  File "x.py", line 1, in f\ndyhead_cli.errors.DyheadError: cannot read image a.jpg'),
+        DyheadError(
+            "Caught DyheadError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+            '  File "x.py", line 1, in f\ndyhead_cli.errors.DyheadError: cannot read image a.jpg'
+        ),
         1,
         ("error: cannot read image a.jpg",),
     ),
@@ -414,9 +493,13 @@ def test_every_command_catches_the_same_way(monkeypatch, world, tmp_path):
     """predict and visualize go through run_guarded too: an OSError deep inside is one line."""
     from dyhead_cli.engine import inference
 
-    monkeypatch.setattr(inference, "load_weights", _raise(PermissionError(errno.EACCES, "Permission denied", str(world["weights"]))))
-    for args in (["predict", world["images"], "--weights", world["weights"], "--out", tmp_path / "p.json"],
-                 ["visualize", world["images"], "--weights", world["weights"], "--out", tmp_path / "vis"]):
+    monkeypatch.setattr(
+        inference, "load_weights", _raise(PermissionError(errno.EACCES, "Permission denied", str(world["weights"])))
+    )
+    for args in (
+        ["predict", world["images"], "--weights", world["weights"], "--out", tmp_path / "p.json"],
+        ["visualize", world["images"], "--weights", world["weights"], "--out", tmp_path / "vis"],
+    ):
         expect_refusal(args, (str(world["weights"]), "Permission denied"), protect=_protect(world, tmp_path))
 
 

@@ -3,18 +3,19 @@
 Recipes reach the commands through ``--recipe`` (predict, visualize) and ``--set``; annotation files as
 predict's PATH, visualize's ``--ann`` and ``data check``'s ANN. Every case is generated here.
 """
+
 from __future__ import annotations
 
 import json
 import math
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
+from helpers_bad_inputs import coco_file, expect_refusal, invoke, make_checkpoint, snapshot, write_image
 
 from dyhead_cli.data.annotations import read_annotation_file
 from dyhead_cli.recipe import dump_toml
-from helpers_bad_inputs import coco_file, expect_refusal, invoke, make_checkpoint, snapshot, write_image
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 

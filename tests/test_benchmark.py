@@ -3,6 +3,7 @@
 Timings are only checked for consistency with each other, never against a speed: performance goals
 live in the benchmark itself, not in tests.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,21 +12,21 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from dyhead_cli.cli import app
 from dyhead_cli.commands.benchmark.measure import (
     SAMPLING_FLOPS_PER_VALUE,
     Settings,
     Timing,
     build_detector,
     count_flops,
+    first_call,
     measure,
     measure_interleaved,
     parse_batch_sizes,
     parse_size,
     run_benchmark,
     to_markdown,
-    first_call,
 )
-from dyhead_cli.cli import app
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.models.dyhead import DyHead
 from dyhead_cli.recipe import ModelConfig
@@ -130,8 +131,17 @@ def test_markdown_is_written(compare_report):
     report, md_path, _ = compare_report
     text = md_path.read_text()
     assert text == to_markdown(report)
-    for needle in ("# dyhead benchmark", "## Machine", "## Results", "## Stages", "## Ratios", "FCOS-R50 (torchvision)",
-                   "ATSS-test_resnet-DyHead", report["command"], "min_size=128, max_size=160"):
+    for needle in (
+        "# dyhead benchmark",
+        "## Machine",
+        "## Results",
+        "## Stages",
+        "## Ratios",
+        "FCOS-R50 (torchvision)",
+        "ATSS-test_resnet-DyHead",
+        report["command"],
+        "min_size=128, max_size=160",
+    ):
         assert needle in text
 
 
@@ -144,10 +154,25 @@ def test_recipe_model_options_and_no_download(tmp_path, options):
         "[model.fpn]\nchannels = 32\n[model.dyhead]\nnum_blocks = 1\n"
     )
     out = tmp_path / "r.json"
-    result = runner.invoke(app, [
-        "benchmark", "--recipe", str(recipe), "--size", "64x96", "--batch-sizes", "1,2", "--iters", "2", "--warmup", "0",
-        "--json", str(out), *options,
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "benchmark",
+            "--recipe",
+            str(recipe),
+            "--size",
+            "64x96",
+            "--batch-sizes",
+            "1,2",
+            "--iters",
+            "2",
+            "--warmup",
+            "0",
+            "--json",
+            str(out),
+            *options,
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert [r["batch_size"] for r in report["results"]] == [1, 2]
@@ -195,7 +220,7 @@ def test_timing_percentiles_and_measure_calls():
     assert len(calls) == 5 and len(timing.times_s) == 3 and all(x >= 0 for x in timing.times_s)
     order: list[str] = []
     timings = measure_interleaved({k: (lambda k=k: order.append(k)) for k in "abc"}, iters=3, device="cpu")
-    assert order == list("abc" "bca" "cab")  # every model once per round, the start rotating
+    assert order == list("abcbcacab")  # every model once per round, the start rotating
     assert {k: len(v.times_s) for k, v in timings.items()} == {"a": 3, "b": 3, "c": 3}
 
 

@@ -1,4 +1,5 @@
 """Converting whole reference detectors (official detectron2 / MMDetection ATSS + DyHead) into ours."""
+
 import os
 import pickle
 
@@ -6,23 +7,13 @@ import numpy as np
 import pytest
 import timm
 import torch
-from typer.testing import CliRunner
-
-from dyhead_cli.cli import app
-from dyhead_cli.engine.checkpoint import load_model_weights, load_weights
-from dyhead_cli.errors import DyheadError
-from dyhead_cli.models.build import build_model
-from dyhead_cli.convert.capabilities import COCO_CLASSES
-from dyhead_cli.convert.checkpoint import convert_state_dict
-from dyhead_cli.convert.reading import read_reference_checkpoint
-from dyhead_cli.recipe import ModelConfig, from_dict, load_recipe, recipe_from_dict, to_dict
-
+from helpers_fixtures import TOWER_FIXTURES, load_tower_fixture
 from helpers_reference_keys import (
     atss_dyhead_shapes,
+    atss_head_shapes,
     atss_r50_dyhead,
     dyhead_shapes,
     fpn_shapes,
-    atss_head_shapes,
     random_state,
     resnet_stage_channels,
     timm_resnet_to_detectron2,
@@ -30,7 +21,16 @@ from helpers_reference_keys import (
     timm_swin_to_mmdet,
     timm_swin_to_official,
 )
-from helpers_fixtures import TOWER_FIXTURES, load_tower_fixture
+from typer.testing import CliRunner
+
+from dyhead_cli.cli import app
+from dyhead_cli.convert.capabilities import COCO_CLASSES
+from dyhead_cli.convert.checkpoint import convert_state_dict
+from dyhead_cli.convert.reading import read_reference_checkpoint
+from dyhead_cli.engine.checkpoint import load_model_weights, load_weights
+from dyhead_cli.errors import DyheadError
+from dyhead_cli.models.build import build_model
+from dyhead_cli.recipe import ModelConfig, from_dict, load_recipe, recipe_from_dict, to_dict
 
 REPRO_CONFIG = (  # the lines of MMDetection's atss_r50_fpn_dyhead_for_reproduction_1x_coco.py the converter reads
     "model = dict(type='ATSS', backbone=dict(type='ResNet', depth=50, frozen_stages=1, norm_eval=True, style='caffe'), "
@@ -84,7 +84,10 @@ def test_official_atss_r50_dyhead_converts_completely():
     assert [g.key for g in conv.gaps] == unsupported("backbone.stride_in_1x1")  # MSRA weights: stride in the 1x1 conv
     assert sorted(sum(conv.dropped.values(), [])) == ["pixel_mean", "pixel_std"]
     assert torch.equal(conv.state_dict["head.cls_logits.weight"], state["head.cls_logits.weight"])
-    assert torch.equal(conv.state_dict["backbone.body.layer3.5.bn2.running_var"], state["backbone.backbone.bottom_up.res4.5.conv2.norm.running_var"])
+    assert torch.equal(
+        conv.state_dict["backbone.body.layer3.5.bn2.running_var"],
+        state["backbone.backbone.bottom_up.res4.5.conv2.norm.running_var"],
+    )
 
 
 def test_mmdet_atss_r50_dyhead_reproduction_converts_completely():
@@ -100,7 +103,9 @@ def test_mmdet_atss_r50_dyhead_reproduction_converts_completely():
     assert m["dyhead"]["offset_mode"] == "official"
     assert sorted(g.key for g in conv.gaps) == unsupported("backbone.stride_in_1x1", "fpn.p7_relu")
     assert list(conv.dropped) == ["BatchNorm num_batches_tracked counters (ours start at 0)"]
-    assert model.head.scales[2].scale.shape == (1,) and model.head.scales[2].scale.item() == state["bbox_head.scales.2.scale"].item()
+    assert (
+        model.head.scales[2].scale.shape == (1,) and model.head.scales[2].scale.item() == state["bbox_head.scales.2.scale"].item()
+    )
     assert torch.equal(model.dyhead.blocks[5].spatial_low.bias, torch.zeros(256))
 
 
@@ -203,7 +208,7 @@ def test_swin_backbone_maps_back_onto_timm_exactly(source, swin_body):
     assert len(conv.dropped["Swin relative-position index / attention-mask buffers (timm rebuilds them)"]) == 12
     if unsupported("backbone.out_norm"):  # timm's features_only Swin has no per-level output LayerNorm
         assert len(conv.dropped["Swin output-level LayerNorms (approximation: our backbone has none)"]) == 6
-    body = {k[len("backbone.body."):]: v for k, v in conv.state_dict.items() if k.startswith("backbone.body.")}
+    body = {k[len("backbone.body.") :]: v for k, v in conv.state_dict.items() if k.startswith("backbone.body.")}
     assert body.keys() == weights.keys()
     for key, value in weights.items():  # same module, same tensors: the same outputs
         assert torch.equal(body[key], value), key  # incl. MMDetection's unfold-ordered PatchMerging, reordered
@@ -257,7 +262,10 @@ def test_detectron2_pkl_of_numpy_arrays_is_read(tmp_path):
         path = tmp_path / f"model_{protocol}.pkl"
         path.write_bytes(pickle.dumps({"model": weights, "__author__": "x", "matching_heuristics": True}, protocol=protocol))
         state, info = read_reference_checkpoint(path)
-        assert torch.equal(state["a.weight"], torch.arange(6.0).view(2, 3)) and info["containers"] == ["__author__", "matching_heuristics"]
+        assert torch.equal(state["a.weight"], torch.arange(6.0).view(2, 3)) and info["containers"] == [
+            "__author__",
+            "matching_heuristics",
+        ]
 
 
 def test_containers_module_prefix_and_numpy_meta(tmp_path):

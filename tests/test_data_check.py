@@ -1,4 +1,5 @@
 """check_dataset: each kind of problem in a hand-built bad data set, none on the synthetic one."""
+
 from __future__ import annotations
 
 import json
@@ -35,6 +36,7 @@ def _bad_data_set(root: Path) -> Path:
         {"id": 6, "file_name": "rotated.jpg", "width": 40, "height": 20},  # the stored size, not the shown one
         {"id": 1, "file_name": "ok.jpg", "width": 32, "height": 32},  # duplicate id
     ]
+
     def ann(i: int, image_id: int, cat: int, bbox: list) -> dict:
         return {"id": i, "image_id": image_id, "category_id": cat, "bbox": bbox, "area": 1, "iscrowd": 0}
 

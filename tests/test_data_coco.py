@@ -1,4 +1,5 @@
 """CocoDetection, collate, the transforms and build_dataloader on tiny hand-made files."""
+
 from __future__ import annotations
 
 import json
@@ -193,13 +194,23 @@ def test_degenerate_boxes_are_dropped_with_their_labels(tmp_path: Path) -> None:
         (json.dumps({"images": [{"id": 1}], "categories": CATS}), "lacks 'file_name'"),
         (json.dumps({"images": [{"id": [1], "file_name": "a"}], "categories": CATS}), "must be an integer"),
         (
-            json.dumps({"images": [{"id": 1, "file_name": "a"}], "categories": CATS,
-                        "annotations": [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [0, 0, 1, 1]}]}),
+            json.dumps(
+                {
+                    "images": [{"id": 1, "file_name": "a"}],
+                    "categories": CATS,
+                    "annotations": [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [0, 0, 1, 1]}],
+                }
+            ),
             "unknown category id 4",
         ),
         (
-            json.dumps({"images": [{"id": 1, "file_name": "a"}], "categories": CATS,
-                        "annotations": [{"id": 1, "image_id": 3, "category_id": 2, "bbox": [0, 0, 1, 1]}]}),
+            json.dumps(
+                {
+                    "images": [{"id": 1, "file_name": "a"}],
+                    "categories": CATS,
+                    "annotations": [{"id": 1, "image_id": 3, "category_id": 2, "bbox": [0, 0, 1, 1]}],
+                }
+            ),
             "unknown image id 3",
         ),
     ],

@@ -1,4 +1,5 @@
 """The synthetic shapes set: deterministic, non-contiguous category ids, tight boxes, wide size range."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """Detector: normalisation, BGR flip, training losses, detections in original pixels, errors."""
+
 import pytest
 import torch
 from helpers_detection import synthetic_batch, tiny_config

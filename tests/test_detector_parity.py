@@ -4,13 +4,13 @@
 with ``dyhead convert --from mmdet``, loads it as ``dyhead predict`` does and compares every stage and the
 final detections (same label, IoU > 0.99, |score diff| < 1e-3, no extra one). Skips without ../shared.
 """
-import os
 
-import torch
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from helpers_fixtures import SHARED, fixture_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,12 @@ def matched(ref: dict, ours: dict, iou_min: float = 0.99, score_tol: float = 1e-
     used = torch.zeros(len(ours["scores"]), dtype=torch.bool)
     count = 0
     for i in ref["scores"].argsort(descending=True).tolist():
-        ok = ~used & (ours["labels"] == ref["labels"][i]) & (iou[i] > iou_min) & ((ours["scores"] - ref["scores"][i]).abs() < score_tol)
+        ok = (
+            ~used
+            & (ours["labels"] == ref["labels"][i])
+            & (iou[i] > iou_min)
+            & ((ours["scores"] - ref["scores"][i]).abs() < score_tol)
+        )
         if ok.any():
             used[int(torch.nonzero(ok)[0])] = True
             count += 1
@@ -73,7 +78,18 @@ def test_predict_on_the_raw_images_matches_the_reference(tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     keys = json.loads(meta["state_dict_keys"])
     ckpt = tmp_path / "mmdet.pth"
-    torch.save({"meta": json.loads(meta["meta_json"]), "state_dict": {k: tensors[f"state_dict.{k}"].float() if tensors[f"state_dict.{k}"].is_floating_point() else tensors[f"state_dict.{k}"] for k in keys}}, ckpt)
+    torch.save(
+        {
+            "meta": json.loads(meta["meta_json"]),
+            "state_dict": {
+                k: tensors[f"state_dict.{k}"].float()
+                if tensors[f"state_dict.{k}"].is_floating_point()
+                else tensors[f"state_dict.{k}"]
+                for k in keys
+            },
+        },
+        ckpt,
+    )
     app = project_api()["app"]
     runner = CliRunner()
     converted = tmp_path / "converted.safetensors"
@@ -86,14 +102,31 @@ def test_predict_on_the_raw_images_matches_the_reference(tmp_path):
         Image.fromarray(tensors[f"image.{name}"].numpy()).save(picture)  # lossless: the reference's own pixels
         long_side, short_side = image_meta["resize"]["scale"]  # MMDetection's Resize(scale=(long, short), keep_ratio)
         out = tmp_path / f"preds_{name}.json"
-        result = runner.invoke(app, ["predict", str(picture), "--weights", str(converted), "--out", str(out), "--workers", "0",
-                                     "--set", f"data.test_min_size={short_side}", "--set", f"data.max_size={long_side}"])
+        result = runner.invoke(
+            app,
+            [
+                "predict",
+                str(picture),
+                "--weights",
+                str(converted),
+                "--out",
+                str(out),
+                "--workers",
+                "0",
+                "--set",
+                f"data.test_min_size={short_side}",
+                "--set",
+                f"data.max_size={long_side}",
+            ],
+        )
         assert result.exit_code == 0, result.output
         rows = json.loads(out.read_text())
         cats = json.loads((tmp_path / f"preds_{name}.images.json").read_text())["categories"]
         label_of = {c["id"]: k for k, c in enumerate(cats)}
         ours = {
-            "boxes": torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in rows)], dtype=torch.float64).reshape(-1, 4),
+            "boxes": torch.tensor(
+                [[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in rows)], dtype=torch.float64
+            ).reshape(-1, 4),
             "scores": torch.tensor([r["score"] for r in rows], dtype=torch.float64),
             "labels": torch.tensor([label_of[r["category_id"]] for r in rows]),
         }

@@ -1,11 +1,10 @@
 import pytest
 import torch
-
-from dyhead_cli.errors import DyheadError
-from dyhead_cli.convert.dyhead_keys import convert_dyhead
-from dyhead_cli.models.dyhead import DyHead, DyHeadBlock, fit_offset_to_output, make_divisible
-
 from helpers_fixtures import TOWER_FIXTURES, load_tower_fixture
+
+from dyhead_cli.convert.dyhead_keys import convert_dyhead
+from dyhead_cli.errors import DyheadError
+from dyhead_cli.models.dyhead import DyHead, DyHeadBlock, fit_offset_to_output, make_divisible
 
 SIZES = [(24, 32), (12, 16), (6, 8), (3, 4), (2, 2)]
 

@@ -1,4 +1,5 @@
 """The fast deformable conv and the fast DyHead tower against torchvision's op (the oracle)."""
+
 import pytest
 import torch
 from helpers_fixtures import TOWER_FIXTURES, load_tower_fixture
@@ -283,8 +284,9 @@ def test_fast_tower_gradients_on_fixture_weights(name, mode):
         xs = [x.double().requires_grad_() for x in inputs]
         out = tower.set_impl(impl)(xs)
         sum((o * torch.sin(o + i)).sum() for i, o in enumerate(out)).backward()
-        results.append(([o.detach() for o in out], [x.grad for x in xs],
-                        {n: p.grad.clone() for n, p in tower.named_parameters()}))
+        results.append(
+            ([o.detach() for o in out], [x.grad for x in xs], {n: p.grad.clone() for n, p in tower.named_parameters()})
+        )
     (o_ref, gx_ref, gp_ref), (o_fast, gx_fast, gp_fast) = results
     for a, e in zip(o_fast + gx_fast, o_ref + gx_ref):
         assert (a - e).abs().max().item() < 1e-9 * max(1.0, e.abs().max().item())

@@ -1,5 +1,6 @@
 """``dyhead eval`` from the command line: signs of life in a log, the --json analysis, --plots, and a
 failed write as one line."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 def test_eval_json_plots_and_progress_lines(tmp_path, run):
     out, plots = tmp_path / "m.json", tmp_path / "plots"
-    result = subprocess.run(DYHEAD + ["eval", str(run["recipe"]), "--weights", str(run["weights"]), "--json", str(out), "--plots", str(plots)],
-                            env=ENV, capture_output=True, text=True, timeout=300, cwd=run["root"])
+    result = subprocess.run(
+        DYHEAD + ["eval", str(run["recipe"]), "--weights", str(run["weights"]), "--json", str(out), "--plots", str(plots)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=run["root"],
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert lines[0] == "eval: 8 images" and lines[1].startswith("eval: 8 images in ")
@@ -26,7 +33,13 @@ def test_eval_json_plots_and_progress_lines(tmp_path, run):
 
 
 def test_eval_json_into_a_read_only_folder_is_one_line(run):
-    result = subprocess.run(DYHEAD + ["eval", str(run["recipe"]), "--weights", str(run["weights"]), "--json", "/sys/dyhead.json"],
-                            env=ENV, capture_output=True, text=True, timeout=300, cwd=run["root"])
+    result = subprocess.run(
+        DYHEAD + ["eval", str(run["recipe"]), "--weights", str(run["weights"]), "--json", "/sys/dyhead.json"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=run["root"],
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "error: cannot write /sys/dyhead.json: Permission denied"

@@ -19,7 +19,9 @@ def small_case():
     anns = []
     for image_id, items in boxes.items():
         for x, y, w, h, c in items:
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": c, "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            anns.append(
+                {"id": len(anns) + 1, "image_id": image_id, "category_id": c, "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0}
+            )
     gt = COCO()
     gt.dataset = {"images": images, "categories": cats, "annotations": anns}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -82,9 +84,15 @@ def make_gt(images, cats, boxes):
     anns = []
     for image_id, items in boxes.items():
         for x, y, w, h, c in items:
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": c, "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            anns.append(
+                {"id": len(anns) + 1, "image_id": image_id, "category_id": c, "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0}
+            )
     gt = COCO()
-    gt.dataset = {"images": [{"id": i, "width": 100, "height": 100, "file_name": f"{i}.jpg"} for i in images], "categories": cats, "annotations": anns}
+    gt.dataset = {
+        "images": [{"id": i, "width": 100, "height": 100, "file_name": f"{i}.jpg"} for i in images],
+        "categories": cats,
+        "annotations": anns,
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     return gt
@@ -109,26 +117,32 @@ def test_confusion_matrix_counts_by_hand():
     from dyhead_cli.engine.analysis import confusion_matrix
 
     cats = [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}, {"id": 9, "name": "c"}]
-    gt = make_gt([1, 2], cats, {
-        1: [(0, 0, 20, 20, 3), (50, 50, 20, 20, 7), (80, 0, 10, 10, 9)],  # a, b, c (c is never found)
-        2: [(0, 0, 30, 30, 3)],
-    })
+    gt = make_gt(
+        [1, 2],
+        cats,
+        {
+            1: [(0, 0, 20, 20, 3), (50, 50, 20, 20, 7), (80, 0, 10, 10, 9)],  # a, b, c (c is never found)
+            2: [(0, 0, 30, 30, 3)],
+        },
+    )
     dets = [
-        {"image_id": 1, "category_id": 3, "bbox": [1, 1, 20, 20], "score": 0.9},    # a on a: (a, a)
+        {"image_id": 1, "category_id": 3, "bbox": [1, 1, 20, 20], "score": 0.9},  # a on a: (a, a)
         {"image_id": 1, "category_id": 3, "bbox": [50, 50, 20, 20], "score": 0.8},  # a on b: (b, a)
         {"image_id": 1, "category_id": 7, "bbox": [30, 80, 10, 10], "score": 0.7},  # b on nothing: (bg, b)
-        {"image_id": 1, "category_id": 9, "bbox": [0, 0, 20, 20], "score": 0.1},    # below the threshold: ignored
-        {"image_id": 2, "category_id": 7, "bbox": [0, 0, 30, 30], "score": 0.6},    # b on a: (a, b)
-        {"image_id": 2, "category_id": 3, "bbox": [0, 0, 29, 30], "score": 0.5},    # a on a, but the box is taken: (bg, a)
+        {"image_id": 1, "category_id": 9, "bbox": [0, 0, 20, 20], "score": 0.1},  # below the threshold: ignored
+        {"image_id": 2, "category_id": 7, "bbox": [0, 0, 30, 30], "score": 0.6},  # b on a: (a, b)
+        {"image_id": 2, "category_id": 3, "bbox": [0, 0, 29, 30], "score": 0.5},  # a on a, but the box is taken: (bg, a)
     ]
     m = confusion_matrix(gt, dets, score_thr=0.3)
-    expected = np.array([
-        # predicted a, b, c, background
-        [1, 1, 0, 0],  # true a: one found as a (image 1), one as b (image 2: IoU 1.0 beats 0.967)
-        [1, 0, 0, 0],  # true b: found as a
-        [0, 0, 0, 1],  # true c: missed
-        [1, 1, 0, 0],  # background: the spare a on image 2, b on nothing
-    ])
+    expected = np.array(
+        [
+            # predicted a, b, c, background
+            [1, 1, 0, 0],  # true a: one found as a (image 1), one as b (image 2: IoU 1.0 beats 0.967)
+            [1, 0, 0, 0],  # true b: found as a
+            [0, 0, 0, 1],  # true c: missed
+            [1, 1, 0, 0],  # background: the spare a on image 2, b on nothing
+        ]
+    )
     np.testing.assert_array_equal(m, expected)
 
 

@@ -1,4 +1,5 @@
 """``dyhead export``: in-graph post-processing, exported models against PyTorch, predict with onnxruntime, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -94,7 +95,9 @@ def check_export(tmp_path, head: str, tower: str | None) -> None:
                 raw = model.head(model.features(images, sizes))
                 ref = model(images, sizes)
                 from_pt2 = exported(images, sizes_t)
-            from_onnx = [torch.from_numpy(o) for o in session.run(None, {"images": images.numpy(), "image_sizes": sizes_t.numpy()})]
+            from_onnx = [
+                torch.from_numpy(o) for o in session.run(None, {"images": images.numpy(), "image_sizes": sizes_t.numpy()})
+            ]
             if not postprocess:
                 flat = [t for v in raw.values() for t in v]
                 for got in (from_onnx, from_pt2):
@@ -145,7 +148,9 @@ def test_export_predict_and_benchmark_commands(tmp_path):
         pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(folder / f"{i}.png")
     for weights_arg, preds in ((out, tmp_path / "onnx.json"), (weights, tmp_path / "torch.json")):
-        result = runner.invoke(app, ["predict", str(folder), "--weights", str(weights_arg), "--out", str(preds), "--device", "cpu"])
+        result = runner.invoke(
+            app, ["predict", str(folder), "--weights", str(weights_arg), "--out", str(preds), "--device", "cpu"]
+        )
         assert result.exit_code == 0, result.output
     onnx_rows, torch_rows = (json.loads((tmp_path / f).read_text()) for f in ("onnx.json", "torch.json"))
     assert len(onnx_rows) == len(torch_rows) > 0
@@ -153,8 +158,11 @@ def test_export_predict_and_benchmark_commands(tmp_path):
     def detections(rows: list[dict], image_id: int) -> dict[str, torch.Tensor]:
         rows = [r for r in rows if r["image_id"] == image_id]
         xywh = torch.tensor([r["bbox"] for r in rows]).reshape(-1, 4)
-        return {"boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
-                "scores": torch.tensor([r["score"] for r in rows]), "labels": torch.tensor([r["category_id"] for r in rows])}
+        return {
+            "boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+            "scores": torch.tensor([r["score"] for r in rows]),
+            "labels": torch.tensor([r["category_id"] for r in rows]),
+        }
 
     for image_id in {r["image_id"] for r in torch_rows}:
         assert_same_detections(detections(onnx_rows, image_id), detections(torch_rows, image_id), iou=0.98, score=2e-4)
@@ -162,8 +170,23 @@ def test_export_predict_and_benchmark_commands(tmp_path):
     recipe = tmp_path / "tiny.toml"
     save_recipe(Recipe(model=tiny_config("atss", 0, score_thresh=0.02)), recipe)
     report = tmp_path / "bench.json"
-    args = ["benchmark", "--recipe", str(recipe), "--size", "256x256", "--iters", "2", "--warmup", "0", "--threads", "1",
-            "--onnx", str(out), "--json", str(report)]
+    args = [
+        "benchmark",
+        "--recipe",
+        str(recipe),
+        "--size",
+        "256x256",
+        "--iters",
+        "2",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--onnx",
+        str(out),
+        "--json",
+        str(report),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = json.loads(report.read_text())["results"]
@@ -203,5 +226,7 @@ def test_missing_onnxruntime_names_the_extra(tmp_path, monkeypatch):
     model = tmp_path / "m.onnx"
     model.write_bytes(b"not read")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
-    line = _one_line_error(runner.invoke(app, ["predict", str(tmp_path), "--weights", str(model), "--out", str(tmp_path / "p.json")]))
+    line = _one_line_error(
+        runner.invoke(app, ["predict", str(tmp_path), "--weights", str(model), "--out", str(tmp_path / "p.json")])
+    )
     assert "pip install -e '.[export]'" in line

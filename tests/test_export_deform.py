@@ -1,4 +1,5 @@
 """The exportable deformable conv (models/deform_export.py) against torchvision's op, and in ONNX."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """Faster R-CNN pieces worked out by hand: anchors, RPN labelling and losses, proposals, RoI sampling,
 level assignment, RoIAlign alignment, box coding, class order, and a loss on an image with no boxes."""
+
 import math
 
 import pytest
@@ -98,8 +99,9 @@ def test_proposals_top_n_per_level_clip_and_nms_within_levels_only():
     a1 = torch.tensor([[0.0, 0, 10, 10], [90.0, 90, 130, 130]])  # level 1: a copy of a0[0], one crossing the border
     objectness = [torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([[0.5, 0.7]])]
     deltas = [torch.zeros(1, 3, 4), torch.zeros(1, 2, 4)]
-    (p,) = find_top_proposals([a0, a1], objectness, deltas, [(100, 120)], coder, pre_nms_top_n=2,
-                              post_nms_top_n=10, nms_thresh=0.7)
+    (p,) = find_top_proposals(
+        [a0, a1], objectness, deltas, [(100, 120)], coder, pre_nms_top_n=2, post_nms_top_n=10, nms_thresh=0.7
+    )
     # level 0 keeps its top 2 (a0[0], a0[1]: IoU 0.82 -> a0[1] suppressed); level 1 both, the
     # border one clipped to (h, w) = (100, 120); a1[0] equals a0[0] but NMS is per level.
     assert p.tolist() == [[0, 0, 10, 10], [90, 90, 120, 100], [0, 0, 10, 10]]
@@ -115,7 +117,7 @@ def test_roi_sampling_adds_gt_labels_by_iou_and_caps_foreground():
     boxes, classes, matched = sample_proposals(proposals, gt, labels, 3, ROI_MATCHER, BalancedPositiveNegativeSampler(64, 0.25))
     assert sorted(classes.tolist()) == [0, 0, 2, 2, 3, 3]  # K = 3 is background
     assert classes[:4].tolist().count(3) == 0  # foreground first
-    for b, c, m in zip(boxes, classes, matched):
+    for _, c, m in zip(boxes, classes, matched):
         if c == 2:
             assert m.tolist() == GT[0].tolist()
     torch.manual_seed(0)
@@ -124,8 +126,14 @@ def test_roi_sampling_adds_gt_labels_by_iou_and_caps_foreground():
 
 
 def test_roi_sampling_without_boxes_is_background_only():
-    _, classes, _ = sample_proposals(torch.tensor([[0.0, 0, 5, 5]]), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),
-                                     3, ROI_MATCHER, BalancedPositiveNegativeSampler(8, 0.25))
+    _, classes, _ = sample_proposals(
+        torch.tensor([[0.0, 0, 5, 5]]),
+        torch.zeros(0, 4),
+        torch.zeros(0, dtype=torch.long),
+        3,
+        ROI_MATCHER,
+        BalancedPositiveNegativeSampler(8, 0.25),
+    )
     assert classes.tolist() == [3]
 
 
@@ -142,8 +150,7 @@ def test_pool_rois_reads_each_box_from_its_level_with_aligned_half_pixel_centres
     # P2..P5 of a 256-px image; level l holds 100 * l + x (x = column index): the pooled values tell the
     # level a box was read from and where the samples were taken.
     strides = (4, 8, 16, 32)
-    features = [(100.0 * l + torch.arange(64.0 // 2**l)).expand(1, 2, 64 // 2**l, 64 // 2**l).contiguous()
-                for l in range(4)]
+    features = [(100.0 * l + torch.arange(64.0 // 2**l)).expand(1, 2, 64 // 2**l, 64 // 2**l).contiguous() for l in range(4)]
     boxes = [torch.tensor([[0.0, 0, 56, 56], [0.0, 0, 224, 224]])]  # -> P2 (56 px), P4 (224 px)
     pooled = pool_rois(features, boxes, strides, output_size=7)
     assert pooled.shape == (2, 2, 7, 7)
@@ -199,8 +206,10 @@ def levels(batch: int = 1, size: int = 64) -> list[torch.Tensor]:
 def test_loss_is_finite_on_an_image_without_boxes():
     head = tiny_head().train()
     feats = [f.requires_grad_() for f in levels(2)]
-    targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
-               {"boxes": torch.tensor([[4.0, 4, 40, 30]]), "labels": torch.tensor([2])}]
+    targets = [
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+        {"boxes": torch.tensor([[4.0, 4, 40, 30]]), "labels": torch.tensor([2])},
+    ]
     losses = head.loss(head(feats), targets, [(64, 64), (64, 64)])
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"}
     assert all(torch.isfinite(v) for v in losses.values())

@@ -8,6 +8,7 @@ wraps detectron2's FPN backbone (``backbone.backbone.bottom_up.*``); both that a
 ``backbone.bottom_up.*`` spelling are tested. Outputs of the converted model are compared with the same
 weights used the detectron2 way, written out here independently of the model code.
 """
+
 import math
 
 import pytest
@@ -33,8 +34,14 @@ def rcnn_shapes(prefix: str, depth: int, channels: int, num_blocks: int, num_cla
     """The official Faster R-CNN + DyHead's key -> shape; ``prefix`` is where detectron2's FPN backbone sits."""
     shapes = detectron2_resnet_shapes(f"{prefix}bottom_up.", depth)
     for level, c_in in zip((2, 3, 4, 5), resnet_stage_channels(depth)):
-        shapes[f"{prefix}fpn_lateral{level}.weight"], shapes[f"{prefix}fpn_lateral{level}.bias"] = (channels, c_in, 1, 1), (channels,)
-        shapes[f"{prefix}fpn_output{level}.weight"], shapes[f"{prefix}fpn_output{level}.bias"] = (channels, channels, 3, 3), (channels,)
+        shapes[f"{prefix}fpn_lateral{level}.weight"], shapes[f"{prefix}fpn_lateral{level}.bias"] = (
+            (channels, c_in, 1, 1),
+            (channels,),
+        )
+        shapes[f"{prefix}fpn_output{level}.weight"], shapes[f"{prefix}fpn_output{level}.bias"] = (
+            (channels, channels, 3, 3),
+            (channels,),
+        )
     shapes.update(dyhead_shapes("official", channels, num_blocks))
     rpn, box = "proposal_generator.rpn_head.", "roi_heads."
     shapes[f"{rpn}conv.weight"], shapes[f"{rpn}conv.bias"] = (channels, channels, 3, 3), (channels,)
@@ -44,7 +51,10 @@ def rcnn_shapes(prefix: str, depth: int, channels: int, num_blocks: int, num_cla
     shapes[f"{box}box_head.fc2.weight"], shapes[f"{box}box_head.fc2.bias"] = (fc_dim, fc_dim), (fc_dim,)
     shapes[f"{box}box_predictor.cls_score.weight"] = (num_classes + 1, fc_dim)
     shapes[f"{box}box_predictor.cls_score.bias"] = (num_classes + 1,)
-    shapes[f"{box}box_predictor.bbox_pred.weight"], shapes[f"{box}box_predictor.bbox_pred.bias"] = (4 * num_classes, fc_dim), (4 * num_classes,)
+    shapes[f"{box}box_predictor.bbox_pred.weight"], shapes[f"{box}box_predictor.bbox_pred.bias"] = (
+        (4 * num_classes, fc_dim),
+        (4 * num_classes,),
+    )
     return shapes
 
 

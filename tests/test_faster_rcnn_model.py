@@ -1,4 +1,5 @@
 """Faster R-CNN as a whole detector: P2..P6 pyramids, recipes, state-dict names, overfitting tiny data."""
+
 from pathlib import Path
 
 import pytest
@@ -51,20 +52,29 @@ def test_default_pyramid_keeps_its_levels_and_state_dict_names():
     assert model.backbone.out_strides == (8, 16, 32) and model.fpn.strides == (8, 16, 32, 64, 128)
     fpn_keys = {k.rsplit(".", 1)[0] for k in model.state_dict() if k.startswith("fpn.")}
     assert fpn_keys == {f"fpn.fpn.{b}.{i}.0" for b in ("inner_blocks", "layer_blocks") for i in range(3)} | {
-        "fpn.fpn.extra_blocks.p6", "fpn.fpn.extra_blocks.p7"}
+        "fpn.fpn.extra_blocks.p6",
+        "fpn.fpn.extra_blocks.p7",
+    }
 
 
 def test_faster_rcnn_modules_carry_detectron2_names_and_shapes():
     model = build_model(rcnn_config(num_blocks=1, channels=32))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("head.")}
     assert shapes == {
-        "head.rpn.conv.weight": (32, 32, 3, 3), "head.rpn.conv.bias": (32,),
-        "head.rpn.objectness_logits.weight": (3, 32, 1, 1), "head.rpn.objectness_logits.bias": (3,),
-        "head.rpn.anchor_deltas.weight": (12, 32, 1, 1), "head.rpn.anchor_deltas.bias": (12,),
-        "head.box_head.fc1.weight": (128, 32 * 49), "head.box_head.fc1.bias": (128,),
-        "head.box_head.fc2.weight": (128, 128), "head.box_head.fc2.bias": (128,),
-        "head.box_predictor.cls_score.weight": (4, 128), "head.box_predictor.cls_score.bias": (4,),
-        "head.box_predictor.bbox_pred.weight": (12, 128), "head.box_predictor.bbox_pred.bias": (12,),
+        "head.rpn.conv.weight": (32, 32, 3, 3),
+        "head.rpn.conv.bias": (32,),
+        "head.rpn.objectness_logits.weight": (3, 32, 1, 1),
+        "head.rpn.objectness_logits.bias": (3,),
+        "head.rpn.anchor_deltas.weight": (12, 32, 1, 1),
+        "head.rpn.anchor_deltas.bias": (12,),
+        "head.box_head.fc1.weight": (128, 32 * 49),
+        "head.box_head.fc1.bias": (128,),
+        "head.box_head.fc2.weight": (128, 128),
+        "head.box_head.fc2.bias": (128,),
+        "head.box_predictor.cls_score.weight": (4, 128),
+        "head.box_predictor.cls_score.bias": (4,),
+        "head.box_predictor.bbox_pred.weight": (12, 128),
+        "head.box_predictor.bbox_pred.bias": (12,),
     }
     assert model.backbone.out_strides == (4, 8, 16, 32) and model.head.box_strides == (4, 8, 16, 32)
     assert [a.tolist() for a in model.head.anchor_sizes[1][1:2]] == [[64.0, 64.0]]  # 8 x stride 8, ratio 1
@@ -80,8 +90,7 @@ def test_levels_must_fit_the_top_block_and_faster_rcnn_needs_p2():
 
 
 # Few proposals and RoIs for 4 images of 128 px: 3x faster steps than detectron2's 1000 / 512.
-SMALL = {"rpn_pre_nms_top_n_train": 500, "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n": 200,
-         "roi_batch_size_per_image": 64}
+SMALL = {"rpn_pre_nms_top_n_train": 500, "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n": 200, "roi_batch_size_per_image": 64}
 
 
 @pytest.mark.parametrize("name", ["faster_rcnn_quickstart", "faster_rcnn_r50_dyhead_1x_coco", "faster_rcnn_r50_1x_coco"])

@@ -11,6 +11,7 @@
 
 The CLI runs as ``python -m dyhead_cli.cli`` with this checkout on PYTHONPATH (no install needed).
 """
+
 from __future__ import annotations
 
 import json
@@ -78,7 +79,9 @@ def random_batch(device: torch.device, n: int = 2, size: tuple[int, int] = (128,
     for _ in range(n):
         xy = torch.rand(2, 2, generator=g) * torch.tensor([size[1] - 48, size[0] - 48])
         wh = 16 + torch.rand(2, 2, generator=g) * 32
-        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device), "labels": torch.randint(0, 3, (2,), generator=g).to(device)})
+        targets.append(
+            {"boxes": torch.cat([xy, xy + wh], 1).to(device), "labels": torch.randint(0, 3, (2,), generator=g).to(device)}
+        )
     return images.to(device), [size] * n, targets
 
 
@@ -288,8 +291,13 @@ def cuda_run(tmp_path_factory) -> dict[str, Path]:
     recipe = root / "tiny.toml"
     recipe.write_text(RECIPE.format(root=(root / "synthetic").as_posix()))
     run_cli("train", recipe, "--out", root / "run")
-    return {"root": root, "run": root / "run", "weights": root / "run" / "last.safetensors",
-            "val_ann": root / "synthetic" / "annotations" / "val.json", "val_images": root / "synthetic" / "val"}
+    return {
+        "root": root,
+        "run": root / "run",
+        "weights": root / "run" / "last.safetensors",
+        "val_ann": root / "synthetic" / "annotations" / "val.json",
+        "val_images": root / "synthetic" / "val",
+    }
 
 
 def test_checkpoint_written_on_cuda_loads_on_cpu(cuda_run):
@@ -331,15 +339,37 @@ def test_predict_and_eval_on_cuda_agree_with_cpu(cuda_run, tmp_path):
     # each image's best CPU detection is among the CUDA ones (same class, box and score to rounding;
     # not necessarily the CUDA best, where two scores nearly tie)
     for image_id, b in top_detections(preds["cpu"]).items():
-        same = [a for a in preds["cuda"] if a["image_id"] == image_id and a["category_id"] == b["category_id"]
-                and abs(a["score"] - b["score"]) < 0.02 and box_iou(xyxy(a), xyxy(b)).item() > 0.9]
+        same = [
+            a
+            for a in preds["cuda"]
+            if a["image_id"] == image_id
+            and a["category_id"] == b["category_id"]
+            and abs(a["score"] - b["score"]) < 0.02
+            and box_iou(xyxy(a), xyxy(b)).item() > 0.9
+        ]
         assert same, f"image {image_id}: the CPU's best detection {b} is not found on CUDA"
 
 
 def test_benchmark_gpu_report(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_cli("benchmark", "--gpu", "--model", "test_resnet", "--size", "128x160", "--batch-sizes", "1,2",
-                     "--precision", "bf16", "--iters", "3", "--warmup", "1", "--json", out)
+    result = run_cli(
+        "benchmark",
+        "--gpu",
+        "--model",
+        "test_resnet",
+        "--size",
+        "128x160",
+        "--batch-sizes",
+        "1,2",
+        "--precision",
+        "bf16",
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+        out,
+    )
     report = json.loads(out.read_text())
     m = report["machine"]
     assert m["gpu"] == torch.cuda.get_device_name() and m["cuda"] == torch.version.cuda and m["torch"] == torch.__version__

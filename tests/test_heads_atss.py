@@ -2,6 +2,7 @@
 
 Also covers the post-processing and box coder shared by all heads (heads/boxes.py, heads/postprocess.py).
 """
+
 import math
 
 import pytest

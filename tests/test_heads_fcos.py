@@ -1,4 +1,5 @@
 """FCOS head: points, centre sampling, size ranges, ambiguity, losses and decoding by hand; overfitting; bf16."""
+
 import math
 
 import pytest

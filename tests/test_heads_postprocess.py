@@ -3,6 +3,7 @@
 Candidate selection (threshold on sigmoid(cls) alone; per-level top k by the final score or by cls alone),
 the clipping order around NMS, and scores without a square root.
 """
+
 import math
 
 import pytest

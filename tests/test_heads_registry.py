@@ -3,6 +3,7 @@
 The key lists below are the names the heads had before the shared ``DenseHead`` (and that checkpoints and
 ``dyhead convert`` use): a state dict with exactly these keys must load strictly.
 """
+
 import dataclasses
 
 import pytest
@@ -30,10 +31,16 @@ OLD_KEYS = {
     ("atss", 0, "gn"): PREDICTORS + CENTERNESS + SCALES,
     ("fcos", 0, "gn"): PREDICTORS + CENTERNESS + SCALES,
     ("retinanet", 0, "gn"): PREDICTORS,
-    ("atss", 2, "gn"): tower("cls_tower", [0, 3], [1, 4]) + tower("bbox_tower", [0, 3], [1, 4])
-    + PREDICTORS + CENTERNESS + SCALES,
-    ("fcos", 2, "gn"): tower("cls_tower", [0, 3], [1, 4]) + tower("bbox_tower", [0, 3], [1, 4])
-    + PREDICTORS + CENTERNESS + SCALES,
+    ("atss", 2, "gn"): tower("cls_tower", [0, 3], [1, 4])
+    + tower("bbox_tower", [0, 3], [1, 4])
+    + PREDICTORS
+    + CENTERNESS
+    + SCALES,
+    ("fcos", 2, "gn"): tower("cls_tower", [0, 3], [1, 4])
+    + tower("bbox_tower", [0, 3], [1, 4])
+    + PREDICTORS
+    + CENTERNESS
+    + SCALES,
     ("retinanet", 2, "none"): tower("cls_tower", [0, 2], []) + tower("bbox_tower", [0, 2], []) + PREDICTORS,
 }
 
@@ -51,9 +58,7 @@ def test_head_state_dict_keeps_the_previous_names_and_loads_strictly(head, num_c
     assert torch.equal(fresh.head.cls_logits.weight, state["head.cls_logits.weight"])
 
 
-@pytest.mark.parametrize(
-    "head, offset, kernel", [("atss", 0.5, 1), ("fcos", 0.5, 3), ("retinanet", 0.0, 3)]
-)
+@pytest.mark.parametrize("head, offset, kernel", [("atss", 0.5, 1), ("fcos", 0.5, 3), ("retinanet", 0.0, 3)])
 def test_resolve_fills_the_head_defaults_declared_in_its_module(head, offset, kernel):
     cfg = ModelConfig(head=head)
     assert cfg.head_options.anchor_offset is None and cfg.head_options.pred_kernel_size is None
@@ -80,13 +85,22 @@ def test_resolve_keeps_values_the_recipe_sets_and_the_model_uses_them():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(head="atsss"), "recipe key 'model.head' = 'atsss' is not one of atss, fcos, retinanet, faster_rcnn (did you mean 'atss'?)"),
+        (
+            dict(head="atsss"),
+            "recipe key 'model.head' = 'atsss' is not one of atss, fcos, retinanet, faster_rcnn (did you mean 'atss'?)",
+        ),
         (dict(input_format="RBG"), "recipe key 'model.input_format' = 'RBG' is not one of RGB, BGR"),
-        (dict(dyhead=dict(offset_mode="mmdett")), "'model.dyhead.offset_mode' = 'mmdett' is not one of official, mmdet, aligned (did you mean 'mmdet'?)"),
+        (
+            dict(dyhead=dict(offset_mode="mmdett")),
+            "'model.dyhead.offset_mode' = 'mmdett' is not one of official, mmdet, aligned (did you mean 'mmdet'?)",
+        ),
         (dict(dyhead=dict(impl="fats")), "'model.dyhead.impl' = 'fats' is not one of fast, reference"),
         (dict(head_options=dict(box_loss="l1")), "'model.head_options.box_loss' = 'l1' is not one of giou, smooth_l1"),
         (dict(head_options=dict(tower_norm="bn")), "'model.head_options.tower_norm' = 'bn' is not one of gn, none"),
-        (dict(head_options=dict(postprocess="mmdetection")), "'model.head_options.postprocess' = 'mmdetection' is not one of official, mmdet (did you mean 'mmdet'?)"),
+        (
+            dict(head_options=dict(postprocess="mmdetection")),
+            "'model.head_options.postprocess' = 'mmdetection' is not one of official, mmdet (did you mean 'mmdet'?)",
+        ),
         (dict(head_options=dict(pred_kernel_size=2)), "pred_kernel_size' must be a positive odd number, got 2"),
         (dict(head_options=dict(anchor_offset=1.0)), "anchor_offset' must be in [0, 1), got 1.0"),
     ],

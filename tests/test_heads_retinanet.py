@@ -1,4 +1,5 @@
 """RetinaNet head: anchors, IoU matching, losses and decoding by hand; overfitting; bf16."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """The package's layering (pyproject's import-linter contract) and style checks, run with the suite."""
+
 from __future__ import annotations
 
 import shutil
@@ -31,6 +32,18 @@ def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:
     shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
     fpn = copy / "dyhead_cli" / "models" / "fpn.py"
     fpn.write_text(fpn.read_text() + "\nfrom dyhead_cli.engine import checkpoint  # noqa: E402,F401\n")
-    proc = subprocess.run([tool("lint-imports")], cwd=copy, capture_output=True, text=True, env={"PYTHONPATH": str(copy), "PATH": ""})
+    proc = subprocess.run(
+        [tool("lint-imports")], cwd=copy, capture_output=True, text=True, env={"PYTHONPATH": str(copy), "PATH": ""}
+    )
     assert proc.returncode != 0
     assert "dyhead_cli.models is not allowed to import dyhead_cli.engine" in proc.stdout
+
+
+def test_ruff_lint_and_format() -> None:
+    ruff = tool("ruff")
+    lint = subprocess.run([ruff, "check", "dyhead_cli", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout[-3000:]
+    fmt = subprocess.run(
+        [ruff, "format", "--check", "dyhead_cli", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert fmt.returncode == 0, fmt.stdout[-3000:]

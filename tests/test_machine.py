@@ -1,4 +1,5 @@
 """The CPU description printed beside every benchmark report."""
+
 from dyhead_cli.engine.machine import cpu_description, cpu_line
 
 ZEN4 = """processor\t: 0
@@ -21,8 +22,17 @@ CPU implementer\t: 0x41
 def test_model_and_vector_extensions_of_the_first_processor():
     d = cpu_description(ZEN4)
     assert d["model"] == "AMD EPYC 9R14 96-Core Processor"
-    assert d["vector_extensions"] == ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl",
-                                      "avx512_vnni", "avx512_bf16"]
+    assert d["vector_extensions"] == [
+        "sse4_2",
+        "avx",
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vnni",
+        "avx512_bf16",
+    ]
     assert cpu_line(d) == f"AMD EPYC 9R14 96-Core Processor ({' '.join(d['vector_extensions'])})"
 
 

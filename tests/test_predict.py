@@ -1,4 +1,5 @@
 """dyhead predict: same AP as dyhead eval, odd files skipped not fatal, COCO results format, id rules."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,13 +14,14 @@ from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
 from dyhead_cli.cli import app
-from dyhead_cli.engine.evaluate import coco_evaluate, load_coco
-from dyhead_cli.errors import DyheadError
 from dyhead_cli.data.images import collect_images
+from dyhead_cli.engine.evaluate import coco_evaluate, load_coco
 from dyhead_cli.engine.inference import category_ids, load_detector
 from dyhead_cli.engine.results import JsonStream, images_json_path
+from dyhead_cli.errors import DyheadError
 
 runner = CliRunner()
+
 
 def invoke(args: list[str]):
     result = runner.invoke(app, [str(a) for a in args])
@@ -63,7 +65,9 @@ def test_predictions_give_the_same_ap_as_eval(run, tmp_path: Path) -> None:
 
     # 2. the folder of images (no annotation file), other batch size, worker processes: ids by sorted path
     preds2 = tmp_path / "folder" / "preds.json"
-    result = invoke(["predict", run["val_images"], "--weights", run["weights"], "--out", preds2, "--batch-size", "3", "--workers", "2"])
+    result = invoke(
+        ["predict", run["val_images"], "--weights", run["weights"], "--out", preds2, "--batch-size", "3", "--workers", "2"]
+    )
     assert result.exit_code == 0, result.output
     listing = json.loads(images_json_path(preds2).read_text())
     names = [im["file_name"] for im in listing["images"]]
@@ -132,8 +136,21 @@ def test_folder_with_odd_and_corrupt_images(run, tmp_path: Path) -> None:
 
 def test_score_threshold_and_explicit_files(run, tmp_path: Path) -> None:
     out = tmp_path / "p.json"
-    result = invoke(["predict", run["val_images"] / "000003.jpg", run["val_images"] / "000002.jpg",
-                     "--weights", run["weights"], "--out", out, "--score-thr", "0.1", "--device", "cpu"])
+    result = invoke(
+        [
+            "predict",
+            run["val_images"] / "000003.jpg",
+            run["val_images"] / "000002.jpg",
+            "--weights",
+            run["weights"],
+            "--out",
+            out,
+            "--score-thr",
+            "0.1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
     assert all(r["score"] >= 0.1 for r in rows)
@@ -144,7 +161,9 @@ def test_score_threshold_and_explicit_files(run, tmp_path: Path) -> None:
 def test_bf16_runs_or_says_why(run, tmp_path: Path) -> None:
     """bfloat16 autocast on CPU: results, or (when an op lacks a bfloat16 CPU kernel) one line naming --bf16."""
     out = tmp_path / "p.json"
-    result = invoke(["predict", run["val_images"] / "000002.jpg", "--weights", run["weights"], "--out", out, "--bf16", "--device", "cpu"])
+    result = invoke(
+        ["predict", run["val_images"] / "000002.jpg", "--weights", run["weights"], "--out", out, "--bf16", "--device", "cpu"]
+    )
     if result.exit_code == 0:
         assert isinstance(json.loads(out.read_text()), list)
     else:
@@ -212,7 +231,12 @@ def test_category_ids_rules(run, tmp_path: Path) -> None:
     del det.meta["category_ids"]
     det.recipe.data.val_ann = str(tmp_path / "gone.json")
     assert ids(category_ids(det)) == [1, 2, 3, 4]  # nothing known: 1..K
-    shuffled = [{"id": 40, "name": "cross"}, {"id": 2, "name": "square"}, {"id": 9, "name": "circle"}, {"id": 11, "name": "triangle"}]
+    shuffled = [
+        {"id": 40, "name": "cross"},
+        {"id": 2, "name": "square"},
+        {"id": 9, "name": "circle"},
+        {"id": 11, "name": "triangle"},
+    ]
     assert ids(category_ids(det, shuffled)) == [9, 2, 11, 40]  # an annotation file: matched by name
     with pytest.raises(DyheadError, match="do not match the model's 4 classes"):
         category_ids(det, [{"id": 1, "name": "dog"}])

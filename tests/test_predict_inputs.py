@@ -1,5 +1,6 @@
 """`dyhead predict` inputs: videos, numeric file stems as ids, files that are no image, --save,
 --classes / --iou / --max-det, and tiled inference (small objects in a large image)."""
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,9 @@ def test_a_three_frame_video_gives_three_images_of_detections(run, tmp_path):
     # the API on the video gives the same detections, frame by frame
     results = dyhead_cli.load(run["weights"], device="cpu")(clip)
     assert len(results) == 3
-    assert sorted(map(json.dumps, [row for k, r in enumerate(results, 1) for row in r.to_coco(k)])) == sorted(map(json.dumps, rows))
+    assert sorted(map(json.dumps, [row for k, r in enumerate(results, 1) for row in r.to_coco(k)])) == sorted(
+        map(json.dumps, rows)
+    )
 
     # --save: an annotated video with the three frames, boxes drawn on them
     drawn = cv2.VideoCapture(str(tmp_path / "drawn" / "clip.mp4"))
@@ -86,7 +89,11 @@ def test_image_ids_from_numeric_file_stems(tmp_path):
     for stem in ("000000000139", "000000000285", "000000632"):
         Image.new("RGB", (8, 8)).save(folder / f"{stem}.jpg")
     listed = collect_images([folder])
-    assert [(e.id, e.file_name) for e in listed.entries] == [(139, "000000000139.jpg"), (285, "000000000285.jpg"), (632, "000000632.jpg")]
+    assert [(e.id, e.file_name) for e in listed.entries] == [
+        (139, "000000000139.jpg"),
+        (285, "000000000285.jpg"),
+        (632, "000000632.jpg"),
+    ]
     assert listed.id_rule == "file stems"
     Image.new("RGB", (8, 8)).save(folder / "cat.jpg")  # one name that is no number: 1..N for all
     listed = collect_images([folder])
@@ -135,7 +142,9 @@ def test_classes_iou_max_det_and_save(run, tmp_path):
     assert code == 1 and "did you mean 'square'" in output
 
     drawn = tmp_path / "drawn"
-    code, output = predict(run["val_images"], "--weights", run["weights"], "--out", tmp_path / "d.json", "--save", drawn, "--score-thr", "0.0")
+    code, output = predict(
+        run["val_images"], "--weights", run["weights"], "--out", tmp_path / "d.json", "--save", drawn, "--score-thr", "0.0"
+    )
     assert code == 0 and "drawn in" in output
     saved = sorted(p.name for p in drawn.iterdir())
     assert saved == sorted(p.name for p in run["val_images"].glob("*.jpg"))
@@ -157,7 +166,11 @@ def test_tile_windows_cover_the_image_with_the_overlap_asked():
     assert covered.all()
 
     a = {"boxes": torch.tensor([[10.0, 10, 50, 50]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
-    b = {"boxes": torch.tensor([[0.0, 0, 40, 40], [0, 0, 40, 40]]), "scores": torch.tensor([0.8, 0.7]), "labels": torch.tensor([1, 2])}
+    b = {
+        "boxes": torch.tensor([[0.0, 0, 40, 40], [0, 0, 40, 40]]),
+        "scores": torch.tensor([0.8, 0.7]),
+        "labels": torch.tensor([1, 2]),
+    }
     merged = merge_tiles([a, b], [(0, 0), (10, 10)], iou=0.5, max_det=10)  # b's first box is a's, shifted
     assert merged["scores"].tolist() == pytest.approx([0.9, 0.7]) and merged["labels"].tolist() == [1, 2]
     assert merged["boxes"][1].tolist() == [10.0, 10.0, 50.0, 50.0]
@@ -170,15 +183,28 @@ def mosaic_case(run, tmp_path: Path) -> tuple[Path, Path]:
     images = sorted(ann["images"], key=lambda im: im["id"])[:8] * 2
     size = 128
     mosaic = np.zeros((4 * size, 4 * size, 3), np.uint8)
-    gt = {"images": [{"id": 1, "file_name": "mosaic.png", "width": 4 * size, "height": 4 * size}],
-          "categories": ann["categories"], "annotations": []}
+    gt = {
+        "images": [{"id": 1, "file_name": "mosaic.png", "width": 4 * size, "height": 4 * size}],
+        "categories": ann["categories"],
+        "annotations": [],
+    }
     for k, im in enumerate(images):
         r, c = divmod(k, 4)
-        mosaic[r * size:(r + 1) * size, c * size:(c + 1) * size] = np.asarray(Image.open(run["val_images"] / im["file_name"]).convert("RGB"))
+        mosaic[r * size : (r + 1) * size, c * size : (c + 1) * size] = np.asarray(
+            Image.open(run["val_images"] / im["file_name"]).convert("RGB")
+        )
         for a in (a for a in ann["annotations"] if a["image_id"] == im["id"]):
             x, y, w, h = a["bbox"]
-            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": 1, "category_id": a["category_id"],
-                                      "bbox": [x + c * size, y + r * size, w, h], "area": w * h, "iscrowd": 0})
+            gt["annotations"].append(
+                {
+                    "id": len(gt["annotations"]) + 1,
+                    "image_id": 1,
+                    "category_id": a["category_id"],
+                    "bbox": [x + c * size, y + r * size, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
     (tmp_path / "mosaic").mkdir()
     Image.fromarray(mosaic).save(tmp_path / "mosaic" / "mosaic.png")
     (tmp_path / "mosaic_gt.json").write_text(json.dumps(gt))
@@ -207,14 +233,18 @@ def test_tiled_prediction_finds_small_objects_that_whole_image_prediction_misses
         assert {r["image_id"] for r in rows} == {1}
         found[tile], ap50[tile] = found_objects(rows, gt), coco_evaluate(load_coco(gt), rows)["AP50"]
     total = len(json.loads(gt.read_text())["annotations"])
-    print(f"mosaic of {total} objects: whole image finds {found['0']} (AP50 {ap50['0']:.1f}), tiled {found['128']} (AP50 {ap50['128']:.1f})")
+    print(
+        f"mosaic of {total} objects: whole image finds {found['0']} (AP50 {ap50['0']:.1f}), tiled {found['128']} (AP50 {ap50['128']:.1f})"
+    )
     # the 8-step tiny model finds few objects at all (see the slow test below for a trained one);
     # shrunk 4x as a whole image, it finds fewer still
     assert found["128"] > found["0"] and ap50["128"] >= ap50["0"]
     # and the API gives the same tiled detections
     model = dyhead_cli.load(run["weights"], device="cpu", tile=128, tile_overlap=0.25)
     (result,) = model(image)
-    assert sorted(map(json.dumps, result.to_coco(1))) == sorted(map(json.dumps, json.loads((tmp_path / "tile128.json").read_text())))
+    assert sorted(map(json.dumps, result.to_coco(1))) == sorted(
+        map(json.dumps, json.loads((tmp_path / "tile128.json").read_text()))
+    )
     with pytest.raises(Exception, match="--tile must be at least 32"):
         dyhead_cli.load(run["weights"], device="cpu", tile=8)
 
@@ -230,12 +260,17 @@ def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiling_run")
     text = TINY.format(root=(root / "synthetic").as_posix())
     text = text.replace("max_steps = 8", "max_steps = 200").replace("synthetic_num_train = 12", "synthetic_num_train = 64")
-    text = text.replace("synthetic = true", "synthetic = true\nsynthetic_colour_by_class = true").replace("batch_size = 2", "batch_size = 4")
+    text = text.replace("synthetic = true", "synthetic = true\nsynthetic_colour_by_class = true").replace(
+        "batch_size = 2", "batch_size = 4"
+    )
     (root / "tiny.toml").write_text(text)
     torch.manual_seed(0)
     train(load_recipe(root / "tiny.toml"), root / "run")
-    return {"weights": root / "run" / "last.safetensors", "val_ann": root / "synthetic" / "annotations" / "val.json",
-            "val_images": root / "synthetic" / "val"}
+    return {
+        "weights": root / "run" / "last.safetensors",
+        "val_ann": root / "synthetic" / "annotations" / "val.json",
+        "val_images": root / "synthetic" / "val",
+    }
 
 
 @pytest.mark.slow

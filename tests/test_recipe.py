@@ -1,8 +1,8 @@
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from dyhead_cli.engine import recipes
 from dyhead_cli.errors import DyheadError
@@ -38,7 +38,9 @@ def test_wrong_types_and_choices(tmp_path):
 
 def test_dotted_overrides(tmp_path):
     path = write(tmp_path, "[train]\nlr = 0.01\n")
-    r = load_recipe(path, ["train.lr=0.02", "model.dyhead.num_blocks=0", "model.backbone.name=resnet18", "data.min_sizes=[320, 352]"])
+    r = load_recipe(
+        path, ["train.lr=0.02", "model.dyhead.num_blocks=0", "model.backbone.name=resnet18", "data.min_sizes=[320, 352]"]
+    )
     assert r.train.lr == 0.02 and r.model.dyhead.num_blocks == 0
     assert r.model.backbone.name == "resnet18" and r.data.min_sizes == [320, 352]
     with pytest.raises(DyheadError, match="unknown recipe key 'train.lrate'"):

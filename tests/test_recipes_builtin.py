@@ -1,4 +1,5 @@
 """Built-in recipes (shipped in the package), ``extends``, ``dyhead recipes``, ``--version``, Python 3.10."""
+
 from __future__ import annotations
 
 import os
@@ -87,15 +88,23 @@ def test_version():
 
 def test_import_dyhead_cli_alone_does_not_import_torch():
     code = "import sys, dyhead_cli; print(dyhead_cli.__version__, 'torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    ).stdout.split()
     assert out == [dyhead_cli.__version__, "False"]
 
 
 def python310() -> str | None:
     for candidate in (shutil.which("python3.10"), str(Path.home() / ".pyenv/versions/3.10.13/bin/python")):
         if candidate and Path(candidate).is_file():
-            probe = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 10))"], capture_output=True, text=True)
+            probe = subprocess.run(
+                [candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 10))"], capture_output=True, text=True
+            )
             if probe.returncode == 0 and probe.stdout.strip() == "True":
                 return candidate
     return None
@@ -112,13 +121,20 @@ def test_python_310_compiles_the_package_and_loads_recipes_through_tomli(tmp_pat
     assert compiled.returncode == 0, compiled.stdout + compiled.stderr  # no 3.11-only syntax anywhere
     shim = tmp_path / "shim"
     shim.mkdir()
-    (shim / "tomli.py").write_text("from pip._vendor.tomli import *  # noqa\nfrom pip._vendor.tomli import TOMLDecodeError, loads, load  # noqa\n")
+    (shim / "tomli.py").write_text(
+        "from pip._vendor.tomli import *  # noqa\nfrom pip._vendor.tomli import TOMLDecodeError, loads, load  # noqa\n"
+    )
     code = (
         "import sys, tomli, dyhead_cli; from dyhead_cli.recipe import load_recipe; "
         "assert 'tomllib' not in sys.modules; r = load_recipe('quickstart', ['train.lr=0.5']); "
         "print(dyhead_cli.__version__, r.name, r.train.lr)"
     )
-    result = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": f"{shim}{os.pathsep}{copy}", "PYTHONDONTWRITEBYTECODE": "1"})
+    result = subprocess.run(
+        [py, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": f"{shim}{os.pathsep}{copy}", "PYTHONDONTWRITEBYTECODE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [dyhead_cli.__version__, "quickstart", "0.5"]

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_train import write_tiny_recipe
 from safetensors import safe_open
 
 from dyhead_cli.engine.checkpoint import load_weights
 from dyhead_cli.engine.train import EpochSampler, lr_factor, train
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.recipe import TrainConfig, load_recipe
-
-from helpers_train import write_tiny_recipe
 
 DYHEAD = [sys.executable, "-m", "dyhead_cli.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -40,7 +39,9 @@ def test_train_writes_run_directory(tmp_path, data_root):
     torch.set_num_threads(1)
     metrics = train(recipe, tmp_path / "run")
     run = tmp_path / "run"
-    assert {"metrics.jsonl", "recipe.toml", "last.safetensors", "best.safetensors", "state.safetensors"} <= {p.name for p in run.iterdir()}
+    assert {"metrics.jsonl", "recipe.toml", "last.safetensors", "best.safetensors", "state.safetensors"} <= {
+        p.name for p in run.iterdir()
+    }
     assert not any(p.suffix in (".bin", ".pkl", ".pt", ".pth") for p in run.rglob("*"))
     train_rows = events(run, "train")
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
@@ -67,7 +68,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, data_root):
     assert sorted(reference) == list(range(1, 9))
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(DYHEAD + ["train", str(recipe), "--out", str(killed_dir)] + steps, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        DYHEAD + ["train", str(recipe), "--out", str(killed_dir)] + steps,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not any(e["step"] >= 3 for e in events(killed_dir, "checkpoint")):
         time.sleep(0.05)
@@ -97,7 +103,9 @@ def test_resume_without_checkpoint_is_clear(tmp_path, data_root):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path, data_root, monkeypatch):
-    recipe = load_recipe(write_tiny_recipe(tmp_path, data_root), ["train.max_steps=6", "train.checkpoint_every=2", "train.eval_every=0"])
+    recipe = load_recipe(
+        write_tiny_recipe(tmp_path, data_root), ["train.max_steps=6", "train.checkpoint_every=2", "train.eval_every=0"]
+    )
     import dyhead_cli.engine.train as engine
 
     real = engine.forward_losses
@@ -123,9 +131,28 @@ def test_two_processes_with_gloo_end_with_identical_weights(tmp_path, data_root)
     recipe = write_tiny_recipe(tmp_path, data_root)
     run_dir = tmp_path / "ddp"
     # torchrun starts the processes; Accelerate sees WORLD_SIZE=2 on CPU and sets up DDP over gloo
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dyhead_cli.cli",
-           "train", str(recipe), "--out", str(run_dir), "--set", "train.max_steps=3", "--set", "train.eval_every=0",
-           "--set", "train.checkpoint_every=0", "--set", "model.dyhead.num_blocks=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "dyhead_cli.cli",
+        "train",
+        str(recipe),
+        "--out",
+        str(run_dir),
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.checkpoint_every=0",
+        "--set",
+        "model.dyhead.num_blocks=1",
+    ]
     env = {**ENV, "DYHEAD_SAVE_EVERY_RANK": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,6 +1,7 @@
 """What a run shows and leaves behind: plain log lines off a terminal, metrics.csv, results.png, env.json,
 the evaluation plots, trackers, Accelerate's precision taking precedence, aspect-ratio batches and
 sharded evaluation (2 gloo processes give the AP of one)."""
+
 from __future__ import annotations
 
 import csv
@@ -40,15 +41,24 @@ def data_root(tmp_path_factory):
 def test_redirected_output_has_a_line_per_log_every_and_the_run_has_its_files(tmp_path, data_root):
     recipe = write_tiny_recipe(tmp_path, data_root)
     run = tmp_path / "run"
-    result = subprocess.run(DYHEAD + ["train", str(recipe), "--out", str(run)] + sets("train.max_steps=6", "train.log_every=2", "model.dyhead.num_blocks=0"),
-                            env=ENV, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        DYHEAD
+        + ["train", str(recipe), "--out", str(run)]
+        + sets("train.max_steps=6", "train.log_every=2", "model.dyhead.num_blocks=0"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     steps = [line for line in lines if line.startswith("step ")]
     assert [s.split()[1] for s in steps] == ["2/6", "4/6", "6/6"]
     pattern = r"step \d+/6  epoch 1/1  loss \d+\.\d{4} \(cls [\d.]+ box [\d.]+ centerness [\d.]+\)  lr \S+  [\d.]+ img/s  eta \d+s  mem \d+ MB"
     assert all(re.fullmatch(pattern, s) for s in steps), steps
-    assert any(line.startswith("eval: 6 images in ") for line in lines) and any(line.startswith("eval  epoch 1 step 6: AP ") for line in lines)
+    assert any(line.startswith("eval: 6 images in ") for line in lines) and any(
+        line.startswith("eval  epoch 1 step 6: AP ") for line in lines
+    )
     assert "\x1b[" not in result.stdout  # no terminal control codes in a log file
 
     rows = list(csv.DictReader((run / "metrics.csv").open()))
@@ -66,8 +76,25 @@ def test_accelerate_launch_bf16_trains_in_bf16_and_records_it(tmp_path, data_roo
     recipe = write_tiny_recipe(tmp_path, data_root)  # the recipe says mixed_precision = "no"
     run = tmp_path / "run"
     launcher = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
-    cmd = [launcher, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
-           "-m", "dyhead_cli.cli", "train", str(recipe), "--out", str(run)] + sets("train.max_steps=2", "train.eval_every=0", "model.dyhead.num_blocks=0")
+    cmd = [
+        launcher,
+        "launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "bf16",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "dyhead_cli.cli",
+        "train",
+        str(recipe),
+        "--out",
+        str(run),
+    ] + sets("train.max_steps=2", "train.eval_every=0", "model.dyhead.num_blocks=0")
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (start,) = events(run, "start")
@@ -80,7 +107,12 @@ def test_tensorboard_tracker_writes_events_and_a_missing_tracker_is_one_line(tmp
     pytest.importorskip("tensorboard")
     recipe = write_tiny_recipe(tmp_path, data_root)
     run = tmp_path / "run"
-    train_from_files(recipe, run, None, ['train.log_with=["tensorboard"]', "train.max_steps=2", "train.eval_every=0", "model.dyhead.num_blocks=0"])
+    train_from_files(
+        recipe,
+        run,
+        None,
+        ['train.log_with=["tensorboard"]', "train.max_steps=2", "train.eval_every=0", "model.dyhead.num_blocks=0"],
+    )
     assert list(run.rglob("events.out.tfevents.*"))
     missing = next((name for name in ("mlflow", "wandb") if __import__("importlib.util").util.find_spec(name) is None), None)
     if missing is None:
@@ -136,7 +168,17 @@ def test_two_process_evaluation_equals_one_process(tmp_path, run):
     outs = {}
     for n in (1, 2):
         out = tmp_path / f"eval{n}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), str(script), str(run["weights"]), str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(n),
+            str(script),
+            str(run["weights"]),
+            str(out),
+        ]
         result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=run["root"])
         assert result.returncode == 0, result.stderr[-3000:]
         outs[n] = json.loads(out.read_text())

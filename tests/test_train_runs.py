@@ -1,6 +1,7 @@
 """Run directories that can be trusted: what --out refuses, the lock, resume rules, fail-fast checks,
 consistent checkpoints around a non-finite step, skipped images, and one-line errors for failed writes.
 Each test makes its own inputs (a tiny synthetic data set, made once per module)."""
+
 from __future__ import annotations
 
 import errno
@@ -120,7 +121,9 @@ def test_resume_takes_the_runs_recipe_and_refuses_unsafe_changes(tmp_path, recip
 def test_resume_with_a_recipe_file_that_disagrees_names_the_key(tmp_path, recipe):
     run = tmp_path / "run"
     train_from_files(recipe, run, None, QUICK)
-    with pytest.raises(DyheadError, match=r"tiny.toml differs from the run's recipe.toml at model\.dyhead\.num_blocks \(0 -> 1\)"):
+    with pytest.raises(
+        DyheadError, match=r"tiny.toml differs from the run's recipe.toml at model\.dyhead\.num_blocks \(0 -> 1\)"
+    ):
         train_from_files(recipe, None, run, [])
 
 
@@ -139,8 +142,13 @@ def test_stale_temporary_files_are_removed_on_the_next_start(tmp_path, recipe):
 
 def test_unknown_backbone_fails_before_any_file_is_written(tmp_path):
     recipe = write_tiny_recipe(tmp_path, tmp_path / "fresh_data")
-    result = subprocess.run(DYHEAD + ["train", str(recipe), "--out", str(tmp_path / "run"), "--set", "model.backbone.name=resnet5O"],
-                            env=ENV, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        DYHEAD + ["train", str(recipe), "--out", str(tmp_path / "run"), "--set", "model.backbone.name=resnet5O"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "unknown timm model 'resnet5O'" in result.stderr and "resnet50" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]  # no data generated, no run folder
@@ -159,7 +167,9 @@ def test_missing_validation_image_is_found_before_the_first_step(tmp_path, data_
 
 def test_unwritable_output_is_one_line_before_any_work(tmp_path, recipe):
     # /sys refuses new files even to root: a read-only folder every Linux machine has
-    result = subprocess.run(DYHEAD + ["train", str(recipe), "--out", "/sys/dyhead-run"], env=ENV, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        DYHEAD + ["train", str(recipe), "--out", "/sys/dyhead-run"], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "cannot write to /sys" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
@@ -186,7 +196,14 @@ def test_non_finite_step_checkpoint_reproduces_it_and_a_lower_lr_goes_on(tmp_pat
 
     monkeypatch.setattr(engine, "forward_losses", overflowing)
     run = tmp_path / "run"
-    steps = ["train.max_steps=12", "train.eval_every=0", "train.checkpoint_every=1", "train.lr=0.5", "train.warmup_steps=0", "model.dyhead.num_blocks=0"]
+    steps = [
+        "train.max_steps=12",
+        "train.eval_every=0",
+        "train.checkpoint_every=1",
+        "train.lr=0.5",
+        "train.warmup_steps=0",
+        "model.dyhead.num_blocks=0",
+    ]
     with pytest.raises(DyheadError, match=r"became non-finite at step (\d+).*holds the state before it") as first:
         train_from_files(recipe, run, None, steps)
     failed = int(first.value.args[0].split("at step ")[1].split()[0])
@@ -227,7 +244,13 @@ def test_skipped_images_are_counted_per_epoch_even_a_batch_of_only_skipped_ones(
         def message(self, text: str) -> None:
             messages.append(text)
 
-    train_from_files(recipe, run, None, ["data.skip_corrupt=true", "train.epochs=1", "train.eval_every=0", "model.dyhead.num_blocks=0"], reporter=Collect())
+    train_from_files(
+        recipe,
+        run,
+        None,
+        ["data.skip_corrupt=true", "train.epochs=1", "train.eval_every=0", "model.dyhead.num_blocks=0"],
+        reporter=Collect(),
+    )
     (epoch,) = events(run, "epoch")
     assert epoch["skipped"] == 24 and epoch["epoch"] == 1
     assert any("24 unreadable training images skipped" in m for m in messages)
@@ -240,8 +263,15 @@ def test_unreadable_image_in_a_worker_is_one_clean_line(tmp_path, data_root):
     for image in (data / "train").iterdir():
         image.write_bytes(b"not an image")
     recipe = write_tiny_recipe(tmp_path, data)
-    result = subprocess.run(DYHEAD + ["train", str(recipe), "--out", str(tmp_path / "run"), "--set", "data.num_workers=1"] + sum((["--set", q] for q in QUICK), []),
-                            env=ENV, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        DYHEAD
+        + ["train", str(recipe), "--out", str(tmp_path / "run"), "--set", "data.num_workers=1"]
+        + sum((["--set", q] for q in QUICK), []),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: cannot read image ") and "dyhead_cli.errors" not in result.stderr
 
@@ -261,8 +291,15 @@ def test_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, recip
         return real(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(ckpt, "save_file", filling)
-    with pytest.raises(DyheadError, match=r"cannot write .*state.safetensors: No space left on device; the previous file is intact"):
-        train_from_files(recipe, run, None, ["train.max_steps=2", "train.checkpoint_every=1", "train.eval_every=0", "model.dyhead.num_blocks=0"])
+    with pytest.raises(
+        DyheadError, match=r"cannot write .*state.safetensors: No space left on device; the previous file is intact"
+    ):
+        train_from_files(
+            recipe,
+            run,
+            None,
+            ["train.max_steps=2", "train.checkpoint_every=1", "train.eval_every=0", "model.dyhead.num_blocks=0"],
+        )
     assert load_weights(run / "last.safetensors")[1]["step"] == 1
     assert not list(run.glob(".*.tmp-*"))
 
@@ -284,8 +321,9 @@ def test_preflight_builds_on_cpu_when_the_meta_device_cannot(monkeypatch):
         return real(cfg)
 
     monkeypatch.setattr(build, "build_model", build_model)
-    cfg = ModelConfig(num_classes=2, backbone=BackboneConfig(name="test_resnet"), fpn=FPNConfig(channels=32),
-                      dyhead=DyHeadConfig(num_blocks=1))
+    cfg = ModelConfig(
+        num_classes=2, backbone=BackboneConfig(name="test_resnet"), fpn=FPNConfig(channels=32), dyhead=DyHeadConfig(num_blocks=1)
+    )
     preflight.check_model(cfg)
     assert devices == ["meta", "cpu"]
     with pytest.raises(DyheadError, match="unknown|timm"):

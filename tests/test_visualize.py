@@ -1,4 +1,5 @@
 """dyhead visualize: boxes (predictions, ground truth, side by side) and the DyHead attention pictures."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,11 +11,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dyhead_cli.cli import app
-from dyhead_cli.models.build import build_model
-from dyhead_cli.recipe import BackboneConfig, DyHeadConfig, FPNConfig, ModelConfig
 from dyhead_cli.commands.visualize.attention import Prepared, sampling_points, trace_dyhead
 from dyhead_cli.commands.visualize.command import parse_level, parse_point
 from dyhead_cli.commands.visualize.drawing import heat_colours
+from dyhead_cli.models.build import build_model
+from dyhead_cli.recipe import BackboneConfig, DyHeadConfig, FPNConfig, ModelConfig
 
 runner = CliRunner()
 
@@ -43,8 +44,22 @@ def check_picture(path: Path, min_size: tuple[int, int] = (200, 150)) -> Image.I
 def test_predictions_and_ground_truth_side_by_side(run, tmp_path: Path) -> None:
     images = [run["val_images"] / "000001.jpg", run["val_images"] / "000002.jpg"]
     out = tmp_path / "vis"
-    result = invoke(["visualize", *images, "--weights", run["weights"], "--ann", run["val_ann"], "--out", out,
-                     "--score-thr", "0.05", "--size", "256"])
+    result = invoke(
+        [
+            "visualize",
+            *images,
+            "--weights",
+            run["weights"],
+            "--ann",
+            run["val_ann"],
+            "--out",
+            out,
+            "--score-thr",
+            "0.05",
+            "--size",
+            "256",
+        ]
+    )
     assert result.exit_code == 0, result.output
     for name in ("000001.png", "000002.png"):
         image = check_picture(out / name)
@@ -56,7 +71,9 @@ def test_predictions_and_ground_truth_side_by_side(run, tmp_path: Path) -> None:
 
 def test_ground_truth_only_and_predictions_file(run, tmp_path: Path) -> None:
     out = tmp_path / "gt"
-    result = invoke(["visualize", "--ann", run["val_ann"], "--images", run["val_images"], "--out", out, "--limit", "2", "--size", "200"])
+    result = invoke(
+        ["visualize", "--ann", run["val_ann"], "--images", run["val_images"], "--out", out, "--limit", "2", "--size", "200"]
+    )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000002.png"]
     check_picture(out / "000001.png", (200, 200))
@@ -78,8 +95,23 @@ def test_attention_pictures(run, tmp_path: Path) -> None:
     check_picture(out / "000004_scale_attention.png", (400, 100))
     check_picture(out / "000004_spatial_attention.png", (256, 256))
     check_picture(out / "000004_feature_activity.png", (300, 128))
-    result = invoke(["visualize", image, "--weights", run["weights"], "--attention", "--out", out / "p",
-                     "--point", "30,90", "--level", "P4", "--block", "1"])
+    result = invoke(
+        [
+            "visualize",
+            image,
+            "--weights",
+            run["weights"],
+            "--attention",
+            "--out",
+            out / "p",
+            "--point",
+            "30,90",
+            "--level",
+            "P4",
+            "--block",
+            "1",
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert len(list((out / "p").glob("*.png"))) == 3
 
@@ -104,8 +136,12 @@ def test_mistakes_are_one_line(run, tmp_path: Path, args: list[str], message: st
 
 def tiny_model(blocks: int = 2):
     torch.manual_seed(0)
-    cfg = ModelConfig(num_classes=3, backbone=BackboneConfig(name="test_resnet"), fpn=FPNConfig(channels=32),
-                      dyhead=DyHeadConfig(num_blocks=blocks))
+    cfg = ModelConfig(
+        num_classes=3,
+        backbone=BackboneConfig(name="test_resnet"),
+        fpn=FPNConfig(channels=32),
+        dyhead=DyHeadConfig(num_blocks=blocks),
+    )
     return build_model(cfg).eval()
 
 

@@ -5,6 +5,7 @@ markup in it is never interpreted and never breaks printing (``say``, ``note``, 
 objects; only our own constant labels are styled). File names that are not valid UTF-8 (Linux allows
 any bytes) are shown with their odd bytes as ``\\xNN`` instead of failing to encode.
 """
+
 from __future__ import annotations
 
 import typer

@@ -1,4 +1,5 @@
 """``dyhead convert SRC DST --from official|mmdet``: convert, then say what was mapped, dropped and noted."""
+
 from __future__ import annotations
 
 from pathlib import Path

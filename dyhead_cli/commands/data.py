@@ -1,4 +1,5 @@
 """``dyhead data synth`` and ``dyhead data check``: write the synthetic set, or report a data set's problems."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """``dyhead eval RECIPE --weights W [--json OUT] [--plots DIR] [--device D]``: the COCO table, per-class
 AP and AP50, precision/recall at the best-F1 threshold, a JSON file and analysis plots."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,11 @@ def print_metrics(metrics: dict[str, Any]) -> None:
     for name, value in metrics["per_class"].items():
         pr = f1.get("per_class", {}).get(name, {})
         per.add_row(
-            name, _num(value), _num(metrics.get("per_class_AP50", {}).get(name)),
-            f"{pr['precision']:.3f}" if pr else "-", f"{pr['recall']:.3f}" if pr else "-",
+            name,
+            _num(value),
+            _num(metrics.get("per_class_AP50", {}).get(name)),
+            f"{pr['precision']:.3f}" if pr else "-",
+            f"{pr['recall']:.3f}" if pr else "-",
         )
     if f1:
         per.add_row("all", _num(metrics["AP"]), _num(metrics["AP50"]), f"{f1['precision']:.3f}", f"{f1['recall']:.3f}")
@@ -59,4 +63,3 @@ def run(
     if plots is not None:
         say(f"wrote {Path(plots) / 'confusion_matrix.png'} and {Path(plots) / 'pr_curves.png'}")
     return metrics
-

@@ -1,4 +1,5 @@
 """``dyhead export WEIGHTS --format onnx|torch-export ...``: a status line while tracing, then one summary line."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,4 +28,6 @@ def run(
     shape = "dynamic batch and size" if dynamic else f"batch {batch}, {opts.size[0]}x{opts.size[1]}"
     opset_text = f", opset {summary.opset}" if summary.opset is not None else ""
     what = "detections" if opts.postprocess else "raw head outputs"
-    say(f"exported {weights} -> {summary.out} ({fmt}{opset_text}, {shape}, {what}: {', '.join(summary.outputs[:4])}{'...' if len(summary.outputs) > 4 else ''})")
+    say(
+        f"exported {weights} -> {summary.out} ({fmt}{opset_text}, {shape}, {what}: {', '.join(summary.outputs[:4])}{'...' if len(summary.outputs) > 4 else ''})"
+    )

@@ -2,6 +2,7 @@
 
 Exit code 1 when nothing could be predicted (every image unreadable); skipped files alone do not fail the run.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,8 +39,14 @@ def run(
 ) -> PredictSummary:
     check_outputs(paths, weights, out, recipe_path, images_dir)
     progress = Progress(
-        TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True,  # the summary line replaces it
+        TextColumn("[bold]predict"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[speed]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,  # the summary line replaces it
     )
     task = None
 
@@ -55,9 +62,28 @@ def run(
 
     with progress:
         summary = predict(
-            paths, weights, out, recipe_path, overrides, images_dir, device, batch_size, workers, score_thr, half, bf16,
-            on_start=on_start, on_batch=on_batch, on_skip=on_skip, vid_stride=vid_stride, save_dir=save_dir,
-            classes=classes, iou=iou, max_det=max_det, tile=tile, tile_overlap=tile_overlap,
+            paths,
+            weights,
+            out,
+            recipe_path,
+            overrides,
+            images_dir,
+            device,
+            batch_size,
+            workers,
+            score_thr,
+            half,
+            bf16,
+            on_start=on_start,
+            on_batch=on_batch,
+            on_skip=on_skip,
+            vid_stride=vid_stride,
+            save_dir=save_dir,
+            classes=classes,
+            iou=iou,
+            max_det=max_det,
+            tile=tile,
+            tile_overlap=tile_overlap,
         )
     notes = []
     if summary.num_skipped:

@@ -1,6 +1,7 @@
 """How a run looks on the console: a rich progress bar in a terminal, one plain line per ``log_every``
 steps (and per evaluation) when the output goes to a file or a pipe, flushed at once so ``tail -f`` and
 CI logs show it as it happens."""
+
 from __future__ import annotations
 
 import time
@@ -85,8 +86,14 @@ class BarReporter(Reporter):
 
     def __init__(self, label: str = "train") -> None:
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"), console=console, transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta {task.fields[eta]}"),
+            console=console,
+            transient=False,
         )
         self.label = label
         self.task = None
@@ -105,7 +112,8 @@ class BarReporter(Reporter):
     def step(self, step: int, info: dict[str, Any] | None) -> None:
         if info is not None:
             self.progress.update(
-                self.task, eta=duration(info["eta_s"]),
+                self.task,
+                eta=duration(info["eta_s"]),
                 info=f"epoch {info['epoch']}/{info['epochs']}  loss {info['loss']:.3f}  lr {info['lr']:.2e}  {info['images_per_s']:.1f} img/s  {info['memory_mb']:.0f} MB",
             )
         self.progress.update(self.task, completed=step)

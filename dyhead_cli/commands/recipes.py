@@ -3,6 +3,7 @@
 The listing is a table on stdout: name, then what the recipe's first comment line says (or its model).
 ``show`` prints the TOML text exactly as shipped (no markup, no wrapping), ready to redirect and edit.
 """
+
 from __future__ import annotations
 
 import sys
@@ -35,8 +36,9 @@ def list_recipes() -> list[str]:
     console.print(table)
     console.print(
         "run one: dyhead train NAME (e.g. dyhead train quickstart); edit one: dyhead recipes show NAME > my.toml "
-        "(or start my.toml with extends = \"NAME\" and override keys)",
-        markup=False, highlight=False,
+        '(or start my.toml with extends = "NAME" and override keys)',
+        markup=False,
+        highlight=False,
     )
     return names
 

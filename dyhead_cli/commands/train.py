@@ -1,5 +1,6 @@
 """``dyhead train [RECIPE] [--out DIR | --resume DIR] [--force] [--set k=v]``: a progress bar in a terminal,
 plain log lines otherwise (see ``commands.progress``)."""
+
 from __future__ import annotations
 
 from pathlib import Path

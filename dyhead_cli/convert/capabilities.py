@@ -19,6 +19,7 @@ detectron2 (``modeling/backbone/resnet.py``, ``fpn.py``, ``meta_arch/retinanet.p
 (``backbones/resnet.py``, ``backbones/swin.py``, ``necks/fpn.py``, ``necks/dyhead.py``,
 ``dense_heads/atss_head.py``, ``configs/dyhead/*``).
 """
+
 from __future__ import annotations
 
 import re
@@ -26,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
-
 
 # detectron2's thing_dataset_id_to_contiguous_id and MMDetection's CocoDataset.CLASSES agree.
 COCO_CLASSES = (
@@ -45,7 +45,12 @@ CAFFE_BGR = ("BGR", [103.530, 116.280, 123.675], [1.0, 1.0, 1.0])  # MSRA / dete
 IMAGENET_RGB = ("RGB", [123.675, 116.28, 103.53], [58.395, 57.12, 57.375])  # torchvision ResNets, Swin
 
 RESNET_DEPTHS = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
-SWIN_SIZES = {(96, (2, 2, 6, 2)): "tiny", (96, (2, 2, 18, 2)): "small", (128, (2, 2, 18, 2)): "base", (192, (2, 2, 18, 2)): "large"}
+SWIN_SIZES = {
+    (96, (2, 2, 6, 2)): "tiny",
+    (96, (2, 2, 18, 2)): "small",
+    (128, (2, 2, 18, 2)): "base",
+    (192, (2, 2, 18, 2)): "large",
+}
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,8 @@ OURS = {
     "fpn.p7_relu": True,
     "head_options.tower_norm": "gn",
 }
+
+
 @dataclass
 class Gap:
     key: str
@@ -213,7 +220,6 @@ def list_keys(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-
 # ---------------------------------------------------------------------------------------------------
 # the model section
 
@@ -237,7 +243,11 @@ def default_model_section(ref: ReferenceModel) -> dict[str, Any]:
     model["fpn"].update(channels=ref.fpn_channels, extra_from=ref.extra_from)
     model["dyhead"].update(num_blocks=ref.num_blocks, offset_mode=ref.offset_mode, zero_init_offset=ref.zero_init_offset)
     model["head_options"].update(
-        num_convs=ref.num_convs, nms_thresh=ref.nms_thresh, score_thresh=0.05, pre_nms_top_n=1000, detections_per_img=100,
+        num_convs=ref.num_convs,
+        nms_thresh=ref.nms_thresh,
+        score_thresh=0.05,
+        pre_nms_top_n=1000,
+        detections_per_img=100,
         postprocess=REFERENCE_SETTINGS[ref.source]["postprocess"],
     )
     if ref.head == "faster_rcnn":
@@ -279,5 +289,3 @@ def find_gaps(ref: ReferenceModel, model: dict[str, Any], set_fields: bool = Tru
         elif wanted != ours_now[key]:
             gaps.append(Gap(key, wanted, ours_now[key], cap.what, cap.approximable))
     return gaps
-
-

@@ -1,4 +1,5 @@
 """The whole conversion (``convert_state_dict``) and ``dyhead convert``'s file I/O (``convert_checkpoint``)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,9 +59,7 @@ def convert_state_dict(
             model["class_names"] = list(ref.class_names)
     hard = [g for g in gaps if not g.approximable]
     if hard:
-        raise DyheadError(
-            "cannot convert: " + "; ".join(g.describe() for g in hard) + " - our model has no such option yet"
-        )
+        raise DyheadError("cannot convert: " + "; ".join(g.describe() for g in hard) + " - our model has no such option yet")
     model_cfg = from_dict(ModelConfig, model, "model.")
     with torch.device("meta"):  # names and shapes only: no memory, no random init
         target = build_model(model_cfg).state_dict()
@@ -114,8 +113,8 @@ def convert_checkpoint(
     Output rules (``engine.paths``), checked before anything is read: neither output may be ``src`` or the
     ``--recipe`` file, they may not be one file, and an existing one is replaced only with ``force``.
     """
-    from dyhead_cli.engine.checkpoint import load_model_weights, save_weights
     from dyhead_cli.engine import recipes
+    from dyhead_cli.engine.checkpoint import load_model_weights, save_weights
     from dyhead_cli.engine.inference import build_for_weights
     from dyhead_cli.engine.paths import check_distinct, check_output_file, write_text_atomic, writing
     from dyhead_cli.recipe import Recipe, dump_toml, load_recipe, recipe_from_dict, to_dict
@@ -127,8 +126,13 @@ def convert_checkpoint(
     inputs = [("source checkpoint SRC", src), ("--recipe", recipe_path)]
     check_distinct({"DST": dst, "the recipe TOML": toml_path})
     check_output_file(dst, "DST", inputs, force=force, force_flag="--force")
-    check_output_file(toml_path, "--recipe-out" if recipe_out is not None else "the recipe TOML (DST with .toml)",
-                      inputs, force=force, force_flag="--force")
+    check_output_file(
+        toml_path,
+        "--recipe-out" if recipe_out is not None else "the recipe TOML (DST with .toml)",
+        inputs,
+        force=force,
+        force_flag="--force",
+    )
     state, info = read_reference_checkpoint(src)
     if recipe_path is not None:
         recipe = to_dict(load_recipe(recipe_path))
@@ -148,9 +152,13 @@ def convert_checkpoint(
     settings = REFERENCE_SETTINGS[source]
     if recipe_path is not None:
         if recipe["model"]["head_options"].get("postprocess") != settings["postprocess"]:
-            conv.notes.append(f"head_options.postprocess = {settings['postprocess']!r}, as the reference (was {recipe['model']['head_options'].get('postprocess')!r})")
+            conv.notes.append(
+                f"head_options.postprocess = {settings['postprocess']!r}, as the reference (was {recipe['model']['head_options'].get('postprocess')!r})"
+            )
         if recipe["data"]["size_divisibility"] != settings["size_divisibility"]:
-            conv.notes.append(f"data.size_divisibility = {settings['size_divisibility']}, as the reference (was {recipe['data']['size_divisibility']})")
+            conv.notes.append(
+                f"data.size_divisibility = {settings['size_divisibility']}, as the reference (was {recipe['data']['size_divisibility']})"
+            )
     recipe["model"]["head_options"]["postprocess"] = settings["postprocess"]
     recipe["data"]["size_divisibility"] = settings["size_divisibility"]
     recipe = to_dict(recipes.from_dict(recipe, list(overrides or [])))
@@ -177,7 +185,7 @@ def convert_checkpoint(
     write_text_atomic(
         toml_path,
         f"# written by: dyhead convert {one_line(src.name)} {one_line(dst.name)} --from {source}\n"
-        f"# evaluate with: dyhead eval {one_line(toml_path.name)} --weights {one_line(dst.name)}\n" + dump_toml(recipe)
+        f"# evaluate with: dyhead eval {one_line(toml_path.name)} --weights {one_line(dst.name)}\n" + dump_toml(recipe),
     )
     return ConvertSummary(
         dst=dst,

@@ -10,6 +10,7 @@ only extra types allowed in), plain pickles (detectron2's ``.pkl``: a dict of Nu
 unpickler that resolves nothing but NumPy's array/dtype/scalar reconstructors. Anything else is refused
 with a one-line message saying how to re-save the weights.
 """
+
 from __future__ import annotations
 
 import re
@@ -96,9 +97,11 @@ def convert_dyhead(state_dict: dict[str, Tensor], source: str) -> dict[str, Tens
     if not out:
         raise DyheadError(f"convert_dyhead: no '{tower}.<i>.' keys found in the {source} state dict")
     if source == "mmdet":
-        for key in [k for k in out if k.endswith("spatial_mid.weight") or k.endswith("spatial_low.weight") or k.endswith("spatial_high.weight")]:
+        for key in [
+            k
+            for k in out
+            if k.endswith("spatial_mid.weight") or k.endswith("spatial_low.weight") or k.endswith("spatial_high.weight")
+        ]:
             bias_key = key[: -len("weight")] + "bias"
             out.setdefault(bias_key, torch.zeros(out[key].shape[0], dtype=out[key].dtype))
     return out
-
-

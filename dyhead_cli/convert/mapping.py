@@ -4,6 +4,7 @@ Backbone ``backbone.body.*`` = timm's own names, FPN ``fpn.fpn.*`` = torchvision
 through ``convert_dyhead``, head ``head.*``. An unmapped key, a missing one or a shape mismatch is a
 ``DyheadError`` that lists the keys.
 """
+
 from __future__ import annotations
 
 import re
@@ -125,13 +126,16 @@ def _map_swin(mp: _Mapping, source: str, out_norms: bool) -> None:
         sub_block = {}
     else:
         prefix = "backbone."
-        renames = [(r"^patch_embed\.projection\.", "patch_embed.proj."), (r"^patch_embed\.norm\.", "patch_embed.norm."),
-                   (r"^stages\.(\d+)\.blocks\.", r"layers.\1.blocks.")]
+        renames = [
+            (r"^patch_embed\.projection\.", "patch_embed.proj."),
+            (r"^patch_embed\.norm\.", "patch_embed.norm."),
+            (r"^stages\.(\d+)\.blocks\.", r"layers.\1.blocks."),
+        ]
         sub_block = {"attn.w_msa.": "attn.", "ffn.layers.0.0.": "mlp.fc1.", "ffn.layers.1.": "mlp.fc2."}
     for key in list(state):
         if not key.startswith(prefix):
             continue
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         if rest.endswith(("relative_position_index", "attn_mask")):
             mp.drop(key, "Swin relative-position index / attention-mask buffers (timm rebuilds them)")
             continue
@@ -268,10 +272,15 @@ def _map_head(mp: _Mapping, ref: ReferenceModel) -> None:
 def _map_rcnn_head(mp: _Mapping) -> None:
     """detectron2's RPN and RoI heads -> ours: the same modules under other names (our class order is
     detectron2's, background last, and our deltas are class-major like its ``bbox_pred``: nothing to permute)."""
-    renames = {"proposal_generator.rpn_head.": "head.rpn.", "roi_heads.box_head.": "head.box_head.",
-               "roi_heads.box_predictor.": "head.box_predictor."}
-    pattern = re.compile(r"^(proposal_generator\.rpn_head\.|roi_heads\.box_head\.|roi_heads\.box_predictor\.)"
-                         r"(conv|objectness_logits|anchor_deltas|fc1|fc2|cls_score|bbox_pred)\.(weight|bias)$")
+    renames = {
+        "proposal_generator.rpn_head.": "head.rpn.",
+        "roi_heads.box_head.": "head.box_head.",
+        "roi_heads.box_predictor.": "head.box_predictor.",
+    }
+    pattern = re.compile(
+        r"^(proposal_generator\.rpn_head\.|roi_heads\.box_head\.|roi_heads\.box_predictor\.)"
+        r"(conv|objectness_logits|anchor_deltas|fc1|fc2|cls_score|bbox_pred)\.(weight|bias)$"
+    )
     for key in list(mp.state):
         m = pattern.match(key)
         if m:
@@ -331,5 +340,3 @@ def check_complete(mp: _Mapping, target: dict[str, Tensor]) -> None:
         problems.append(f"mapped onto keys our model does not have: {list_keys(unexpected)}")
     if problems:
         raise DyheadError("conversion incomplete: " + "; ".join(problems))
-
-

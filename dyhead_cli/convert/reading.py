@@ -5,6 +5,7 @@ allowed in), plain pickles (detectron2's ``.pkl``: a dict of NumPy arrays) throu
 resolves nothing but NumPy's array/dtype/scalar reconstructors. Anything else is refused with a one-line
 message saying how to re-save the weights.
 """
+
 from __future__ import annotations
 
 import io
@@ -18,7 +19,6 @@ import torch
 from torch import Tensor
 
 from dyhead_cli.errors import DyheadError
-
 
 # Top-level entries that hold the weights, in the order they are looked for:
 # MMDetection {"meta", "state_dict", "optimizer"}, detectron2 {"model", "optimizer", "scheduler", "iteration"},
@@ -170,7 +170,7 @@ def unwrap_weights(obj: Any, path: Path | str = "checkpoint") -> tuple[dict[str,
     if not state:
         raise DyheadError(f"{path} holds no tensors under {' / '.join(WEIGHT_CONTAINERS)} or at its top level")
     if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     info["not_tensors"] = sorted(not_tensors)
     return state, info
 

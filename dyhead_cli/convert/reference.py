@@ -1,5 +1,6 @@
 """What a reference checkpoint was trained with, read from its keys, shapes and meta: backbone, FPN,
 DyHead (blocks, channels, offset mode), head, classes, pixel statistics."""
+
 from __future__ import annotations
 
 import math
@@ -68,7 +69,9 @@ def _resnet_name(blocks: list[int], bottleneck: bool, groups: int, width: int) -
     if depth == 50 and not bottleneck:
         depth = 34
     if depth is None:
-        raise DyheadError(f"a ResNet with {blocks} blocks per stage has no timm equivalent; pass --recipe with the right backbone")
+        raise DyheadError(
+            f"a ResNet with {blocks} blocks per stage has no timm equivalent; pass --recipe with the right backbone"
+        )
     name = f"resnet{depth}" if groups == 1 else f"resnext{depth}_{groups}x{width // groups}d"
     if not timm.is_model(name):
         raise DyheadError(f"the checkpoint's backbone would be timm's '{name}', which timm does not have; pass --recipe")
@@ -155,7 +158,9 @@ def _read_head(state: dict[str, Tensor], source: str, config: str, requires: dic
         nms = float(iou.group(1))
     stds, means = config_floats(config, "target_stds"), config_floats(config, "target_means")
     if (stds and stds != [0.1, 0.1, 0.2, 0.2]) or (means and any(means)):
-        raise DyheadError(f"box coder means {means} / stds {stds}: ours decodes with weights (10, 10, 5, 5), i.e. stds (0.1, 0.1, 0.2, 0.2)")
+        raise DyheadError(
+            f"box coder means {means} / stds {stds}: ours decodes with weights (10, 10, 5, 5), i.e. stds (0.1, 0.1, 0.2, 0.2)"
+        )
     scales_per_octave = config_value(config, "scales_per_octave")
     if scales_per_octave not in (None, "1"):
         raise DyheadError(f"scales_per_octave={scales_per_octave}: ours has one anchor per location")
@@ -185,7 +190,9 @@ def _read_rcnn_head(state: dict[str, Tensor]) -> _Head:
     num_classes = int(state["roi_heads.box_predictor.cls_score.weight"].shape[0]) - 1
     box_rows = int(state["roi_heads.box_predictor.bbox_pred.weight"].shape[0])
     if box_rows != 4 * num_classes:
-        raise DyheadError(f"box regression has {box_rows} outputs for {num_classes} classes: only class-specific (4 x K) converts")
+        raise DyheadError(
+            f"box regression has {box_rows} outputs for {num_classes} classes: only class-specific (4 x K) converts"
+        )
     return _Head("faster_rcnn", num_classes, 0, 0.5, fc_dim=int(state["roi_heads.box_head.fc1.weight"].shape[0]))
 
 
@@ -339,7 +346,9 @@ def describe_reference(
     backbone = _read_backbone(state, source, config, resnet_style, requires, notes)
     fpn_channels, extra_from, fpn_levels = _read_fpn(state, source, config, requires)
     if (head.kind == "faster_rcnn") != (fpn_levels[0] == 2):
-        raise DyheadError(f"a {head.kind} head on a P{fpn_levels[0]}-P{fpn_levels[-1]} pyramid: ours pairs Faster R-CNN with P2-P6 only")
+        raise DyheadError(
+            f"a {head.kind} head on a P{fpn_levels[0]}-P{fpn_levels[-1]} pyramid: ours pairs Faster R-CNN with P2-P6 only"
+        )
     if fpn_channels != dy_channels:
         raise DyheadError(f"FPN channels {fpn_channels} differ from DyHead channels {dy_channels}; ours share one width")
     fmt, mean, std = backbone.input
@@ -382,5 +391,3 @@ def describe_reference(
         class_names=_read_class_names(meta, head.num_classes, notes),
         notes=notes,
     )
-
-

@@ -8,6 +8,7 @@ the first problem (one line: file, ``list[index].field``, what is wrong); ``data
 Optional fields COCO evaluation reads are filled in when absent (``iscrowd`` = 0, ``area`` = box area),
 in memory only: the file is never written.
 """
+
 from __future__ import annotations
 
 import json
@@ -161,20 +162,26 @@ def _between_records(data: dict[str, Any], bad: set[tuple[str, int]]) -> Iterato
         for i, r in good(section):
             types.setdefault(type(r["id"]), i)
             if r["id"] in seen:
-                yield Problem(section, i, f"{section}[{i}].id {shown(r['id'])} is a duplicate ({section}[{seen[r['id']]}] has it too)")
+                yield Problem(
+                    section, i, f"{section}[{i}].id {shown(r['id'])} is a duplicate ({section}[{seen[r['id']]}] has it too)"
+                )
             else:
                 seen[r["id"]] = i
         if len(types) > 1:
             (t1, i1), (t2, i2) = list(types.items())[:2]
             yield Problem(
-                section, i2, f"{section} ids mix {t1.__name__} and {t2.__name__} ({section}[{i1}].id and {section}[{i2}].id): use one type"
+                section,
+                i2,
+                f"{section} ids mix {t1.__name__} and {t2.__name__} ({section}[{i1}].id and {section}[{i2}].id): use one type",
             )
         ids[section] = seen
     for i, r in good("annotations"):
         for name, target in (("image_id", "images"), ("category_id", "categories")):
             if r[name] not in ids[target]:
                 kind = target[:-1].replace("categorie", "category")
-                yield Problem("annotations", i, f"annotations[{i}].{name}: unknown {kind} id {shown(r[name])} (not among the {target})")
+                yield Problem(
+                    "annotations", i, f"annotations[{i}].{name}: unknown {kind} id {shown(r[name])} (not among the {target})"
+                )
 
 
 def check_results(rows: Any, path: Path) -> list[dict[str, Any]]:

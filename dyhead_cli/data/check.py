@@ -5,6 +5,7 @@ one linear pass over images and annotations, and opens every image file (decodin
 JPEG only fails when its pixels are read). Sizes are compared with the image as displayed, i.e. after
 its EXIF orientation, because that is how the loader reads it and how COCO tools annotate.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -66,7 +67,9 @@ def check_dataset(ann_file: str | Path, images_dir: str | Path) -> CheckReport:
         what = "is a file, not a folder" if images_dir.exists() else "not found"
         report.errors.append(f"image folder {what}: {images_dir} (no image could be checked)")
         images_dir = None
-    good = {key: [(i, r) for i, r in enumerate(data[key]) if (key, i) not in bad] for key in ("images", "annotations", "categories")}
+    good = {
+        key: [(i, r) for i, r in enumerate(data[key]) if (key, i) not in bad] for key in ("images", "annotations", "categories")
+    }
     cat_ids = _check_categories(good["categories"], report)
     image_sizes = _check_images(good["images"], images_dir, report)
     if not data["images"]:
@@ -197,4 +200,3 @@ def _check_box(bbox: Any, where: str, image: tuple[str, int, int] | None, report
     t = BOX_TOLERANCE
     if x < -t or y < -t or x + w > width + t or y + h > height + t:
         report.errors.append(f"{where} box {bbox!r} lies outside its {width}x{height} image {name}")
-

@@ -5,6 +5,7 @@ Category ids in COCO files have gaps (COCO itself uses 1..90 for 80 classes); th
 missing or corrupt images) is a ``DyheadError`` that names the file, because that is what the user
 has to go and fix.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,6 +25,7 @@ from dyhead_cli.data.images import load_rgb
 from dyhead_cli.data.synthetic import ensure_synthetic
 from dyhead_cli.data.transforms import MIN_BOX_SIDE, test_transform, train_transform
 from dyhead_cli.errors import DyheadError
+
 
 class CocoDetection(Dataset):
     """Images and boxes of a COCO detection file.
@@ -81,10 +83,7 @@ class CocoDetection(Dataset):
                 continue
             boxes[ann["image_id"]].append([x, y, x + w, y + h])
             labels[ann["image_id"]].append(self.label_of_cat[ann["category_id"]])
-        return {
-            i: (np.asarray(boxes[i], np.float32).reshape(-1, 4), np.asarray(labels[i], np.int64))
-            for i in boxes
-        }
+        return {i: (np.asarray(boxes[i], np.float32).reshape(-1, 4), np.asarray(labels[i], np.int64)) for i in boxes}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -146,5 +145,3 @@ def build_dataset(cfg: Any, split: str, seed: int = 0) -> CocoDetection:
         return dataset
     transform = test_transform(cfg.test_min_size, cfg.max_size)
     return CocoDetection(cfg.val_images, cfg.val_ann, transform, cfg.skip_corrupt)
-
-

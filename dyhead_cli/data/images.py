@@ -15,6 +15,7 @@ Annotation files: an image's ``file_name`` is looked up under ``images_dir`` whe
 recipe's ``data.val_images`` (or ``train_images``) when the file is the recipe's ``data.val_ann`` (or
 ``train_ann``); else under the annotation file's own folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,6 +41,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Open an image as displayed (EXIF orientation applied) in RGB; a ``DyheadError`` naming it otherwise."""
     path = Path(path)
@@ -52,6 +54,7 @@ def load_rgb(path: str | Path) -> Image.Image:
             return _to_rgb(im)
     except IMAGE_ERRORS as e:
         raise DyheadError(f"cannot read image {path}: {e}") from None
+
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB; transparency is composited on white, 16/32-bit greys are scaled to 0..255."""
@@ -93,8 +96,10 @@ class ImageList:
     ignored: list[str] = field(default_factory=list)  # "name: why" for named files that are no image or video
     video_fps: dict[Path, float] = field(default_factory=dict)  # per video: its frame rate
 
+
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
+
 
 def find_images(folder: Path, seen: set[str] | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
     """Files under ``folder`` with one of ``extensions`` (recursive, case-insensitive), sorted; hidden files
@@ -125,6 +130,7 @@ def find_images(folder: Path, seen: set[str] | None = None, extensions: Sequence
                 seen.add(target)
                 found.append(path)
     return sorted(found)
+
 
 def collect_images(
     paths: Sequence[Path], images_dir: Path | None = None, recipe: Recipe | None = None, vid_stride: int = 1
@@ -199,7 +205,7 @@ def number_images(names: Sequence[tuple[str, int | None]]) -> tuple[list[int], s
 
 
 def media_kind(path: Path) -> str | None:
-    """"image" or "video" for a named file: by extension, else by what PIL / OpenCV can open; None: neither."""
+    """ "image" or "video" for a named file: by extension, else by what PIL / OpenCV can open; None: neither."""
     if is_image_file(path):
         return "image"
     if is_video_file(path):
@@ -214,6 +220,7 @@ def media_kind(path: Path) -> str | None:
 
 def absolute(path: Path) -> Path:
     return Path(os.path.abspath(path))
+
 
 def images_from_annotations(
     ann_file: Path, images_dir: Path | None, recipe: Recipe | None = None, data: dict[str, Any] | None = None
@@ -236,6 +243,7 @@ def images_from_annotations(
     cats = sorted(({"id": c["id"], "name": str(c.get("name", c["id"]))} for c in data["categories"]), key=lambda c: c["id"])
     return ImageList(entries, root=absolute(images_dir), ann_file=ann_file, ann_categories=cats, id_rule="annotation file")
 
+
 def default_images_dir(ann_file: Path, recipe: Recipe | None = None) -> Path:
     """The recipe's image folder when ``ann_file`` is one of its annotation files, else the file's folder."""
     if recipe is not None:
@@ -245,11 +253,13 @@ def default_images_dir(ann_file: Path, recipe: Recipe | None = None) -> Path:
                 return Path(images)
     return ann_file.parent
 
+
 def same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
 
 class ImageFiles(Dataset):
     """The images of an ``ImageList`` through the recipe's test transform.

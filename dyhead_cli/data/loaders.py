@@ -3,6 +3,7 @@
 All of them yield ``collate`` batches: a zero-padded (B, 3, Hp, Wp) float batch of 0..255 pixels plus each
 image's real size; the detector normalises and zeroes the padding itself.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
@@ -77,8 +78,16 @@ class EpochSampler(Sampler[list[int]]):
     """
 
     def __init__(
-        self, size: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0,
-        multiple: int = 1, groups: Sequence[int] | None = None,
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world: int = 1,
+        skip: int = 0,
+        multiple: int = 1,
+        groups: Sequence[int] | None = None,
     ) -> None:
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(size, generator=g).tolist()
@@ -197,7 +206,9 @@ class ShardBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
-def val_loader(recipe: Recipe, rank: int = 0, world: int = 1, dataset: CocoDetection | None = None) -> tuple[DataLoader, CocoDetection]:
+def val_loader(
+    recipe: Recipe, rank: int = 0, world: int = 1, dataset: CocoDetection | None = None
+) -> tuple[DataLoader, CocoDetection]:
     """The validation set of ``recipe`` in ``eval.batch_size`` batches, in order (this process's share)."""
     dataset = dataset if dataset is not None else build_dataset(recipe.data, "val")
     loader = DataLoader(

@@ -8,6 +8,7 @@ backgrounds, partial occlusions, boxes cut by the image border, and non-contiguo
 (1, 3, 7, 10) so the label mapping is tested. Everything follows from the seed: the same seed gives
 byte-identical JSON and images.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -63,7 +64,9 @@ def make_synthetic_coco(
         if not 0 <= count <= MAX_SYNTHETIC_IMAGES:
             raise DyheadError(f"the number of synthetic {what} images must be within 0..{MAX_SYNTHETIC_IMAGES}, got {count}")
     if not 32 <= image_size <= MAX_SYNTHETIC_SIZE:
-        raise DyheadError(f"synthetic image size must be within 32..{MAX_SYNTHETIC_SIZE} px (larger ones exhaust memory), got {image_size}")
+        raise DyheadError(
+            f"synthetic image size must be within 32..{MAX_SYNTHETIC_SIZE} px (larger ones exhaust memory), got {image_size}"
+        )
     if seed < 0:
         raise DyheadError(f"the seed must be >= 0, got {seed}")
     root = Path(out_dir)

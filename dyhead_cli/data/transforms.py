@@ -8,6 +8,7 @@ boxes that become degenerate are dropped with their labels.
 A pipeline is called as ``t(image=HxWx3 uint8, bboxes=(N, 4) float, labels=(N,) int)`` and returns a
 dict with the same keys.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

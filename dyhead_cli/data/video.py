@@ -5,6 +5,7 @@ their own (``ImageEntry.frame``), named ``clip.mp4#frame=000012`` in result file
 open per process and read forward, so a DataLoader worker that gets consecutive batches of one video
 decodes it once; a jump backwards reopens the file.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

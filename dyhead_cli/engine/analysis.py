@@ -6,6 +6,7 @@ Precision/recall and the curves come from COCOeval's own matching (``evalImgs``)
 matches across classes, which COCOeval never makes (it matches within a category), so it matches
 boxes itself: class-agnostic, greedy by IoU, one detection per ground-truth box.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -52,7 +53,11 @@ def matches_at_iou50(evaluator) -> dict[int, tuple[np.ndarray, np.ndarray, int]]
             scores.append(np.asarray(e["dtScores"])[keep])
             matched.append(np.asarray(e["dtMatches"][0])[keep] > 0)
             num_gt += int((~np.asarray(e["gtIgnore"], dtype=bool)).sum())
-        out[cat_id] = (np.concatenate(scores) if scores else np.zeros(0), np.concatenate(matched) if matched else np.zeros(0, bool), num_gt)
+        out[cat_id] = (
+            np.concatenate(scores) if scores else np.zeros(0),
+            np.concatenate(matched) if matched else np.zeros(0, bool),
+            num_gt,
+        )
     return out
 
 

@@ -5,6 +5,7 @@ model in its metadata: the resolved recipe as JSON (model config, class names, o
 training state (``state.safetensors``: optimizer tensors, EMA, RNG) stores its non-tensor parts as JSON
 metadata too, so nothing we write is a pickle.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,9 @@ def atomic_save(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str
         os.replace(tmp, path)
     except OSError as e:
         _discard(tmp)
-        raise DyheadError(f"cannot write {path}: {e.strerror or e}" + ("; the previous file is intact" if path.exists() else "")) from None
+        raise DyheadError(
+            f"cannot write {path}: {e.strerror or e}" + ("; the previous file is intact" if path.exists() else "")
+        ) from None
     except SafetensorError as e:
         _discard(tmp)
         raise DyheadError(f"cannot write {path}: {e}" + ("; the previous file is intact" if path.exists() else "")) from None
@@ -194,5 +197,5 @@ def load_train_state(path: str | Path, optimizer: torch.optim.Optimizer) -> tupl
         state.setdefault(int(index), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(raw["param_groups"])})
     set_rng_state(tensors, json.loads(raw["rng"]))
-    ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+    ema = {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")}
     return json.loads(raw["counters"]), ema

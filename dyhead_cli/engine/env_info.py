@@ -1,5 +1,6 @@
 """``env.json``: what a run was made with (package versions, CUDA, GPUs, command line, git commit, the
 precision and device actually used), so that a result can be traced and repeated."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,12 @@ def git_commit(folder: Path) -> dict[str, Any] | None:
         commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return None
-        status = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return None

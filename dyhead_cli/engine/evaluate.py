@@ -3,6 +3,7 @@ and recall at the best-F1 threshold (``engine.analysis``), on one process or sha
 
 AP values are reported in percent, as papers do.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,7 +30,9 @@ from dyhead_cli.errors import DyheadError
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
-def coco_evaluate(coco_gt: COCO, results: list[dict], image_ids: list[int] | None = None, verbose: bool = False) -> dict[str, Any]:
+def coco_evaluate(
+    coco_gt: COCO, results: list[dict], image_ids: list[int] | None = None, verbose: bool = False
+) -> dict[str, Any]:
     """COCOeval on ``results``: AP..ARl in percent, ``stats`` (12 numbers), ``per_class`` AP,
     ``per_class_AP50``, ``best_f1`` (threshold, precision, recall) and ``pr`` (curves for plotting)."""
     cats = coco_gt.loadCats(sorted(coco_gt.getCatIds()))
@@ -37,7 +40,9 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], image_ids: list[int] | Non
     if not results:
         zero = {n: 0.0 for n in names}
         return {name: 0.0 for name in STAT_NAMES} | {
-            "per_class": dict(zero), "per_class_AP50": dict(zero), "stats": [0.0] * 12,
+            "per_class": dict(zero),
+            "per_class_AP50": dict(zero),
+            "stats": [0.0] * 12,
             "best_f1": {"score_thr": 0.0, "f1": 0.0, "precision": 0.0, "recall": 0.0, "per_class": {}},
             "pr": {"recall": np.linspace(0, 1, 101), "precision": {}},
         }
@@ -127,16 +132,20 @@ def predict_shard(model, dataset, recipe, device, rank: int = 0, world: int = 1,
 
 
 def evaluate_checkpoint(
-    recipe_path: Path, weights: Path, overrides: list[str], device: str = "auto", reporter: Reporter | None = None,
+    recipe_path: Path,
+    weights: Path,
+    overrides: list[str],
+    device: str = "auto",
+    reporter: Reporter | None = None,
     plots_dir: Path | None = None,
 ) -> dict[str, Any]:
     """``dyhead eval``'s engine: the checkpoint ``weights`` on the validation set of ``recipe_path``.
     With ``plots_dir`` the confusion matrix and PR curves are written there."""
     from dyhead_cli.data.coco import build_dataset
+    from dyhead_cli.engine import recipes
     from dyhead_cli.engine.checkpoint import load_model_weights, load_weights
     from dyhead_cli.engine.inference import choose_device
     from dyhead_cli.models.build import build_model
-    from dyhead_cli.engine import recipes
 
     recipe = recipes.load(recipe_path, overrides)
     dev = choose_device(device)

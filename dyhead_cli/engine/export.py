@@ -18,6 +18,7 @@ image size are symbolic (H, W >= 256: torch.export assumes no level is 1 pixel w
 example's. The checkpoint's class names, category ids and recipe travel in the file's metadata
 (``metadata_props`` of the ONNX model; ``dyhead.json`` inside the .pt2).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -90,9 +91,13 @@ class ExportOptions:
         if self.batch < 1:
             raise DyheadError(f"--batch must be at least 1, got {self.batch}")
         if self.dynamic and min(self.size) < MIN_DYNAMIC_SIZE:
-            raise DyheadError(f"--size {self.size[0]}x{self.size[1]}: with --dynamic both sides must be at least {MIN_DYNAMIC_SIZE}")
+            raise DyheadError(
+                f"--size {self.size[0]}x{self.size[1]}: with --dynamic both sides must be at least {MIN_DYNAMIC_SIZE}"
+            )
         if self.format == "onnx" and self.opset < MIN_OPSET:
-            raise DyheadError(f"--opset must be {MIN_OPSET} or later (GridSample needs 16, LayerNorm-era ops 17), got {self.opset}")
+            raise DyheadError(
+                f"--opset must be {MIN_OPSET} or later (GridSample needs 16, LayerNorm-era ops 17), got {self.opset}"
+            )
 
 
 def zero_padding_mask(image_sizes: Tensor, height: int, width: int, dtype: torch.dtype) -> Tensor:
@@ -116,7 +121,9 @@ class ExportWrapper(nn.Module):
     def output_names(self, num_levels: int) -> list[str]:
         if self.postprocess:
             return ["boxes", "scores", "labels", "num_detections"]
-        keys = ["cls_logits", "bbox_reg"] + (["centerness"] if getattr(self.detector.head, "centerness", None) is not None else [])
+        keys = ["cls_logits", "bbox_reg"] + (
+            ["centerness"] if getattr(self.detector.head, "centerness", None) is not None else []
+        )
         return [f"{k}_p{3 + level}" for k in keys for level in range(num_levels)]
 
     def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, ...]:
@@ -212,8 +219,9 @@ def save_torch_export(program: torch.export.ExportedProgram, out: Path, metadata
         tmp.unlink(missing_ok=True)
 
 
-def save_onnx(program: torch.export.ExportedProgram, out: Path, metadata: dict[str, str], opts: ExportOptions,
-              output_names: list[str]) -> int:
+def save_onnx(
+    program: torch.export.ExportedProgram, out: Path, metadata: dict[str, str], opts: ExportOptions, output_names: list[str]
+) -> int:
     """Translate the program to ONNX, check it, write it with ``metadata``; returns the opset written."""
     require_onnx()
     import onnx
@@ -223,8 +231,13 @@ def save_onnx(program: torch.export.ExportedProgram, out: Path, metadata: dict[s
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(
-                program, input_names=["images", "image_sizes"], output_names=output_names,
-                opset_version=opts.opset, dynamo=True, external_data=False, verbose=False,
+                program,
+                input_names=["images", "image_sizes"],
+                output_names=output_names,
+                opset_version=opts.opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
                 optimize=False,  # onnxscript's rewriter takes minutes on these graphs; onnxruntime optimises at load
             )
         model = onnx_program.model_proto

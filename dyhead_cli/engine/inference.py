@@ -6,6 +6,7 @@ by position among the sorted ids when the counts agree); otherwise the checkpoin
 ``category_ids``), else the categories of the recipe's ``data.val_ann`` when that file is there and names
 the same classes, else 1..K.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,13 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from dyhead_cli.engine import recipes
 from dyhead_cli.engine.checkpoint import load_model_weights, load_weights
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.models.build import build_model
-from dyhead_cli.engine import recipes
 from dyhead_cli.recipe import ModelConfig, Recipe
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # the choices of every --device option and of train.device
+
 
 @dataclass
 class LoadedDetector:
@@ -32,6 +34,7 @@ class LoadedDetector:
     recipe: Recipe
     class_names: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+
 
 def load_detector(weights: Path, recipe_path: Path | None = None, overrides: Sequence[str] = ()) -> LoadedDetector:
     """Rebuild the model from the checkpoint's recipe (or ``recipe_path``), load its weights, eval mode.
@@ -56,6 +59,7 @@ def load_detector(weights: Path, recipe_path: Path | None = None, overrides: Seq
     names = list(recipe.model.class_names) or [f"class_{k}" for k in range(recipe.model.num_classes)]
     return LoadedDetector(model, recipe, names, meta)
 
+
 def build_for_weights(cfg: ModelConfig) -> nn.Module:
     """``build_model`` for a model whose weights are loaded next: no pretrained backbone weights are fetched
     or read (``pretrained = false``, ``pretrained_file = ""``); ``cfg`` itself is left as it is."""
@@ -70,7 +74,9 @@ def load_checkpoint(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     """``load_weights``, with a hint to ``dyhead convert`` when ``weights`` is not one of our checkpoints."""
     weights = Path(weights)
     if weights.is_dir():
-        raise DyheadError(f"--weights {weights} is a folder: give a .safetensors checkpoint (e.g. {weights / 'best.safetensors'})")
+        raise DyheadError(
+            f"--weights {weights} is a folder: give a .safetensors checkpoint (e.g. {weights / 'best.safetensors'})"
+        )
     try:
         return load_weights(weights)
     except DyheadError:
@@ -112,13 +118,16 @@ def category_ids(det: LoadedDetector, ann_categories: list[dict[str, Any]] | Non
     if val_ann is not None and val_ann.is_file():
         try:
             data = json.loads(val_ann.read_bytes())
-            found = sorted(({"id": c["id"], "name": str(c.get("name", c["id"]))} for c in data["categories"]), key=lambda c: c["id"])
+            found = sorted(
+                ({"id": c["id"], "name": str(c.get("name", c["id"]))} for c in data["categories"]), key=lambda c: c["id"]
+            )
             cats = match_categories(det.class_names, named, found)
             if cats is not None:
                 return cats
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no usable data set file: fall back to 1..K
     return [{"id": i + 1, "name": n} for i, n in enumerate(det.class_names)]
+
 
 def match_categories(class_names: list[str], named: bool, cats: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     by_name = {c["name"]: c for c in cats}
@@ -127,6 +136,7 @@ def match_categories(class_names: list[str], named: bool, cats: list[dict[str, A
     if len(cats) == len(class_names) and not named:
         return [dict(c) for c in cats]  # the data set's order: label k = k-th smallest id
     return None
+
 
 def choose_device(name: str) -> torch.device:
     """auto (CUDA when there is one) | cpu | cuda[:N]."""
@@ -146,6 +156,7 @@ def choose_device(name: str) -> torch.device:
         return device
     raise DyheadError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
 
+
 def autocast_dtype(half: bool, bf16: bool, device: torch.device) -> torch.dtype | None:
     if half and bf16:
         raise DyheadError("--half and --bf16 exclude each other")
@@ -157,7 +168,10 @@ def autocast_dtype(half: bool, bf16: bool, device: torch.device) -> torch.dtype 
         return torch.bfloat16
     return None
 
-def run_model(model: nn.Module, images: torch.Tensor, sizes, orig_sizes, device: torch.device, dtype: torch.dtype | None) -> list[dict]:
+
+def run_model(
+    model: nn.Module, images: torch.Tensor, sizes, orig_sizes, device: torch.device, dtype: torch.dtype | None
+) -> list[dict]:
     """The detector under autocast; an op without a kernel for the autocast type is a user-facing error."""
     try:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -165,12 +179,16 @@ def run_model(model: nn.Module, images: torch.Tensor, sizes, orig_sizes, device:
     except (RuntimeError, NotImplementedError) as e:
         if dtype is not None and ("BFloat16" in str(e) or "Half" in str(e)):
             flag = "--bf16" if dtype == torch.bfloat16 else "--half"
-            raise DyheadError(f"{flag}: an op of this model has no {dtype} kernel on {device.type} ({str(e).splitlines()[0][-120:]}); run without {flag}") from None
+            raise DyheadError(
+                f"{flag}: an op of this model has no {dtype} kernel on {device.type} ({str(e).splitlines()[0][-120:]}); run without {flag}"
+            ) from None
         raise
 
 
 @torch.no_grad()
-def predict_coco(model: nn.Module, loader, device: torch.device, cat_of_label: list[int], autocast_dtype=None, progress=None) -> list[dict]:
+def predict_coco(
+    model: nn.Module, loader, device: torch.device, cat_of_label: list[int], autocast_dtype=None, progress=None
+) -> list[dict]:
     """Run ``model`` over a loader of the data set's collated batches; return COCO result dicts."""
     model.eval()
     results: list[dict] = []
@@ -184,12 +202,18 @@ def predict_coco(model: nn.Module, loader, device: torch.device, cat_of_label: l
             progress(len(batch["image_ids"]))
     return results
 
+
 def detections_to_coco(det: dict, image_id: int, cat_of_label: list[int]) -> list[dict]:
     boxes = det["boxes"].float().cpu()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     scores = det["scores"].float().cpu().tolist()
     labels = det["labels"].cpu().tolist()
     return [
-        {"image_id": image_id, "category_id": int(cat_of_label[label]), "bbox": [round(v, 2) for v in box], "score": round(score, 5)}
+        {
+            "image_id": image_id,
+            "category_id": int(cat_of_label[label]),
+            "bbox": [round(v, 2) for v in box],
+            "score": round(score, 5),
+        }
         for box, score, label in zip(xywh, scores, labels)
     ]

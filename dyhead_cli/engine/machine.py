@@ -4,6 +4,7 @@ Why: the same model runs at very different ratios on CPUs of one brand (a Zen 4 
 into two 256-bit halves, a Zen 5 core does not; MKL picks AVX2 kernels on AMD, oneDNN picks AVX-512),
 so every speed figure is only meaningful next to the CPU's model and its vector extensions.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,25 @@ from pathlib import Path
 
 # /proc/cpuinfo flags that matter for float32/bfloat16 GEMMs and convolutions, in the order printed
 VECTOR_FLAGS = (
-    "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-    "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "asimd", "sve", "sve2", "sme",
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "amx_fp16",
+    "asimd",
+    "sve",
+    "sve2",
+    "sme",
 )
 
 

@@ -8,6 +8,7 @@ the graph accepts: padded with zeros to a multiple of 128 (dynamic graphs) or to
 without post-processing returns raw head outputs; the head of the recipe (no weights needed) then runs
 the PyTorch post-processing on them.
 """
+
 from __future__ import annotations
 
 import json
@@ -142,8 +143,9 @@ def load_onnx_detector(path: Path, threads: int | None = None) -> LoadedDetector
     return LoadedDetector(model, model.recipe, names, meta)  # type: ignore[arg-type]
 
 
-def load_for_predict(weights: Path, recipe_path: Path | None, overrides: list[str] | tuple[str, ...], device: str,
-                     half: bool, bf16: bool) -> LoadedDetector:
+def load_for_predict(
+    weights: Path, recipe_path: Path | None, overrides: list[str] | tuple[str, ...], device: str, half: bool, bf16: bool
+) -> LoadedDetector:
     """``dyhead predict --weights model.onnx``: the model, recipe and categories all come from the file."""
     if recipe_path is not None or overrides:
         raise DyheadError(

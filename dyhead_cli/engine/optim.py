@@ -3,6 +3,7 @@
 Kept apart from the loop so that the schedule can be tested as a function of the step alone: a resumed
 run recomputes the lr from (step, total_steps) and never needs a scheduler's saved state.
 """
+
 from __future__ import annotations
 
 import math

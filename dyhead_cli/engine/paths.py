@@ -11,6 +11,7 @@
 
 Every refusal is a ``DyheadError`` that says what to do instead.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,7 +47,9 @@ def refuse_inputs(path: Path, option: str, inputs: Inputs) -> None:
     """``DyheadError`` when the output ``path`` is one of ``inputs`` (label -> path)."""
     for label, p in _pairs(inputs):
         if same_path(path, p):
-            raise DyheadError(f"{option} {path} is the {label} this command reads: it would be overwritten; choose another {option}")
+            raise DyheadError(
+                f"{option} {path} is the {label} this command reads: it would be overwritten; choose another {option}"
+            )
 
 
 def check_parent(path: Path, option: str) -> None:

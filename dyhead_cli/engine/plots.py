@@ -1,6 +1,7 @@
 """The pictures of a run: ``results.png`` (losses, lr and AP over training), a confusion matrix and
 per-class precision-recall curves. matplotlib with the Agg backend: files only, no display needed.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,8 +83,15 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path
     for i in range(n):
         for j in range(n):
             if matrix[i, j]:
-                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=9,
-                        color="white" if share[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(int(matrix[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
     ax.set_xticks(range(n), names, rotation=45, ha="right")
     ax.set_yticks(range(n), names)
     ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix (score >= {score_thr:.2f}, IoU >= {iou_thr:.2f})")

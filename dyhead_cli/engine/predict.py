@@ -16,6 +16,7 @@ Memory stays bounded: results are written as each batch finishes (a temporary fi
 and unreadable images are reported, skipped and counted, never fatal. ``save_dir`` gets each image
 drawn with its detections (a video: an annotated video).
 """
+
 from __future__ import annotations
 
 import json
@@ -111,9 +112,7 @@ def predict(
         det = load_detector(weights, recipe_path, [*overrides, *head_overrides(iou, max_det)])
     recipe = det.recipe
     images = collect_images(paths, images_dir, recipe, vid_stride)
-    predictor = Predictor(
-        det, device, images.ann_categories, score_thr, classes, tile, tile_overlap, batch_size, half, bf16
-    )
+    predictor = Predictor(det, device, images.ann_categories, score_thr, classes, tile, tile_overlap, batch_size, half, bf16)
     loader = DataLoader(
         predictor.dataset(images.entries, keep_original=save_dir is not None),
         batch_size=predictor.batch_size,
@@ -124,8 +123,12 @@ def predict(
 
     out = Path(out)
     summary = PredictSummary(
-        out=out, images_json=images_json_path(out), num_images=len(images.entries), ignored=list(images.ignored),
-        id_rule=images.id_rule, save_dir=Path(save_dir) if save_dir is not None else None,
+        out=out,
+        images_json=images_json_path(out),
+        num_images=len(images.entries),
+        ignored=list(images.ignored),
+        id_rule=images.id_rule,
+        save_dir=Path(save_dir) if save_dir is not None else None,
     )
     info = {"description": f"images predicted by dyhead with {weights}"}
     if images.ann_file is not None:
@@ -161,7 +164,9 @@ def predict(
                 rows = result.to_coco(int(item["image_id"]))
                 results.write(rows)
                 summary.num_detections += len(rows)
-                image_list.write([{"id": int(item["image_id"]), "file_name": item["file_name"], "width": int(w), "height": int(h)}])
+                image_list.write(
+                    [{"id": int(item["image_id"]), "file_name": item["file_name"], "width": int(w), "height": int(h)}]
+                )
                 saver.save(item, result)
             summary.num_predicted += len(good)
             summary.seconds = time.perf_counter() - start
@@ -170,7 +175,9 @@ def predict(
         summary.seconds = time.perf_counter() - start
         if summary.num_images and not summary.num_predicted:
             first = f" (first: {summary.skipped[0]})" if summary.skipped else ""
-            raise DyheadError(f"none of the {summary.num_images} images could be read{first}: nothing predicted, {out} not written")
+            raise DyheadError(
+                f"none of the {summary.num_images} images could be read{first}: nothing predicted, {out} not written"
+            )
         image_list.write_raw("\n]," + f'"skipped":{json.dumps(json_safe(summary.skipped))}' + "}\n")
         results.close()
         image_list.close()

@@ -6,6 +6,7 @@ Every image goes through ``data.images.ImageFiles`` (the recipe's test resize), 
 On top of the model: optional tiling (``engine/tiling.py``), a score threshold and a class filter.
 ``--iou`` and ``--max-det`` are recipe overrides of the head's NMS (see ``head_overrides``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -153,9 +154,14 @@ class Predictor:
 
     def result(self, found: dict[str, torch.Tensor], item: dict[str, Any], path: Path | None = None) -> Detections:
         return Detections(
-            boxes=found["boxes"].float(), scores=found["scores"].float(), labels=found["labels"].long(),
-            class_names=self.class_names, category_of_label=self.category_of_label,
-            image_size=tuple(item["orig_size"]), image=item.get("original"), path=path,
+            boxes=found["boxes"].float(),
+            scores=found["scores"].float(),
+            labels=found["labels"].long(),
+            class_names=self.class_names,
+            category_of_label=self.category_of_label,
+            image_size=tuple(item["orig_size"]),
+            image=item.get("original"),
+            path=path,
         )
 
     # ------------------------------------------------------------------------------------------------
@@ -209,7 +215,9 @@ class Predictor:
             return self._expand(np.ascontiguousarray(arr), bgr)
         if isinstance(x, np.ndarray):
             if x.dtype != np.uint8:
-                raise DyheadError(f"an array image must be uint8 (H, W, 3) or (H, W), got {x.dtype} (convert with .astype(np.uint8))")
+                raise DyheadError(
+                    f"an array image must be uint8 (H, W, 3) or (H, W), got {x.dtype} (convert with .astype(np.uint8))"
+                )
             if x.ndim == 2 or (x.ndim == 3 and x.shape[2] == 1):
                 x = np.repeat(x.reshape(x.shape[0], x.shape[1], 1), 3, axis=2)
             if x.ndim != 3 or x.shape[2] != 3:

@@ -1,6 +1,7 @@
 """Checks a training makes before it generates data or creates its run directory, so that a typo costs
 seconds: the precision and device (Accelerate's settings first), the model (built on the meta device:
 no memory, no weights), the trackers, and the data paths."""
+
 from __future__ import annotations
 
 import copy
@@ -33,7 +34,9 @@ def accelerate_choice(t: TrainConfig, resume: bool) -> tuple[str, bool]:
             f"Accelerate asks for mixed precision '{mp}' but the run trained with train.mixed_precision = "
             f"'{t.mixed_precision}': a resumed run keeps its precision (launch it without --mixed_precision)"
         )
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes") or choose_device(t.device).type == "cpu"
+    cpu = (
+        os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes") or choose_device(t.device).type == "cpu"
+    )
     if mp == "fp16" and (cpu or not torch.cuda.is_available()):
         raise DyheadError("mixed precision 'fp16' needs a CUDA device; use 'bf16' on CPU")
     return mp, cpu
@@ -65,7 +68,7 @@ def check_trackers(names: list[str]) -> None:
         package = TRACKER_PACKAGES[name]
         if find_spec(package) is None:
             extra = " (pip install 'dyhead[tensorboard]')" if name == "tensorboard" else ""
-            raise DyheadError(f"train.log_with = [\"{name}\"] needs the {package} package: pip install {package}{extra}")
+            raise DyheadError(f'train.log_with = ["{name}"] needs the {package} package: pip install {package}{extra}')
 
 
 def check_inputs(d: DataConfig) -> list[Path]:
@@ -74,8 +77,10 @@ def check_inputs(d: DataConfig) -> list[Path]:
     if d.synthetic:
         return paths
     for key, path, want_dir in (
-        ("data.train_ann", paths[1], False), ("data.train_images", paths[0], True),
-        ("data.val_ann", paths[3], False), ("data.val_images", paths[2], True),
+        ("data.train_ann", paths[1], False),
+        ("data.train_images", paths[0], True),
+        ("data.val_ann", paths[3], False),
+        ("data.val_images", paths[2], True),
     ):
         if not path.exists():
             raise DyheadError(f"{key} not found: {path}")
@@ -89,4 +94,6 @@ def check_val_images(dataset: CocoDetection) -> None:
     missing = [dataset.image_path(i) for i in range(len(dataset)) if not dataset.image_path(i).is_file()]
     if missing and not dataset.skip_corrupt:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DyheadError(f"validation image not found: {missing[0]}{more}; fix data.val_images / data.val_ann, or set data.skip_corrupt")
+        raise DyheadError(
+            f"validation image not found: {missing[0]}{more}; fix data.val_images / data.val_ann, or set data.skip_corrupt"
+        )

@@ -2,6 +2,7 @@
 bar in a terminal, plain lines in a log file). The base class is silent, so library callers and
 non-main processes report nothing.
 """
+
 from __future__ import annotations
 
 from typing import Any

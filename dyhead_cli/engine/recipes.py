@@ -4,6 +4,7 @@ and check the model part against the choices defined where each is implemented (
 After loading, a recipe holds concrete values only (each head's defaults filled in), so what a run writes
 to its ``recipe.toml`` rebuilds exactly the same model.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

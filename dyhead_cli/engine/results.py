@@ -5,6 +5,7 @@ A failed write (full disk, read-only folder) is a ``DyheadError`` naming the fil
 removed and the previous file at ``path`` is left as it was. File names that are not valid UTF-8 are
 written with their odd bytes as ``\\xNN`` text (``json_safe``), so the JSON is valid for every reader.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dyhead_cli.engine.paths import temporary_name, writing
+
 
 class JsonStream:
     """Write ``head``, then the items of one JSON array as they come, then ``tail``; atomically.

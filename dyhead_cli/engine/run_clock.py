@@ -1,4 +1,5 @@
 """Speed, ETA and memory of a training run, for the log lines and the progress bar."""
+
 from __future__ import annotations
 
 import resource

@@ -10,6 +10,7 @@ Rules (each broken rule is one line that says what to do):
   ``metrics.jsonl`` (``resume`` events, replayed by later resumes); ``recipe.toml`` itself is never
   rewritten.
 """
+
 from __future__ import annotations
 
 import errno
@@ -30,9 +31,19 @@ STATE_FILE = "state.safetensors"
 RECIPE_FILE = "recipe.toml"
 # What a run directory holds; their presence marks a folder as a run, --force removes them.
 RUN_FILES = (
-    "recipe.toml", "metrics.jsonl", "metrics.csv", "state.safetensors", "last.safetensors", "best.safetensors",
-    "env.json", "results.png", "val_predictions.json", "confusion_matrix.png", "pr_curves.png",
-    ".state.safetensors.prev", ".last.safetensors.prev",
+    "recipe.toml",
+    "metrics.jsonl",
+    "metrics.csv",
+    "state.safetensors",
+    "last.safetensors",
+    "best.safetensors",
+    "env.json",
+    "results.png",
+    "val_predictions.json",
+    "confusion_matrix.png",
+    "pr_curves.png",
+    ".state.safetensors.prev",
+    ".last.safetensors.prev",
 )
 # Keys that --set may change on --resume, and why they are harmless mid-run.
 RESUME_SAFE = {
@@ -126,7 +137,9 @@ class RunLock:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
                 owner = self.path.read_text().strip() or "?"
-                raise DyheadError(f"{self.path.parent} is in use by another training (pid {owner}); wait for it or choose another --out") from None
+                raise DyheadError(
+                    f"{self.path.parent} is in use by another training (pid {owner}); wait for it or choose another --out"
+                ) from None
             raise DyheadError(f"cannot lock {self.path}: {e.strerror or e}") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
@@ -253,7 +266,10 @@ def resume_recipe(run: Path, recipe_path: Path | None, overrides: list[str]) -> 
     if recipe_path is not None:
         given = flatten(to_dict(recipes.load(recipe_path, overrides)))
         if not given["model.class_names"] and given["model.num_classes"] == 80:
-            given["model.class_names"], given["model.num_classes"] = flat_base["model.class_names"], flat_base["model.num_classes"]
+            given["model.class_names"], given["model.num_classes"] = (
+                flat_base["model.class_names"],
+                flat_base["model.num_classes"],
+            )
         given["name"] = flat_base["name"]
     else:
         given = flatten(apply_overrides(to_dict(saved), overrides))

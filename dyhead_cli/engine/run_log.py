@@ -4,6 +4,7 @@ and per evaluation) and the experiment trackers (TensorBoard, W&B, MLflow throug
 Every write is appended and flushed at once, so a crashed or killed run keeps all it logged. A write that
 fails (full disk, read-only folder) is a ``DyheadError`` naming the file.
 """
+
 from __future__ import annotations
 
 import csv

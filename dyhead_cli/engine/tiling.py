@@ -4,6 +4,7 @@ whole image would be, their detections shifted back and merged with the whole im
 A small object in a large image shrinks with the image to the recipe's ``test_min_size``; inside a
 crop of ``size`` pixels it shrinks far less, so the detector sees it at a scale it knows.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -12,6 +12,7 @@ create and lock the run directory. At each epoch end the checkpoint is written b
 A step whose loss or gradients are not finite stops the run before ``optimizer.step()``, so the last
 checkpoint holds the state before that step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -92,8 +93,12 @@ def default_run_dir(recipe: Recipe) -> Path:
 
 
 def train_from_files(
-    recipe_path: Path | None, out: Path | None, resume: Path | None, overrides: list[str],
-    reporter: Reporter | None = None, force: bool = False,
+    recipe_path: Path | None,
+    out: Path | None,
+    resume: Path | None,
+    overrides: list[str],
+    reporter: Reporter | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """``dyhead train [RECIPE] [--out DIR | --resume DIR] [--force] [--set k=v]``."""
     if resume is not None:
@@ -107,12 +112,19 @@ def train_from_files(
     if recipe_path is None:
         raise DyheadError("give a RECIPE to train (or --resume RUN_DIR to continue a run)")
     recipe = recipes.load(recipe_path, overrides)
-    return train(recipe, Path(out) if out else default_run_dir(recipe), reporter=reporter, force=force, inputs=[Path(recipe_path)])
+    return train(
+        recipe, Path(out) if out else default_run_dir(recipe), reporter=reporter, force=force, inputs=[Path(recipe_path)]
+    )
 
 
 def train(
-    recipe: Recipe, run_dir: Path, resume: bool = False, reporter: Reporter | None = None, force: bool = False,
-    changes: dict[str, list[Any]] | None = None, inputs: list[Path] | None = None,
+    recipe: Recipe,
+    run_dir: Path,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    force: bool = False,
+    changes: dict[str, list[Any]] | None = None,
+    inputs: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Train ``recipe`` into ``run_dir``; return the last evaluation's metrics (empty if none ran)."""
     from accelerate import Accelerator
@@ -153,10 +165,16 @@ def train(
         remove_stale_tmp(run_dir)
         if not resume:
             atomic_write_text(run_dir / "recipe.toml", dump_toml(to_dict(recipe)))
-        write_env(run_dir / "env.json", {
-            "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device), "num_processes": world,
-            "distributed_type": str(accelerator.distributed_type), "resumed": resume,
-        })
+        write_env(
+            run_dir / "env.json",
+            {
+                "mixed_precision": accelerator.mixed_precision,
+                "device": str(accelerator.device),
+                "num_processes": world,
+                "distributed_type": str(accelerator.distributed_type),
+                "resumed": resume,
+            },
+        )
         if t.log_with:
             accelerator.init_trackers(recipe.name, config=_scalars(to_dict(recipe)))
     accelerator.wait_for_everyone()
@@ -192,8 +210,15 @@ class RunState:
 
 
 def _run(
-    recipe: Recipe, run_dir: Path, resume: bool, reporter: Reporter, accelerator, dataset: CocoDetection,
-    val_data: CocoDetection, category_ids: list[int], changes: dict[str, list[Any]],
+    recipe: Recipe,
+    run_dir: Path,
+    resume: bool,
+    reporter: Reporter,
+    accelerator,
+    dataset: CocoDetection,
+    val_data: CocoDetection,
+    category_ids: list[int],
+    changes: dict[str, list[Any]],
 ) -> dict[str, Any]:
     t = recipe.train
     main = accelerator.is_main_process
@@ -207,7 +232,9 @@ def _run(
     ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
     if resume:
         tensors, _ = read_safetensors(run_dir / STATE_FILE)
-        load_model_weights(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, str(run_dir / STATE_FILE))
+        load_model_weights(
+            model, {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}, str(run_dir / STATE_FILE)
+        )
         counters, ema_tensors = load_train_state(run_dir / STATE_FILE, optimizer)
         state = RunState(**counters)
         state.best_ap = max(state.best_ap, best_ap(run_dir))  # an evaluation after the last checkpoint may have set a best
@@ -220,13 +247,24 @@ def _run(
 
     seeded = EpochSeeded(dataset, t.seed)
     groups = aspect_groups(dataset) if recipe.data.group_by_aspect else None
-    steps_per_epoch = len(EpochSampler(len(dataset), t.batch_size, t.seed, 0, rank, world, 0, t.grad_accum, groups)) // t.grad_accum
+    steps_per_epoch = (
+        len(EpochSampler(len(dataset), t.batch_size, t.seed, 0, rank, world, 0, t.grad_accum, groups)) // t.grad_accum
+    )
     total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
     last_epoch = min(t.epochs, math.ceil(total_steps / max(1, steps_per_epoch)))
     if main and not resume:
-        log.write("start", total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=last_epoch, num_processes=world,
-                  mixed_precision=accelerator.mixed_precision, autocast=autocast_dtype(accelerator), device=str(accelerator.device),
-                  train_images=len(dataset), val_images=len(val_data))
+        log.write(
+            "start",
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            epochs=last_epoch,
+            num_processes=world,
+            mixed_precision=accelerator.mixed_precision,
+            autocast=autocast_dtype(accelerator),
+            device=str(accelerator.device),
+            train_images=len(dataset),
+            val_images=len(val_data),
+        )
     clock = Clock(t.batch_size * t.grad_accum * world, len(val_data))
     metrics: dict[str, Any] = {}
 
@@ -238,7 +276,12 @@ def _run(
         inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the real one
         save_train_state(run_dir / STATE_FILE, inner, vars(state), ema.shadow if ema else None, model=raw.state_dict())
         export = raw if ema is None else _with_weights(raw, ema.shadow)
-        save_weights(run_dir / "last.safetensors", export, recipe_dict, {"step": state.step, "epoch": state.epoch, "category_ids": category_ids})
+        save_weights(
+            run_dir / "last.safetensors",
+            export,
+            recipe_dict,
+            {"step": state.step, "epoch": state.epoch, "category_ids": category_ids},
+        )
         log.write("checkpoint", step=state.step, epoch=state.epoch, path=str(run_dir / "last.safetensors"))
 
     def evaluate_now() -> dict[str, Any]:
@@ -260,7 +303,12 @@ def _run(
             )
             if out["AP"] > state.best_ap:
                 state.best_ap = out["AP"]
-                save_weights(run_dir / "best.safetensors", net, recipe_dict, {"step": state.step, "AP": out["AP"], "category_ids": category_ids})
+                save_weights(
+                    run_dir / "best.safetensors",
+                    net,
+                    recipe_dict,
+                    {"step": state.step, "AP": out["AP"], "category_ids": category_ids},
+                )
                 atomic_write_text(run_dir / "val_predictions.json", json.dumps(results))
                 write_plots(out, val_data.coco, results, run_dir)
             _plot_results(run_dir)
@@ -308,11 +356,23 @@ def _run(
                     remaining_evals = evals_left(state.epoch, last_epoch, t.eval_every)
                     eta = clock.eta(total_steps - state.step, remaining_evals)
                     memory = memory_mb(accelerator.device)
-                    log.write("train", step=state.step, epoch=state.epoch, loss=total, lr=lr, images_per_s=round(speed, 2), **values)
-                    reporter.step(state.step, {
-                        "total_steps": total_steps, "epoch": state.epoch + 1, "epochs": last_epoch, "loss": total, "lr": lr,
-                        "images_per_s": speed, "eta_s": eta, "memory_mb": memory, **values,
-                    })
+                    log.write(
+                        "train", step=state.step, epoch=state.epoch, loss=total, lr=lr, images_per_s=round(speed, 2), **values
+                    )
+                    reporter.step(
+                        state.step,
+                        {
+                            "total_steps": total_steps,
+                            "epoch": state.epoch + 1,
+                            "epochs": last_epoch,
+                            "loss": total,
+                            "lr": lr,
+                            "images_per_s": speed,
+                            "eta_s": eta,
+                            "memory_mb": memory,
+                            **values,
+                        },
+                    )
                 else:
                     reporter.step(state.step, None)
                 if t.checkpoint_every and state.step % t.checkpoint_every == 0:
@@ -345,7 +405,9 @@ def _run(
         save_weights(run_dir / f"rank{rank}.safetensors", accelerator.unwrap_model(model), recipe_dict)
     if main:
         _plot_results(run_dir)
-        reporter.message(f"done: {run_dir} (best AP {state.best_ap:.1f}; last.safetensors, best.safetensors, metrics.csv, results.png)")
+        reporter.message(
+            f"done: {run_dir} (best AP {state.best_ap:.1f}; last.safetensors, best.safetensors, metrics.csv, results.png)"
+        )
     return metrics
 
 
@@ -376,7 +438,9 @@ def forward_losses(model: nn.Module, batch: dict[str, Any], accelerator, recipe:
     return {k: v.float() for k, v in losses.items()}
 
 
-def _stop_if_not_finite(accelerator, value: Tensor, what: str, state: RunState, run_dir: Path, log: MetricsLog, losses: dict[str, Tensor]) -> None:
+def _stop_if_not_finite(
+    accelerator, value: Tensor, what: str, state: RunState, run_dir: Path, log: MetricsLog, losses: dict[str, Tensor]
+) -> None:
     """Stop (on every process) when ``value`` is not finite on any of them, before it reaches the weights.
 
     The weights of the failing step's forward are those the previous step wrote: when the last checkpoint

@@ -2,6 +2,7 @@
 
 Two-stage detectors (Faster R-CNN) also take the stride-4 map C2: ``out_strides=(4, 8, 16, 32)``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,12 +54,16 @@ def create_features_model(name: str, pretrained: bool, pretrained_file: str, img
         raise DyheadError(f"could not create timm model '{name}': {str(e).splitlines()[0]}") from None
     except OSError as e:  # no network / missing cache for pretrained=True
         if name.startswith(SOURCE_PREFIXES):
-            raise DyheadError(f"could not fetch timm model '{name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise DyheadError(
+                f"could not fetch timm model '{name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
         raise DyheadError(f"could not load pretrained weights for '{name}': {str(e).splitlines()[0]}") from None
     except Exception as e:  # noqa: BLE001 - the Hub client's own errors (offline, no such repo) for hf-hub: names
         if not name.startswith(SOURCE_PREFIXES) or isinstance(e, DyheadError):
             raise
-        raise DyheadError(f"could not fetch timm model '{name}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise DyheadError(
+            f"could not fetch timm model '{name}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     if kwargs["pretrained"]:
         report.check(body, pretrained_file or name)
     return body
@@ -86,7 +91,7 @@ class WeightLoadReport(logging.Handler):
             keys = [k.strip() for k in match.group(2).split(",") if k.strip()]
             (self.missing if match.group(1) == "Missing" else self.unexpected).extend(keys)
 
-    def __enter__(self) -> "WeightLoadReport":
+    def __enter__(self) -> WeightLoadReport:
         self.logger = logging.getLogger(self.LOGGER)
         self.saved = (self.logger.level, self.logger.propagate)
         self.logger.addHandler(self)
@@ -114,7 +119,9 @@ class WeightLoadReport(logging.Handler):
             if missing:
                 parts.append(f"{len(missing)} missing ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
             if unexpected:
-                parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})")
+                parts.append(
+                    f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})"
+                )
             raise DyheadError(f"pretrained weights {source} do not fit the backbone: keys {' and '.join(parts)}")
 
 
@@ -192,7 +199,7 @@ class TimmBackbone(nn.Module):
                 break
             param.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "TimmBackbone":
+    def train(self, mode: bool = True) -> TimmBackbone:
         super().train(mode)
         if mode and self.norm_eval:
             for m in self.modules():

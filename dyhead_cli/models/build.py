@@ -3,6 +3,7 @@
 ``resolve_model_config`` is the one place a ``ModelConfig`` gets its per-head defaults and its choice keys
 checked, each against the tuple declared where that choice is implemented.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,22 +44,22 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     """
     for key, (value, choices) in model_choices(cfg).items():
         if value not in choices:
-            raise DyheadError(
-                f"recipe key '{key}' = {value!r} is not one of {', '.join(choices)}{suggest(str(value), choices)}"
-            )
+            raise DyheadError(f"recipe key '{key}' = {value!r} is not one of {', '.join(choices)}{suggest(str(value), choices)}")
     top = 5 + TOP_BLOCK_LEVELS[cfg.fpn.top_block]
     if cfg.fpn.levels not in (list(range(3, top + 1)), list(range(2, top + 1))):
         raise DyheadError(
             f"model.fpn.levels = {cfg.fpn.levels} does not fit top_block = {cfg.fpn.top_block!r}: the levels run from "
-            f"P2 or P3 to P{top} ([3, 4, 5, 6, 7] with \"p6p7\", [2, 3, 4, 5, 6] with \"maxpool\")"
+            f'P2 or P3 to P{top} ([3, 4, 5, 6, 7] with "p6p7", [2, 3, 4, 5, 6] with "maxpool")'
         )
     if cfg.head == "faster_rcnn" and cfg.fpn.levels[0] != 2:
-        raise DyheadError("model.head = \"faster_rcnn\" pools RoIs from P2..P5: set model.fpn.levels = [2, 3, 4, 5, 6]")
+        raise DyheadError('model.head = "faster_rcnn" pools RoIs from P2..P5: set model.fpn.levels = [2, 3, 4, 5, 6]')
     o = cfg.head_options
     filled = {k: v for k, v in HEADS[cfg.head].defaults.items() if getattr(o, k, 0) is None}
     o = dataclasses.replace(o, **filled)
     if o.pred_kernel_size < 1 or o.pred_kernel_size % 2 == 0:
-        raise DyheadError(f"recipe key 'model.head_options.pred_kernel_size' must be a positive odd number, got {o.pred_kernel_size}")
+        raise DyheadError(
+            f"recipe key 'model.head_options.pred_kernel_size' must be a positive odd number, got {o.pred_kernel_size}"
+        )
     if not 0.0 <= o.anchor_offset < 1.0:
         raise DyheadError(f"recipe key 'model.head_options.anchor_offset' must be in [0, 1), got {o.anchor_offset}")
     return dataclasses.replace(cfg, head_options=o)
@@ -80,9 +81,7 @@ def build_backbone(cfg: BackboneConfig, out_strides: tuple[int, ...] = (8, 16, 3
 
 def build_dyhead(cfg: ModelConfig) -> DyHead:
     d = cfg.dyhead
-    return DyHead(
-        cfg.fpn.channels, d.num_blocks, offset_mode=d.offset_mode, zero_init_offset=d.zero_init_offset, impl=d.impl
-    )
+    return DyHead(cfg.fpn.channels, d.num_blocks, offset_mode=d.offset_mode, zero_init_offset=d.zero_init_offset, impl=d.impl)
 
 
 def build_model(model_config: ModelConfig) -> Detector:
@@ -91,8 +90,14 @@ def build_model(model_config: ModelConfig) -> Detector:
     # The pyramid's levels (model.fpn.levels): the backbone gives C<l> for l <= 5, the FPN's top block the rest.
     first_level = cfg.fpn.levels[0]
     backbone = build_backbone(cfg.backbone, tuple(2**level for level in range(first_level, 6)))
-    fpn = FPN(backbone.out_channels, cfg.fpn.channels, cfg.fpn.extra_from, p7_relu=cfg.fpn.p7_relu,
-              top_block=cfg.fpn.top_block, first_level=first_level)
+    fpn = FPN(
+        backbone.out_channels,
+        cfg.fpn.channels,
+        cfg.fpn.extra_from,
+        p7_relu=cfg.fpn.p7_relu,
+        top_block=cfg.fpn.top_block,
+        first_level=first_level,
+    )
     dyhead = build_dyhead(cfg)
     head = HEADS[cfg.head].build(cfg, cfg.fpn.channels, fpn.strides)
     return Detector(backbone, fpn, dyhead, head, cfg.pixel_mean, cfg.pixel_std, cfg.input_format)

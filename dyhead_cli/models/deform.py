@@ -21,6 +21,7 @@ bilinearly, with neighbours outside the image contributing 0, times mask[k]. Zer
 table (1 pixel before, 2 after, each side) plus clamping the sample point to [-1, size] makes every
 neighbour a valid row, so no bounds masks are needed.
 """
+
 from __future__ import annotations
 
 import weakref

@@ -18,6 +18,7 @@ Shapes: input (B, C, H, W), offset (B, 18, h, w) as (dy, dx) per tap, mask (B, 9
 (C_out, C, 3, 3) -> (B, C_out, h, w). Only 3x3 kernels, dilation 1, one offset group and one weight group
 (what DyHead uses).
 """
+
 from __future__ import annotations
 
 import torch
@@ -82,7 +83,9 @@ def deform_conv2d_export(
     return F.conv2d(cols, weight_1x1, None if bias is None else bias.to(cols.dtype))
 
 
-def sampled_columns(input: Tensor, offset: Tensor, mask: Tensor | None, stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
+def sampled_columns(
+    input: Tensor, offset: Tensor, mask: Tensor | None, stride: tuple[int, int], padding: tuple[int, int]
+) -> Tensor:
     """The modulated deformable conv's columns: input (B, C, H, W), offset (B, 18, h, w), mask (B, 9, h, w)
     -> (B, C*9, h, w), channel outer and tap inner (the weight's own layout), by one ``grid_sample``."""
     c, in_h, in_w = input.shape[1:]

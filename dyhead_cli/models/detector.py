@@ -5,6 +5,7 @@ normalises (and flips to BGR for caffe-style backbones) itself, so data code nev
 zeroes the padding, as both reference implementations do (normalise, then pad with zeros): padded with
 zeros in pixel space, the padding would be -mean/std and reach every output through DyHead's global pooling.
 """
+
 from __future__ import annotations
 
 import torch

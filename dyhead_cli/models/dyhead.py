@@ -22,6 +22,7 @@ Initialisation follows the official code: the DCN weights keep the DCN's own ini
 +-1/sqrt(9 C_in), bias 0), the offset conv keeps PyTorch's default, the scale branch's 1x1 conv is
 N(0, 0.01); ``zero_init_offset=True`` is MMDetection's zero-initialised offset conv.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,6 +42,7 @@ from dyhead_cli.models.deform import (
 from dyhead_cli.models.deform_export import deform_conv2d_export, deform_conv2d_sampled
 
 OFFSET_MODES = ("official", "mmdet", "aligned")
+SAMPLED_MIN_BATCH = 8  # off CPU, "fast" uses grid_sample + GEMM from this batch size on (see forward)
 IMPLS = ("fast", "reference", "export")  # "export": grid_sample + matmul (models/deform_export.py), for ONNX
 
 
@@ -75,8 +77,8 @@ def fit_offset_to_output(offset: Tensor, mask: Tensor, size: tuple[int, int], mo
         offset = F.interpolate(offset, size=(h, w), mode="bilinear", align_corners=False)
         # (B, 18, h, w) -> (B, 9, 2, h, w): (dy, dx) per tap, each in the coarser grid's pixels
         # (the scales as Python scalars, not a tensor of them: torch.export keeps them symbolic then)
-        off = offset.view(b, 9, 2, h, w)
-        offset = torch.stack([off[:, :, 0] * (h / big_h), off[:, :, 1] * (w / big_w)], dim=2).view(b, 18, h, w)
+        off = offset.reshape(b, 9, 2, h, w)
+        offset = torch.stack([off[:, :, 0] * (h / big_h), off[:, :, 1] * (w / big_w)], dim=2).reshape(b, 18, h, w)
         mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
     else:
         raise ValueError(f"offset_mode must be one of {OFFSET_MODES}, got {mode!r}")
@@ -241,9 +243,11 @@ class DyHeadBlock(nn.Module):
         if trace is None and self.impl == "fast" and on_cpu:
             return self.forward_fast(features)
         outs = []
-        # off CPU, "fast" is one grid_sample + one GEMM per conv (models/deform_export.py), chosen over
-        # torchvision's op by benchmarks/gpu_tower.py on an H100 (see the README)
-        exportable: bool | str = self.impl == "export" or ("sampled" if self.impl == "fast" and not on_cpu else False)
+        # Off CPU, "fast" is one grid_sample + one GEMM per conv (models/deform_export.py) for batches of
+        # SAMPLED_MIN_BATCH or more, torchvision's op below: on an H100 (benchmarks/gpu_tower.py, 800x1333,
+        # 6 x 256) the former took 85 ms vs 102 ms at batch 8 but 58 ms vs 35 ms at batch 1 (launch-bound).
+        sampled = self.impl == "fast" and not on_cpu and features[0].shape[0] >= SAMPLED_MIN_BATCH
+        exportable: bool | str = self.impl == "export" or ("sampled" if sampled else False)
         mode = self.offset_mode
         for level, x in enumerate(features):
             offset, mask = self.offset_and_mask(x)

@@ -17,6 +17,7 @@ whole batch with fixed-size tensors:
 
 The results equal ``head.postprocess`` up to the order of exactly tied scores.
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ ReLU(P6); ``LastLevelMaxPool`` = detectron2's, a 1x1 max-pool with stride 2); we
 names (``inner_blocks``, ``layer_blocks``, ``extra_blocks.p6``) hold. MMDetection computes P7 from P6
 without the ReLU (``relu_before_extra_convs=False``): ``p7_relu=False``.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict

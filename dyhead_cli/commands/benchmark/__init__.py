@@ -1,4 +1,5 @@
 """``dyhead benchmark``: latency, throughput, memory, parameters and FLOPs, stage by stage (see measure.py)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -8,6 +9,8 @@ from dyhead_cli.commands.console import console, err_console
 
 
 def run(**kwargs: Any) -> dict:
-    report = benchmark_from_cli(**kwargs, log=lambda message: err_console.print(message, style="dim", markup=False, highlight=False))
+    report = benchmark_from_cli(
+        **kwargs, log=lambda message: err_console.print(message, style="dim", markup=False, highlight=False)
+    )
     console.print(render_table(report))
     return report

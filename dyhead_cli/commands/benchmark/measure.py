@@ -30,6 +30,7 @@ torchvision's Faster R-CNN-R50-FPN (``fasterrcnn_resnet50_fpn``, same transform 
 All models are built first; their timed calls are interleaved (each round calls every model once, in
 rotating order) so that load from other processes falls on all of them alike; the load average is recorded.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,9 +52,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dyhead_cli.engine import recipes
 from dyhead_cli.engine.machine import cpu_description
 from dyhead_cli.errors import DyheadError
-from dyhead_cli.engine import recipes
 from dyhead_cli.models.dyhead import IMPLS
 from dyhead_cli.recipe import ModelConfig
 
@@ -254,11 +255,17 @@ def candidates_for(cfg: ModelConfig, s: Settings) -> list[Candidate]:
         if two_stage:
             atss = as_atss(cfg)
             out.append(Candidate("atss_dyhead", model_name(atss), lambda: build_detector(atss), True, dataclasses.asdict(atss)))
-        builder, key, title = (("fasterrcnn_resnet50_fpn", "torchvision_faster_rcnn", "Faster R-CNN-R50 (torchvision)")
-                               if two_stage else ("fcos_resnet50_fpn", "torchvision_fcos", "FCOS-R50 (torchvision)"))
+        builder, key, title = (
+            ("fasterrcnn_resnet50_fpn", "torchvision_faster_rcnn", "Faster R-CNN-R50 (torchvision)")
+            if two_stage
+            else ("fcos_resnet50_fpn", "torchvision_fcos", "FCOS-R50 (torchvision)")
+        )
         num_classes = cfg.num_classes + two_stage  # torchvision's Faster R-CNN counts the background class
-        tv = {"torchvision": f"{builder}(weights=None, weights_backbone=None)", "num_classes": num_classes,
-              "transform": {"min_size": min(s.size), "max_size": max(s.size)}}
+        tv = {
+            "torchvision": f"{builder}(weights=None, weights_backbone=None)",
+            "num_classes": num_classes,
+            "transform": {"min_size": min(s.size), "max_size": max(s.size)},
+        }
         out.append(Candidate(key, title, lambda: build_torchvision_fcos(num_classes, s.size, builder), False, tv))
     return out
 
@@ -311,6 +318,7 @@ def prepare(model: nn.Module, c: Candidate, s: Settings) -> nn.Module:
 def forward_fn(model: nn.Module, c: Candidate, images: Tensor, image_sizes: list, s: Settings) -> Callable[[], Any]:
     """One whole eval forward on the given batch, as a no-argument call."""
     if c.ours:
+
         def call():
             with run_context(s):
                 return model(images, image_sizes)
@@ -320,6 +328,7 @@ def forward_fn(model: nn.Module, c: Candidate, images: Tensor, image_sizes: list
         def call():
             with run_context(s):
                 return model(image_list)
+
     return call
 
 
@@ -357,7 +366,7 @@ def measure_interleaved(fns: dict[str, Callable[[], Any]], iters: int, device: s
     keys = list(fns)
     times: dict[str, list[float]] = {k: [] for k in keys}
     for i in range(iters):
-        for k in keys[i % len(keys):] + keys[: i % len(keys)]:
+        for k in keys[i % len(keys) :] + keys[: i % len(keys)]:
             times[k].append(time_call(fns[k], device))
     return {k: Timing(t) for k, t in times.items()}
 
@@ -381,6 +390,7 @@ def stage_functions(model: nn.Module, images: Tensor, image_sizes: list, s: Sett
         def call():
             with run_context(s):
                 return fn()
+
         return call
 
     return {name: in_context(fn) for name, fn in calls.items()}
@@ -519,14 +529,21 @@ def load_candidate(c: Candidate, s: Settings, log: Callable[[str], None]) -> Loa
     torch.manual_seed(s.seed)
     model = c.build().to(s.device)
     log(f"{c.name}: counting FLOPs")
-    info = {"name": c.name, "params": count_params(model), "weights_bytes": weight_bytes(model),
-            "flops_per_image": stage_flops(model, c, s.size, s.device), "config": c.config}
+    info = {
+        "name": c.name,
+        "params": count_params(model),
+        "weights_bytes": weight_bytes(model),
+        "flops_per_image": stage_flops(model, c, s.size, s.device),
+        "config": c.config,
+    }
     if c.ours:
         info["levels"] = level_shapes(model, s.size, s.device)
     return Loaded(c, prepare(model, c, s), info)
 
 
-def measure_batch(loaded: list[Loaded], batch: int, s: Settings, log: Callable[[str], None], onnx: tuple | None = None) -> list[dict]:
+def measure_batch(
+    loaded: list[Loaded], batch: int, s: Settings, log: Callable[[str], None], onnx: tuple | None = None
+) -> list[dict]:
     """One batch size: warm every model up, its peak memory alone, the timed calls interleaved, then stages."""
     images, image_sizes = make_inputs(batch, s.size, s.device, s.channels_last, s.seed)
     calls = {x.c.key: forward_fn(x.model, x.c, images, image_sizes, s) for x in loaded}
@@ -552,9 +569,16 @@ def measure_batch(loaded: list[Loaded], batch: int, s: Settings, log: Callable[[
     rows = []
     for x in loaded:
         timing, (peak, peak_kind) = timings[x.c.key], memory[x.c.key]
-        row = {"model": x.c.name, "key": x.c.key, "batch_size": batch, "latency_ms": timing.to_ms(),
-               "times_ms": [t * 1e3 for t in timing.times_s], "images_per_s": batch / timing.p50,
-               "peak_memory_bytes": peak, "peak_memory_kind": peak_kind}
+        row = {
+            "model": x.c.name,
+            "key": x.c.key,
+            "batch_size": batch,
+            "latency_ms": timing.to_ms(),
+            "times_ms": [t * 1e3 for t in timing.times_s],
+            "images_per_s": batch / timing.p50,
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": peak_kind,
+        }
         if s.device == "cuda":
             row["peak_memory_reserved_bytes"] = memory_reserved[x.c.key]
         if x.c.ours:
@@ -564,9 +588,18 @@ def measure_batch(loaded: list[Loaded], batch: int, s: Settings, log: Callable[[
         rows.append(row)
     if onnx is not None:
         timing = timings["onnx"]
-        rows.append({"model": onnx[1]["name"], "key": "onnx", "batch_size": batch, "latency_ms": timing.to_ms(),
-                     "times_ms": [t * 1e3 for t in timing.times_s], "images_per_s": batch / timing.p50,
-                     "peak_memory_bytes": 0, "peak_memory_kind": "not measured"})
+        rows.append(
+            {
+                "model": onnx[1]["name"],
+                "key": "onnx",
+                "batch_size": batch,
+                "latency_ms": timing.to_ms(),
+                "times_ms": [t * 1e3 for t in timing.times_s],
+                "images_per_s": batch / timing.p50,
+                "peak_memory_bytes": 0,
+                "peak_memory_kind": "not measured",
+            }
+        )
     return rows
 
 
@@ -602,16 +635,24 @@ def ratios(rows: list[dict]) -> list[dict]:
     for main in (r for r in rows if r["key"] == "dyhead"):
         for other in (r for r in rows if r["key"] != "dyhead" and r["batch_size"] == main["batch_size"]):
             a, b = main["latency_ms"]["p50"], other["latency_ms"]["p50"]
-            out.append({"batch_size": main["batch_size"], "model": main["model"], "vs": other["model"],
-                        "ratio_p50": a / b, "difference_ms": a - b})
+            out.append(
+                {
+                    "batch_size": main["batch_size"],
+                    "model": main["model"],
+                    "vs": other["model"],
+                    "ratio_p50": a / b,
+                    "difference_ms": a - b,
+                }
+            )
     return out
 
 
 def run_benchmark(cfg: ModelConfig, source: str, s: Settings, log: Callable[[str], None] = lambda m: None) -> dict:
     """Measure the model (and the comparison models) and return the report (see ``to_markdown``)."""
     check_settings(s)
-    s = dataclasses.replace(s, iters=s.iters or DEFAULT_ITERS[s.device],
-                            warmup=DEFAULT_WARMUP[s.device] if s.warmup is None else s.warmup)
+    s = dataclasses.replace(
+        s, iters=s.iters or DEFAULT_ITERS[s.device], warmup=DEFAULT_WARMUP[s.device] if s.warmup is None else s.warmup
+    )
     if s.threads is not None:
         torch.set_num_threads(s.threads)
     machine_start = machine_info(s.device)
@@ -627,12 +668,25 @@ def run_benchmark(cfg: ModelConfig, source: str, s: Settings, log: Callable[[str
     rows = [row for batch in s.batch_sizes for row in measure_batch(loaded, batch, s, log, onnx)]
     models = {x.c.key: x.info for x in loaded} | ({"onnx": onnx[1]} if onnx is not None else {})
     settings = dataclasses.asdict(s)
-    settings.update(size=list(s.size), onnx=None if s.onnx is None else str(s.onnx), threads=torch.get_num_threads(), impl=cfg.dyhead.impl if s.impl is None else s.impl,
-                    source=source, images="random 0..255, exactly HxW, no padding",
-                    timer="CUDA events" if s.device == "cuda" else "time.perf_counter")
+    settings.update(
+        size=list(s.size),
+        onnx=None if s.onnx is None else str(s.onnx),
+        threads=torch.get_num_threads(),
+        impl=cfg.dyhead.impl if s.impl is None else s.impl,
+        source=source,
+        images="random 0..255, exactly HxW, no padding",
+        timer="CUDA events" if s.device == "cuda" else "time.perf_counter",
+    )
     machine = machine_start | {"load_average_end": load_average()}
-    return {"command": command_line(), "machine": machine, "settings": settings, "models": models,
-            "results": rows, "ratios": ratios(rows), "notes": notes(s) + ([busy] if busy else [])}
+    return {
+        "command": command_line(),
+        "machine": machine,
+        "settings": settings,
+        "models": models,
+        "results": rows,
+        "ratios": ratios(rows),
+        "notes": notes(s) + ([busy] if busy else []),
+    }
 
 
 def busy_warning(machine: dict[str, Any]) -> str | None:
@@ -640,8 +694,10 @@ def busy_warning(machine: dict[str, Any]) -> str | None:
     load, cores = machine.get("load_average_start"), machine.get("cpu_cores_usable") or 1
     if not load or load[0] <= 0.5 * cores:
         return None
-    return (f"warning: the machine is busy (1-minute load average {load[0]} on {cores} cores): CPU timings will be noisy "
-            "and slower; compare only models measured in the same run")
+    return (
+        f"warning: the machine is busy (1-minute load average {load[0]} on {cores} cores): CPU timings will be noisy "
+        "and slower; compare only models measured in the same run"
+    )
 
 
 def notes(s: Settings) -> list[str]:
@@ -651,16 +707,21 @@ def notes(s: Settings) -> list[str]:
         "FLOPs: one fp32 image, FlopCounterMode (multiply-add = 2), DyHead counted with its reference implementation; "
         "deform_conv2d by formula 2*C_in*9*C_out*H_out*W_out + 8*9*C_in*H_out*W_out (bilinear sampling with mask)",
         "DyHead share: the DyHead stage's median over the sum of the stage medians",
-        "peak memory: during one call of the warm model, " + ("CUDA max memory allocated" if s.device == "cuda" else
-        "process peak RSS (includes Python and torch)") + ("; the other compared models' weights are subtracted" if s.compare else ""),
+        "peak memory: during one call of the warm model, "
+        + ("CUDA max memory allocated" if s.device == "cuda" else "process peak RSS (includes Python and torch)")
+        + ("; the other compared models' weights are subtracted" if s.compare else ""),
         "timed calls: with several models, each round times every model once (rotating the order), so load from other "
         "processes hits them alike",
     ]
     if s.compare:
-        out.append("no DyHead: the same detector with dyhead.num_blocks = 0 and head_options.num_convs = 4 "
-                   "(the standard 3x3 conv + GroupNorm + ReLU head towers)")
-        out.append(f"torchvision FCOS: transform min_size={min(s.size)}, max_size={max(s.size)} so the {s.size[0]}x{s.size[1]} "
-                   "input is not rescaled (scale 1.0); its forward also normalises and pads to a multiple of 32")
+        out.append(
+            "no DyHead: the same detector with dyhead.num_blocks = 0 and head_options.num_convs = 4 "
+            "(the standard 3x3 conv + GroupNorm + ReLU head towers)"
+        )
+        out.append(
+            f"torchvision FCOS: transform min_size={min(s.size)}, max_size={max(s.size)} so the {s.size[0]}x{s.size[1]} "
+            "input is not rescaled (scale 1.0); its forward also normalises and pads to a multiple of 32"
+        )
     return out
 
 
@@ -719,8 +780,13 @@ def nvidia_driver() -> str | None:
     import subprocess
 
     with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=False)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip().splitlines()[0]
     with contextlib.suppress(OSError):
@@ -771,8 +837,15 @@ MODEL_HEADERS = ["model", "params M", "GFLOPs/img", "backbone", "FPN", "DyHead (
 
 def result_cells(r: dict) -> list[str]:
     lat = r["latency_ms"]
-    return [r["model"], str(r["batch_size"]), f"{lat['p50']:.1f}", f"{lat['p90']:.1f}", f"{lat['p99']:.1f}",
-            f"{r['images_per_s']:.2f}", _mb(r["peak_memory_bytes"])]
+    return [
+        r["model"],
+        str(r["batch_size"]),
+        f"{lat['p50']:.1f}",
+        f"{lat['p90']:.1f}",
+        f"{lat['p99']:.1f}",
+        f"{r['images_per_s']:.2f}",
+        _mb(r["peak_memory_bytes"]),
+    ]
 
 
 def stage_cells(r: dict) -> list[str]:
@@ -787,14 +860,22 @@ def model_cells(m: dict) -> list[str]:
         return [m["name"]] + [""] * 6
     if "backbone" not in f:
         return [m["name"], f"{m['params'] / 1e6:.2f}", _g(f["total"]), "", "", "", ""]
-    return [m["name"], f"{m['params'] / 1e6:.2f}", _g(f["total"]), _g(f["backbone"]), _g(f["fpn"]),
-            f"{_g(f['dyhead'])} ({_g(f['dyhead_deformable'])})", _g(f["head"])]
+    return [
+        m["name"],
+        f"{m['params'] / 1e6:.2f}",
+        _g(f["total"]),
+        _g(f["backbone"]),
+        _g(f["fpn"]),
+        f"{_g(f['dyhead'])} ({_g(f['dyhead_deformable'])})",
+        _g(f["head"]),
+    ]
 
 
 def ratio_line(x: dict) -> str:
     sign = "+" if x["difference_ms"] >= 0 else "-"
-    return (f"batch {x['batch_size']}: {x['model']} / {x['vs']} = {x['ratio_p50']:.2f}x p50 "
-            f"({sign}{abs(x['difference_ms']):.1f} ms)")
+    return (
+        f"batch {x['batch_size']}: {x['model']} / {x['vs']} = {x['ratio_p50']:.2f}x p50 ({sign}{abs(x['difference_ms']):.1f} ms)"
+    )
 
 
 def _rich_table(title: str, headers: list[str], rows: list[list[str]]):
@@ -814,9 +895,11 @@ def render_table(report: dict):
     from rich.text import Text
 
     s, m = report["settings"], report["machine"]
-    title = (f"dyhead benchmark: {s['size'][0]}x{s['size'][1]}, {s['precision']}, {s['device']}"
-             f"{', channels-last' if s['channels_last'] else ''}{', compiled' if s['compile'] else ''}, "
-             f"{s['threads']} threads, {s['iters']} timed after {s['warmup']} warm-up")
+    title = (
+        f"dyhead benchmark: {s['size'][0]}x{s['size'][1]}, {s['precision']}, {s['device']}"
+        f"{', channels-last' if s['channels_last'] else ''}{', compiled' if s['compile'] else ''}, "
+        f"{s['threads']} threads, {s['iters']} timed after {s['warmup']} warm-up"
+    )
     rows = report["results"]
     parts: list[Any] = [_rich_table(title, RESULT_HEADERS, [result_cells(r) for r in rows])]
     staged = [r for r in rows if "stages_ms" in r]
@@ -825,10 +908,15 @@ def render_table(report: dict):
     parts.append(_rich_table("size (GFLOPs per image)", MODEL_HEADERS, [model_cells(x) for x in report["models"].values()]))
     parts += [Text(ratio_line(x)) for x in report["ratios"]]
     gpu = f", {m['gpu']} (driver {m.get('driver') or '?'}, CUDA {m['cuda']})" if m["gpu"] else ""
-    parts.append(Text(f"{m['cpu']} ({m['cpu_cores_usable']} cores; {m.get('cpu_vector_extensions') or 'vector extensions unknown'}; "
-                      f"torch kernels {m.get('torch_cpu_capability')}){gpu}; torch {m['torch']}, "
-                      f"torchvision {m['torchvision']}; {s.get('timer', 'timer ?')}; load average {m['load_average_start']} -> "
-                      f"{m['load_average_end']}", style="dim"))
+    parts.append(
+        Text(
+            f"{m['cpu']} ({m['cpu_cores_usable']} cores; {m.get('cpu_vector_extensions') or 'vector extensions unknown'}; "
+            f"torch kernels {m.get('torch_cpu_capability')}){gpu}; torch {m['torch']}, "
+            f"torchvision {m['torchvision']}; {s.get('timer', 'timer ?')}; load average {m['load_average_start']} -> "
+            f"{m['load_average_end']}",
+            style="dim",
+        )
+    )
     return Group(*parts)
 
 
@@ -853,8 +941,10 @@ def to_markdown(report: dict) -> str:
     if report["ratios"]:
         out += ["", "## Ratios", ""] + [f"- {ratio_line(x)}" for x in report["ratios"]]
     out += ["", "## Models (GFLOPs per image)", ""]
-    out += _md_table(MODEL_HEADERS + ["levels"], [model_cells(m) + [" ".join(f"{h}x{w}" for h, w in m.get("levels", []))]
-                                                 for m in models.values()])
+    out += _md_table(
+        MODEL_HEADERS + ["levels"],
+        [model_cells(m) + [" ".join(f"{h}x{w}" for h, w in m.get("levels", []))] for m in models.values()],
+    )
     out += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(out) + "\n"
 
@@ -890,9 +980,20 @@ def benchmark_from_cli(
     log: Callable[[str], None] = lambda m: None,
 ) -> dict:
     """Parse the options, run, write --json/--markdown; returns the report for the CLI to print."""
-    settings = Settings(device=resolve_device(gpu), size=parse_size(size), batch_sizes=parse_batch_sizes(batch_sizes),
-                        precision=precision, channels_last=channels_last, compile=compile, iters=iters, warmup=warmup,
-                        impl=impl, threads=threads, compare=compare, onnx=onnx)
+    settings = Settings(
+        device=resolve_device(gpu),
+        size=parse_size(size),
+        batch_sizes=parse_batch_sizes(batch_sizes),
+        precision=precision,
+        channels_last=channels_last,
+        compile=compile,
+        iters=iters,
+        warmup=warmup,
+        impl=impl,
+        threads=threads,
+        compare=compare,
+        onnx=onnx,
+    )
     check_settings(settings)
     cfg, source = model_config_from(recipe, model)
     report = run_benchmark(cfg, source, settings, log)

@@ -4,6 +4,7 @@ PyTorch model (same images, same thread count, calls interleaved with the PyTorc
 The exported graph takes the batch as it is (a fixed-size export needs ``--size`` equal to its own);
 it is timed end to end, post-processing included when it was exported with it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -21,8 +22,14 @@ def load_onnx(path: Path, threads: int) -> tuple[Any, dict[str, Any]]:
     from dyhead_cli.engine.onnx_runner import OnnxDetector
 
     model = OnnxDetector(path, threads=threads)
-    info = {"name": f"{path.name} (onnxruntime {_ort_version()}, CPU)", "file": str(path), "params": None,
-            "weights_bytes": path.stat().st_size, "flops_per_image": {}, "config": {k: model.meta[k] for k in ("size", "dynamic", "batch", "postprocess", "half")}}
+    info = {
+        "name": f"{path.name} (onnxruntime {_ort_version()}, CPU)",
+        "file": str(path),
+        "params": None,
+        "weights_bytes": path.stat().st_size,
+        "flops_per_image": {},
+        "config": {k: model.meta[k] for k in ("size", "dynamic", "batch", "postprocess", "half")},
+    }
     return model, info
 
 
@@ -36,9 +43,12 @@ def onnx_call(model: Any, images: Tensor, image_sizes: list, device: str) -> Cal
     if device != "cpu":
         raise DyheadError("--onnx times onnxruntime on the CPU: drop --gpu")
     if not model.dynamic and tuple(images.shape[-2:]) != tuple(model.size):
-        raise DyheadError(f"--onnx {model.path} was exported for {model.size[0]}x{model.size[1]}: pass --size {model.size[0]}x{model.size[1]}")
+        raise DyheadError(
+            f"--onnx {model.path} was exported for {model.size[0]}x{model.size[1]}: pass --size {model.size[0]}x{model.size[1]}"
+        )
 
     def call():
         with torch.inference_mode():
             return model(images, image_sizes)
+
     return call

@@ -1,5 +1,6 @@
 """What the DyHead blocks attend to, as pictures: scale-aware weights, deformable sampling points, feature
 activity per block (``dyhead visualize --attention``)."""
+
 from __future__ import annotations
 
 import math
@@ -12,11 +13,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
-
-from dyhead_cli.data.images import ImageEntry, ImageFiles
-from dyhead_cli.data.loaders import collate_images
-from dyhead_cli.errors import DyheadError
-from dyhead_cli.models.dyhead import BlockTrace
 
 from dyhead_cli.commands.visualize.drawing import (
     BACKGROUND,
@@ -34,7 +30,10 @@ from dyhead_cli.commands.visualize.drawing import (
     titled,
     vstack,
 )
-
+from dyhead_cli.data.images import ImageEntry, ImageFiles
+from dyhead_cli.data.loaders import collate_images
+from dyhead_cli.errors import DyheadError
+from dyhead_cli.models.dyhead import BlockTrace
 
 # ----------------------------------------------------------------------------------------------------
 # the model's pass over one image
@@ -185,7 +184,9 @@ def spatial_attention_picture(
         taps_of[b] = (cell, sampling_points(offset, mask, cell))
     # room for the points that matter (mask >= 0.1); fainter ones far out may be cut at the border
     xy = [to_display(sr, sc) for _, taps in taps_of.values() for _, _, sr, sc, m in taps if m >= 0.1]
-    over = max([0.0] + [-x for x, _ in xy] + [-y for _, y in xy] + [x - shown.width for x, _ in xy] + [y - shown.height for _, y in xy])
+    over = max(
+        [0.0] + [-x for x, _ in xy] + [-y for _, y in xy] + [x - shown.width for x, _ in xy] + [y - shown.height for _, y in xy]
+    )
     margin = int(min(over + 3 * unit, size / 4)) if over > 0 else 0
 
     panels = []
@@ -210,7 +211,11 @@ def spatial_attention_picture(
         for _, _, sr, sc, m in sorted(taps, key=lambda t: t[4]):
             x, y = at(sr, sc)
             radius = unit * (0.6 + 1.8 * m)
-            d.ellipse([x - radius, y - radius, x + radius, y + radius], fill=(255, 140, 0, int(70 + 185 * m)), outline=(255, 220, 120, 255))
+            d.ellipse(
+                [x - radius, y - radius, x + radius, y + radius],
+                fill=(255, 140, 0, int(70 + 185 * m)),
+                outline=(255, 220, 120, 255),
+            )
         px, py = margin + point[0] * scale, margin + point[1] * scale
         arm, thick = unit * 2.2, max(2, round(unit / 2))
         d.line([(px - arm, py), (px + arm, py)], fill=(0, 230, 255, 255), width=thick)
@@ -219,8 +224,12 @@ def spatial_attention_picture(
         masks = [t[4] for t in taps]
         shift = sum(math.hypot(sr - r, sc - c) for r, c, sr, sc, _ in taps) / len(taps)
         panels.append(
-            titled(panel, f"block {b + 1}", size=max(13, size // 28),
-                   lines=[f"mask {min(masks):.2f}..{max(masks):.2f}, mean shift {shift:.2f} cells"])
+            titled(
+                panel,
+                f"block {b + 1}",
+                size=max(13, size // 28),
+                lines=[f"mask {min(masks):.2f}..{max(masks):.2f}, mean shift {shift:.2f} cells"],
+            )
         )
     body = hstack(panels)
     name = LEVEL_NAMES[level] if level < len(LEVEL_NAMES) else f"L{level}"
@@ -280,5 +289,3 @@ def feature_activity_picture(
             "colour scale (0 .. its max; the overall level is the mean |x| above it), over a faint copy of the image.",
         ],
     )
-
-

@@ -18,6 +18,7 @@ checked against its untraced output.
 
 Everything is drawn with PIL, fonts from ``ImageFont.load_default``.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,14 +30,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-
-from dyhead_cli.data.annotations import check_results, read_annotation_file
-from dyhead_cli.data.images import collect_images, images_from_annotations, load_rgb
-from dyhead_cli.engine.inference import LoadedDetector, category_ids, choose_device, load_detector
-from dyhead_cli.engine.paths import check_output_dir, check_output_file, temporary_name, writing
-from dyhead_cli.engine.results import images_json_path
-from dyhead_cli.errors import DyheadError
-from dyhead_cli.recipe import MAX_IMAGE_SIDE
 
 from dyhead_cli.commands.console import err_console, note, say
 from dyhead_cli.commands.visualize.attention import (
@@ -55,7 +48,13 @@ from dyhead_cli.commands.visualize.drawing import (
     hstack,
     titled,
 )
-
+from dyhead_cli.data.annotations import check_results, read_annotation_file
+from dyhead_cli.data.images import collect_images, images_from_annotations, load_rgb
+from dyhead_cli.engine.inference import LoadedDetector, category_ids, choose_device, load_detector
+from dyhead_cli.engine.paths import check_output_dir, check_output_file, temporary_name, writing
+from dyhead_cli.engine.results import images_json_path
+from dyhead_cli.errors import DyheadError
+from dyhead_cli.recipe import MAX_IMAGE_SIDE
 
 # ----------------------------------------------------------------------------------------------------
 # which images, which ids
@@ -70,7 +69,7 @@ class ImageIndex:
     paths: dict[int, Path] = field(default_factory=dict)
 
     @classmethod
-    def from_images(cls, images: Sequence[dict[str, Any]], root: Path) -> "ImageIndex":
+    def from_images(cls, images: Sequence[dict[str, Any]], root: Path) -> ImageIndex:
         index = cls()
         for im in images:
             path = Path(os.path.abspath(Path(root) / im["file_name"]))
@@ -213,7 +212,9 @@ class BoxSources:
             found = detect(self.detector.model, prepare(Path(path), self.detector.recipe), self.device)
             rows = [
                 {"bbox": [x1, y1, x2 - x1, y2 - y1], "category_id": self.label_cats[int(label)]["id"], "score": float(score)}
-                for (x1, y1, x2, y2), score, label in zip(found["boxes"].tolist(), found["scores"].tolist(), found["labels"].tolist())
+                for (x1, y1, x2, y2), score, label in zip(
+                    found["boxes"].tolist(), found["scores"].tolist(), found["labels"].tolist()
+                )
             ]
             return boxes_from_coco(rows, score_thr)
         image_id = self.preds_index.find(path)
@@ -259,8 +260,13 @@ def visualize(
         raise DyheadError(f"--limit must be >= 0 (0 = all images), got {limit}")
     if not 0.0 <= score_thr <= 1.0:
         raise DyheadError(f"--score-thr must be within 0..1, got {score_thr}")
-    inputs = [("checkpoint --weights", weights), ("--recipe", recipe_path), ("--preds file", preds), ("--ann file", ann),
-              ("--images folder", images_dir)] + [("input", p) for p in images]
+    inputs = [
+        ("checkpoint --weights", weights),
+        ("--recipe", recipe_path),
+        ("--preds file", preds),
+        ("--ann file", ann),
+        ("--images folder", images_dir),
+    ] + [("input", p) for p in images]
     out = check_output_dir(out, "--out", inputs)
     if attention:
         if weights is None:
@@ -298,7 +304,9 @@ def visualize(
         else:
             listing_path = images_json_path(Path(preds))
             if not listing_path.is_file():
-                raise DyheadError(f"image list not found: {listing_path} (written by 'dyhead predict' next to the results; or pass --ann)")
+                raise DyheadError(
+                    f"image list not found: {listing_path} (written by 'dyhead predict' next to the results; or pass --ann)"
+                )
             listing = read_annotation_file(listing_path)
             root = Path(os.path.abspath(str(listing.get("root") or listing_path.parent)))
             sources.preds_index = ImageIndex.from_images(listing["images"], root)
@@ -330,14 +338,18 @@ def visualize(
             summary.skipped.append(str(path))
             continue
         if attention:
-            summary.written.extend(attention_pictures(det, image, Path(path), out, stem[:-4], sources.device, point, level, block, size, summary))
+            summary.written.extend(
+                attention_pictures(det, image, Path(path), out, stem[:-4], sources.device, point, level, block, size, summary)
+            )
             continue
         panels = []
         if sources.gt_index is not None:
             gt = sources.ground_truth(path)
             if gt is None:
                 note("note", f"{path} is not in {ann}: no ground truth drawn", to=console)
-            panels.append(titled(draw_boxes(image, gt or [], sources.cats, size), f"ground truth ({len(gt or [])})", size=title_size))
+            panels.append(
+                titled(draw_boxes(image, gt or [], sources.cats, size), f"ground truth ({len(gt or [])})", size=title_size)
+            )
         if sources.has_predictions:
             found = sources.predictions(path, score_thr)
             if found is None:
@@ -349,8 +361,17 @@ def visualize(
 
 
 def attention_pictures(
-    det, image: Image.Image, path: Path, out: Path, stem: str, dev: torch.device, point_text: str | None, level_text: str,
-    block: int | None, size: int, summary: VisualizeSummary,
+    det,
+    image: Image.Image,
+    path: Path,
+    out: Path,
+    stem: str,
+    dev: torch.device,
+    point_text: str | None,
+    level_text: str,
+    block: int | None,
+    size: int,
+    summary: VisualizeSummary,
 ) -> list[Path]:
     """The three attention PNGs for one image."""
     prepared = prepare(path, det.recipe)
@@ -378,10 +399,20 @@ def attention_pictures(
         raise DyheadError(f"--point {point[0]:g},{point[1]:g} lies outside the {image.width}x{image.height} image")
     name = path.name
     written = [
-        save_png(scale_attention_picture(traces, f"{name}: scale-aware attention per block and level"), out / f"{stem}_scale_attention.png"),
+        save_png(
+            scale_attention_picture(traces, f"{name}: scale-aware attention per block and level"),
+            out / f"{stem}_scale_attention.png",
+        ),
         save_png(
             spatial_attention_picture(
-                image, traces, blocks, level, stride, point, prepared, size if len(blocks) == 1 else max(256, size // 2),
+                image,
+                traces,
+                blocks,
+                level,
+                stride,
+                point,
+                prepared,
+                size if len(blocks) == 1 else max(256, size // 2),
                 f"{name}: spatial-aware attention ({point_note})",
             ),
             out / f"{stem}_spatial_attention.png",

@@ -1,4 +1,5 @@
 """Drawing with PIL: label boxes, heat colours, stacked panels, boxes from COCO rows (``dyhead visualize``)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -8,18 +9,43 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-
 # Tableau 20, strong colours first: distinct on photos and on the synthetic shapes.
 PALETTE = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
-    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+    (174, 199, 232),
+    (255, 187, 120),
+    (152, 223, 138),
+    (255, 152, 150),
+    (197, 176, 213),
+    (196, 156, 148),
+    (247, 182, 210),
+    (199, 199, 199),
+    (219, 219, 141),
+    (158, 218, 229),
 ]
 # viridis, sampled at 0, 1/8, ..., 1 (linear in between)
 VIRIDIS = np.array(
-    [(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141),
-     (39, 173, 129), (92, 200, 99), (170, 220, 50), (253, 231, 37)], dtype=np.float32,
+    [
+        (68, 1, 84),
+        (71, 44, 122),
+        (59, 81, 139),
+        (44, 113, 142),
+        (33, 144, 141),
+        (39, 173, 129),
+        (92, 200, 99),
+        (170, 220, 50),
+        (253, 231, 37),
+    ],
+    dtype=np.float32,
 )
 LEVEL_NAMES = ("P3", "P4", "P5", "P6", "P7")
 INPUT_NAMES = ("low", "mid", "high")
@@ -51,7 +77,12 @@ def ink_on(colour: Sequence[int]) -> tuple[int, int, int]:
 
 
 def label_box(
-    draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, colour, fnt, above: bool = True,
+    draw: ImageDraw.ImageDraw,
+    xy: tuple[float, float],
+    text: str,
+    colour,
+    fnt,
+    above: bool = True,
     taken: list[tuple[float, float, float, float]] | None = None,
 ) -> None:
     """``text`` on a filled box whose lower-left (``above``) or upper-left corner is ``xy``.
@@ -140,7 +171,9 @@ def hstack(images: Sequence[Image.Image], gap: int = 8) -> Image.Image:
 
 
 def vstack(images: Sequence[Image.Image], gap: int = 8) -> Image.Image:
-    canvas = Image.new("RGB", (max(im.width for im in images), sum(im.height for im in images) + gap * (len(images) - 1)), BACKGROUND)
+    canvas = Image.new(
+        "RGB", (max(im.width for im in images), sum(im.height for im in images) + gap * (len(images) - 1)), BACKGROUND
+    )
     y = 0
     for im in images:
         canvas.paste(im, (0, y))
@@ -211,5 +244,3 @@ def boxes_from_coco(rows: Sequence[dict[str, Any]], score_thr: float | None = No
         x, y, w, h = r["bbox"]
         out.append(Box((x, y, x + w, y + h), r["category_id"], None if score is None else float(score)))
     return out
-
-

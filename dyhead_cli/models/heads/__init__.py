@@ -4,6 +4,7 @@ A builder is ``build(cfg: ModelConfig, in_channels, strides) -> DenseHead``; the
 follows (forward / loss / postprocess) is described in ``heads/dense.py``, the meaning of its scores and
 thresholds in ``heads/postprocess.py``.
 """
+
 from __future__ import annotations
 
 from dyhead_cli.models.heads import atss, faster_rcnn, fcos, retinanet

@@ -6,6 +6,7 @@ and trained with a centerness-weighted GIoU loss (weight 2, the official REG_LOS
 are 1x1 convs as in the official head (MMDetection's port uses 3x3: ``pred_kernel_size``); with DyHead
 there is no extra tower (``num_convs = 0``). Branches, losses and post-processing: ``heads/dense.py``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,7 +19,6 @@ from dyhead_cli.models.heads.boxes import BoxCoder, centerness_target
 from dyhead_cli.models.heads.dense import AnchorHead, HeadSpec, dense_head_kwargs
 from dyhead_cli.models.heads.losses import check_targets, focal_giou_centerness_losses, one_hot_targets
 from dyhead_cli.recipe import ModelConfig
-
 
 
 @torch.no_grad()
@@ -73,8 +73,14 @@ class ATSSHead(AnchorHead):
     DEFAULTS = {"anchor_offset": 0.5, "pred_kernel_size": 1, "num_convs": 0, "nms_thresh": 0.6}
 
     def __init__(
-        self, in_channels: int, num_classes: int, strides: tuple[int, ...],
-        anchor_scale: float = 8.0, topk: int = 9, box_loss_weight: float = 2.0, **options: Any,
+        self,
+        in_channels: int,
+        num_classes: int,
+        strides: tuple[int, ...],
+        anchor_scale: float = 8.0,
+        topk: int = 9,
+        box_loss_weight: float = 2.0,
+        **options: Any,
     ) -> None:
         super().__init__(in_channels, num_classes, strides, centerness=True, scales=True, **options)
         self.anchor_scale = anchor_scale

@@ -2,6 +2,7 @@
 
 Priors come from the feature shapes and the strides, so a head has no input-size state.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,9 +46,7 @@ class BoxCoder:
         ax, ay = anchors[:, 0] + 0.5 * aw, anchors[:, 1] + 0.5 * ah
         bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
         bx, by = boxes[:, 0] + 0.5 * bw, boxes[:, 1] + 0.5 * bh
-        return torch.stack(
-            [wx * (bx - ax) / aw, wy * (by - ay) / ah, ww * torch.log(bw / aw), wh * torch.log(bh / ah)], dim=1
-        )
+        return torch.stack([wx * (bx - ax) / aw, wy * (by - ay) / ah, ww * torch.log(bw / aw), wh * torch.log(bh / ah)], dim=1)
 
     def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
         """(N, 4) deltas, (N, 4) anchors -> (N, 4) boxes xyxy (always x2 >= x1, y2 >= y1)."""

@@ -16,10 +16,12 @@ module names checkpoints and ``dyhead convert`` use, runs them, and post-process
 (``heads/postprocess.py``). A head adds only what is its own: priors (``priors``), how predictions become
 boxes (``decode``), assignment and loss targets (``loss``).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,8 +37,8 @@ class HeadSpec:
     """A head in the ``HEADS`` registry: its builder and its class, whose ``DEFAULTS`` fill the recipe's
     ``None`` (= "the head's default") ``head_options`` in ``resolve_model_config``."""
 
-    build: Callable[[ModelConfig, int, tuple[int, ...]], "DenseHead"]
-    head: type["DenseHead"]
+    build: Callable[[ModelConfig, int, tuple[int, ...]], DenseHead]
+    head: type[DenseHead]
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -99,8 +101,12 @@ class DenseHead(nn.Module):
         postprocess: str = "official",
     ) -> None:
         super().__init__()
-        given = {"anchor_offset": anchor_offset, "pred_kernel_size": pred_kernel_size, "num_convs": num_convs,
-                 "nms_thresh": nms_thresh}
+        given = {
+            "anchor_offset": anchor_offset,
+            "pred_kernel_size": pred_kernel_size,
+            "num_convs": num_convs,
+            "nms_thresh": nms_thresh,
+        }
         own = {k: self.DEFAULTS.get(k, DenseHead.DEFAULTS[k]) if v is None else v for k, v in given.items()}
         self.num_classes = num_classes
         self.strides = tuple(strides)

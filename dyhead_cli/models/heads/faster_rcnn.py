@@ -10,6 +10,7 @@ Module names follow detectron2's keys, so converting the published checkpoint is
 ``rpn.{conv, objectness_logits, anchor_deltas}`` (``proposal_generator.rpn_head.*``),
 ``box_head.{fc1, fc2}`` and ``box_predictor.{cls_score, bbox_pred}`` (``roi_heads.*``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -109,8 +110,14 @@ class FasterRCNNHead(nn.Module):
         """Per image (R, 4) RPN proposals (training or test top-n by ``self.training``), no gradient."""
         objectness, deltas = flatten_rpn_outputs(outputs["objectness"], outputs["anchor_deltas"])
         return find_top_proposals(
-            self.anchors(outputs), objectness, deltas, image_sizes, self.rpn_box_coder,
-            self.rpn_pre_nms_top_n[self.training], self.rpn_post_nms_top_n, self.rpn_nms_thresh,
+            self.anchors(outputs),
+            objectness,
+            deltas,
+            image_sizes,
+            self.rpn_box_coder,
+            self.rpn_pre_nms_top_n[self.training],
+            self.rpn_post_nms_top_n,
+            self.rpn_nms_thresh,
         )
 
     def box_outputs(self, features: list[Tensor], boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -131,7 +138,10 @@ class FasterRCNNHead(nn.Module):
             labels.append(lab)
             target_deltas.append(self.rpn_box_coder.encode_single(matched, anchors))
         losses = rpn_losses(
-            torch.cat(objectness, 1), torch.cat(deltas, 1), torch.stack(labels), torch.stack(target_deltas),
+            torch.cat(objectness, 1),
+            torch.cat(deltas, 1),
+            torch.stack(labels),
+            torch.stack(target_deltas),
             self.rpn_batch_size_per_image,
         )
 
@@ -149,16 +159,15 @@ class FasterRCNNHead(nn.Module):
         return losses
 
     @torch.no_grad()
-    def postprocess(
-        self, outputs: dict[str, list[Tensor]], image_sizes: list[tuple[int, int]]
-    ) -> list[dict[str, Tensor]]:
+    def postprocess(self, outputs: dict[str, list[Tensor]], image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
         """Proposals -> box head -> per image {"boxes", "scores", "labels"} (see ``fast_rcnn_inference``)."""
         proposals = self.proposals(outputs, image_sizes)
         cls_logits, box_deltas = self.box_outputs(outputs["features"], proposals)
         counts = [len(p) for p in proposals]
         return [
-            fast_rcnn_inference(logits, deltas, p, size, self.roi_box_coder,
-                                self.score_thresh, self.nms_thresh, self.detections_per_img)
+            fast_rcnn_inference(
+                logits, deltas, p, size, self.roi_box_coder, self.score_thresh, self.nms_thresh, self.detections_per_img
+            )
             for logits, deltas, p, size in zip(cls_logits.split(counts), box_deltas.split(counts), proposals, image_sizes)
         ]
 

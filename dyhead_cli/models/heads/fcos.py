@@ -6,6 +6,7 @@ GT's largest ltrb distance falls in the level's size range; an ambiguous point t
 Regression: ltrb / stride = ReLU(Scale(conv)), so boxes are points -+ distances * stride.
 Branches, losses and post-processing: ``heads/dense.py``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,7 +20,6 @@ from dyhead_cli.models.heads.dense import DenseHead, HeadSpec, dense_head_kwargs
 from dyhead_cli.models.heads.losses import check_targets, focal_giou_centerness_losses, one_hot_targets
 from dyhead_cli.recipe import ModelConfig
 
-
 INF = float("inf")
 # Regression size ranges for P3..P7: the largest of (l, t, r, b) must fall in [low, high] (the official
 # inclusive bounds: a distance of exactly 64 is a candidate on P3 and P4).
@@ -27,9 +27,7 @@ SIZE_RANGES = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.
 
 
 @torch.no_grad()
-def fcos_assign(
-    points: Tensor, strides: Tensor, size_ranges: Tensor, gt_boxes: Tensor, center_sampling_radius: float
-) -> Tensor:
+def fcos_assign(points: Tensor, strides: Tensor, size_ranges: Tensor, gt_boxes: Tensor, center_sampling_radius: float) -> Tensor:
     """The matched GT index per point for one image, -1 = background.
 
     points (P, 2) xy, strides (P,) and size_ranges (P, 2) of each point's level, gt_boxes (G, 4).
@@ -66,23 +64,23 @@ class FCOSHead(DenseHead):
     DEFAULTS = {"anchor_offset": 0.5, "pred_kernel_size": 3, "num_convs": 4, "nms_thresh": 0.6}  # points mid-cell
 
     def __init__(
-        self, in_channels: int, num_classes: int, strides: tuple[int, ...], center_sampling_radius: float = 1.5,
-        size_ranges: tuple[tuple[float, float], ...] = SIZE_RANGES, **options: Any,
+        self,
+        in_channels: int,
+        num_classes: int,
+        strides: tuple[int, ...],
+        center_sampling_radius: float = 1.5,
+        size_ranges: tuple[tuple[float, float], ...] = SIZE_RANGES,
+        **options: Any,
     ) -> None:
         if len(size_ranges) != len(strides):
             raise DyheadError(f"FCOS needs one size range per level: {len(strides)} levels, {len(size_ranges)} ranges")
-        super().__init__(
-            in_channels, num_classes, strides, centerness=True, scales=True, nonnegative_reg=True, **options
-        )
+        super().__init__(in_channels, num_classes, strides, centerness=True, scales=True, nonnegative_reg=True, **options)
         self.size_ranges = tuple(size_ranges)
         self.center_sampling_radius = center_sampling_radius
 
     def points(self, outputs: dict[str, list[Tensor]]) -> list[Tensor]:
         """Per level (H*W, 2) points ((j + offset) * stride, (i + offset) * stride), offset 0.5 by default."""
-        return [
-            grid_centers(x.shape[-2:], s, self.anchor_offset, x.device)
-            for x, s in zip(outputs["cls_logits"], self.strides)
-        ]
+        return [grid_centers(x.shape[-2:], s, self.anchor_offset, x.device) for x, s in zip(outputs["cls_logits"], self.strides)]
 
     priors = points
 

@@ -4,6 +4,7 @@ A head's classification branch is ``conv_tower`` + ``predictor`` (class logits);
 another ``conv_tower`` + ``predictor`` (box deltas, optionally times a per-level ``Scale``) with an optional
 centerness ``predictor`` on the same features. ``heads/dense.py`` assembles them.
 """
+
 from __future__ import annotations
 
 import math

@@ -2,6 +2,7 @@
 
 Assignment (which anchor or point learns which GT) is each head's own; what happens after it is here.
 """
+
 from __future__ import annotations
 
 import torch

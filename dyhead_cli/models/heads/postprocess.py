@@ -20,11 +20,12 @@ class-wise NMS at ``nms_thresh`` over all levels and keep the ``detections_per_i
       zero-width/height ones dropped (``min_bbox_size=0``), before NMS; then score *= centerness.
 Either way the boxes returned are inside the (resized) image; ``Detector`` rescales them to the original.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import Tensor

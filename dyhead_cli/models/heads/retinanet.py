@@ -8,6 +8,7 @@ DyHead config sets beta = 0, i.e. L1). Losses are divided by this batch's positi
 by a running average of that count, a training-dynamics detail that does not change the model).
 Branches and post-processing: ``heads/dense.py`` (no centerness: the score is sigmoid(cls)).
 """
+
 from __future__ import annotations
 
 import math
@@ -73,9 +74,18 @@ class RetinaNetHead(AnchorHead):
     DEFAULTS = {"anchor_offset": 0.0, "pred_kernel_size": 3, "num_convs": 4, "nms_thresh": 0.5}
 
     def __init__(
-        self, in_channels: int, num_classes: int, strides: tuple[int, ...], anchor_scale: float = 4.0,
-        scales: tuple[float, ...] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)), aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
-        fg_iou: float = 0.5, bg_iou: float = 0.4, box_loss: str = "giou", smooth_l1_beta: float = 0.0, **options: Any,
+        self,
+        in_channels: int,
+        num_classes: int,
+        strides: tuple[int, ...],
+        anchor_scale: float = 4.0,
+        scales: tuple[float, ...] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)),
+        aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+        fg_iou: float = 0.5,
+        bg_iou: float = 0.4,
+        box_loss: str = "giou",
+        smooth_l1_beta: float = 0.0,
+        **options: Any,
     ) -> None:
         if box_loss not in BOX_LOSSES:
             raise DyheadError(f"RetinaNet box_loss must be one of {', '.join(BOX_LOSSES)}, got {box_loss!r}")
@@ -104,9 +114,10 @@ class RetinaNetHead(AnchorHead):
         anchors_pos, deltas = anchors[idx], bbox_reg[img, idx]
 
         num_pos = num_positives(len(idx), cls_logits.device)
-        loss_cls = sigmoid_focal_loss(
-            cls_logits[valid], cls_targets[valid], self.focal_alpha, self.focal_gamma, reduction="sum"
-        ) / num_pos
+        loss_cls = (
+            sigmoid_focal_loss(cls_logits[valid], cls_targets[valid], self.focal_alpha, self.focal_gamma, reduction="sum")
+            / num_pos
+        )
         if len(idx) == 0:
             loss_box = deltas.sum() * 0.0  # 0, and still part of the graph
         elif self.box_loss == "giou":

@@ -12,6 +12,7 @@ torchvision's ``MultiScaleRoIAlign`` would do the pooling but with ``aligned=Fal
 its eps outside the log; we follow detectron2 (``torchvision.ops.roi_align`` with ``aligned=True``).
 torchvision's ``RoIHeads`` puts background at class 0 and uses smooth-L1 (beta 1/9); we follow detectron2.
 """
+
 from __future__ import annotations
 
 import torch

@@ -13,6 +13,7 @@ own RPN differs from detectron2 we follow detectron2: its anchor generator round
 integers (detectron2 does not), its losses use smooth-L1 (beta 1/9) over the sampled count and a mean BCE
 (detectron2: L1 and BCE summed over 256 x images), and it drops boxes under 1e-3 px (detectron2: empty ones).
 """
+
 from __future__ import annotations
 
 import math
@@ -129,8 +130,7 @@ def find_top_proposals(
     for level, (a, logits, d) in enumerate(zip(anchors, objectness, deltas)):
         k = min(pre_nms_top_n, logits.shape[1])
         scores, index = logits.float().topk(k, dim=1)  # (B, k)
-        boxes = box_coder.decode_single(d.float().gather(1, index[..., None].expand(-1, -1, 4)).flatten(0, 1),
-                                        a[index.flatten()])
+        boxes = box_coder.decode_single(d.float().gather(1, index[..., None].expand(-1, -1, 4)).flatten(0, 1), a[index.flatten()])
         top_scores.append(scores)
         top_boxes.append(boxes.view(*index.shape, 4))  # (B, k, 4)
         top_levels.append(torch.full((k,), level, dtype=torch.long, device=logits.device))
