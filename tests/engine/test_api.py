@@ -20,7 +20,7 @@ from dyhead_cli.errors import DyheadError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def readme_python() -> str:

@@ -17,7 +17,7 @@ from dyhead_cli.errors import DyheadError
 from dyhead_cli.recipe import builtin_recipe_names, builtin_recipe_text, load_recipe
 
 runner = CliRunner()
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_builtin_recipes_load_by_name_and_by_the_readme_path_from_anywhere(tmp_path, monkeypatch):

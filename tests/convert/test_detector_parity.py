@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from helpers_fixtures import SHARED, fixture_path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_atss_dyhead_detections_match_mmdetection(tmp_path):

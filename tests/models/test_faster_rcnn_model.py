@@ -21,7 +21,7 @@ from dyhead_cli.recipe import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def rcnn_config(num_blocks: int, channels: int = 32, **rcnn) -> ModelConfig:

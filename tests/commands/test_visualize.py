@@ -186,7 +186,7 @@ def test_small_parsers_and_colours() -> None:
 
 
 def test_docs_pictures_are_small_pngs() -> None:
-    docs = Path(__file__).resolve().parents[1] / "docs"
+    docs = Path(__file__).resolve().parents[2] / "docs"
     for name in ("predictions", "scale_attention", "spatial_attention", "feature_activity"):
         name = f"visualize_{name}.png"
         path = docs / name
