@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dyhead_cli.engine.inference import detections_to_coco
 
-# Tableau 10: distinct on photos and on the synthetic shapes
+# Tableau 20, strong colours first (also dyhead visualize's): distinct on photos and on the synthetic shapes.
 PALETTE = [
     (31, 119, 180),
     (255, 127, 14),
@@ -24,6 +24,16 @@ PALETTE = [
     (127, 127, 127),
     (188, 189, 34),
     (23, 190, 207),
+    (174, 199, 232),
+    (255, 187, 120),
+    (152, 223, 138),
+    (255, 152, 150),
+    (197, 176, 213),
+    (196, 156, 148),
+    (247, 182, 210),
+    (199, 199, 199),
+    (219, 219, 141),
+    (158, 218, 229),
 ]
 
 
