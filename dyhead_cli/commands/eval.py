@@ -13,7 +13,7 @@ from rich.table import Table
 from dyhead_cli.commands.console import console, say
 from dyhead_cli.commands.progress import reporter_for_console
 from dyhead_cli.engine.evaluate import STAT_NAMES, evaluate_checkpoint, metrics_json
-from dyhead_cli.errors import DyheadError
+from dyhead_cli.engine.paths import check_output_file, write_text_atomic
 
 
 def _num(value: float | None) -> str:
@@ -48,6 +48,9 @@ def print_metrics(metrics: dict[str, Any]) -> None:
 def run(
     recipe_path: Path, weights: Path, json_out: Path | None, overrides: list[str], device: str = "auto", plots: Path | None = None
 ) -> dict[str, Any]:
+    inputs = [("recipe", recipe_path), ("checkpoint --weights", weights)]
+    if json_out is not None:  # refused before any work when it would overwrite an input or is a folder
+        json_out = check_output_file(json_out, "--json", inputs, suffixes=(".json",))
     reporter = reporter_for_console("eval")
     try:
         metrics = evaluate_checkpoint(recipe_path, weights, overrides, device, reporter=reporter, plots_dir=plots)
@@ -55,10 +58,7 @@ def run(
         reporter.finish()
     print_metrics(metrics)
     if json_out is not None:
-        try:
-            Path(json_out).write_text(json.dumps(metrics_json(metrics), indent=2))
-        except OSError as e:
-            raise DyheadError(f"cannot write {json_out}: {e.strerror or e}") from None
+        write_text_atomic(json_out, json.dumps(metrics_json(metrics), indent=2))
         say(f"wrote {json_out}")
     if plots is not None:
         say(f"wrote {Path(plots) / 'confusion_matrix.png'} and {Path(plots) / 'pr_curves.png'}")

@@ -42,4 +42,26 @@ def test_eval_json_into_a_read_only_folder_is_one_line(run):
         cwd=run["root"],
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == "error: cannot write /sys/dyhead.json: Permission denied"
+    assert result.stderr.strip().startswith("error: cannot write /sys/dyhead.json: Permission denied")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_eval_and_benchmark_refuse_to_write_over_their_inputs(run, tmp_path):
+    """--json naming the checkpoint or recipe read (or a folder) is refused before any work; the file is kept."""
+    import hashlib
+
+    weights, recipe = run["weights"], run["recipe"]
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (weights, recipe)}
+    cases = [
+        ["eval", str(recipe), "--weights", str(weights), "--json", str(weights)],
+        ["eval", str(recipe), "--weights", str(weights), "--json", str(recipe)],
+        ["eval", str(recipe), "--weights", str(weights), "--json", str(tmp_path)],
+        ["benchmark", "--recipe", str(recipe), "--size", "64", "--iters", "1", "--warmup", "0", "--json", str(recipe)],
+        ["benchmark", "--recipe", str(recipe), "--size", "64", "--iters", "1", "--warmup", "0", "--markdown", str(recipe)],
+    ]
+    for args in cases:
+        result = subprocess.run(DYHEAD + args, env=ENV, capture_output=True, text=True, timeout=300, cwd=run["root"])
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (args, result.stderr[-1500:])
+        assert len(lines) == 1 and lines[0].startswith("error: --") and args[-1] in lines[0], (args, lines)
+    assert before == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (weights, recipe)}

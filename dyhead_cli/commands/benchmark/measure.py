@@ -71,6 +71,7 @@ from dyhead_cli.commands.benchmark.timing import (
     stage_flops,
     tower_share,
 )
+from dyhead_cli.engine.paths import check_output_file
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.recipe import ModelConfig
 
@@ -316,6 +317,11 @@ def benchmark_from_cli(
         onnx=onnx,
     )
     check_settings(settings)
+    inputs = [("--recipe", recipe)]
+    if json_out is not None:  # checked before any timing: never an input, a folder, or another kind of file
+        json_out = check_output_file(json_out, "--json", inputs, suffixes=(".json",))
+    if markdown_out is not None:
+        markdown_out = check_output_file(markdown_out, "--markdown", inputs, suffixes=(".md", ".markdown"))
     cfg, source = model_config_from(recipe, model)
     report = run_benchmark(cfg, source, settings, log)
     write_outputs(report, json_out, markdown_out)

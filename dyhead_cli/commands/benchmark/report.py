@@ -8,7 +8,7 @@ from typing import Any
 
 from dyhead_cli.commands.benchmark.settings import STAGE_TITLES, STAGES
 from dyhead_cli.commands.benchmark.timing import tower_share
-from dyhead_cli.errors import DyheadError
+from dyhead_cli.engine.paths import write_text_atomic
 
 # ----------------------------------------------------------------------------------------------------
 # output
@@ -145,8 +145,4 @@ def write_outputs(report: dict, json_out: Path | None, markdown_out: Path | None
     for path, text in ((json_out, lambda: json.dumps(report, indent=2) + "\n"), (markdown_out, lambda: to_markdown(report))):
         if path is None:
             continue
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text())
-        except OSError as e:
-            raise DyheadError(f"cannot write {path}: {e.strerror or e}") from None
+        write_text_atomic(path, text())
