@@ -26,21 +26,14 @@ def load_average() -> list[float] | None:
         return None
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     import timm
     import torchvision
 
+    cpu = cpu_description()  # model name and vector extensions, one read of /proc/cpuinfo
     info: dict[str, Any] = {
-        "cpu": cpu_model(),
-        "cpu_vector_extensions": " ".join(cpu_description()["vector_extensions"]),  # type: ignore[arg-type]
+        "cpu": cpu["model"],
+        "cpu_vector_extensions": " ".join(cpu["vector_extensions"]),  # type: ignore[arg-type]
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_cores": os.cpu_count(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
