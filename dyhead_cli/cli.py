@@ -104,6 +104,9 @@ def last_line(e: BaseException) -> str:
 
 RecipeArg = typer.Argument(..., help="Recipe TOML file, or a built-in recipe name (dyhead recipes lists them).")
 SetOpt = typer.Option(None, "--set", help="Dotted override, e.g. --set train.lr=0.02 (repeatable).")
+# engine.inference.DEVICES, spelled out here so that `dyhead --help` does not import torch
+DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
+RecipeOpt = typer.Option(None, "--recipe", help="Use this recipe instead of the checkpoint's.")
 
 
 @app.command()
@@ -140,7 +143,7 @@ def evaluate(
     plots: Optional[Path] = typer.Option(
         None, "--plots", help="Write a confusion matrix and per-class precision-recall curves (PNG) into this folder."
     ),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    device: str = DeviceOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Evaluate a checkpoint on the recipe's validation set with COCOeval."""
@@ -162,11 +165,11 @@ def predict(
     out: Path = typer.Option(
         Path("preds.json"), "--out", help="COCO results JSON to write (the image list goes to <stem>.images.json)."
     ),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Use this recipe instead of the checkpoint's."),
+    recipe: Optional[Path] = RecipeOpt,
     images_dir: Optional[Path] = typer.Option(
         None, "--images", help="With an annotation file: the folder its file_names are relative to."
     ),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    device: str = DeviceOpt,
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", help="Images per batch (default: the recipe's eval.batch_size)."
     ),
@@ -199,30 +202,28 @@ def predict(
 ) -> None:
     """Run a detector on images and videos and write COCO-format results."""
     from dyhead_cli.commands import predict as command
+    from dyhead_cli.engine.predict import PredictOptions
 
     wanted = [c for c in (classes or "").split(",") if c.strip()] or None
-    run_guarded(
-        command.run,
-        paths,
-        weights,
-        out,
-        recipe,
-        overrides or [],
-        images_dir,
-        device,
-        batch_size,
-        workers,
-        score_thr,
-        half,
-        bf16,
-        vid_stride,
-        save,
-        wanted,
-        iou,
-        max_det,
-        tile,
-        tile_overlap,
+    options = PredictOptions(
+        recipe_path=recipe,
+        overrides=overrides or [],
+        images_dir=images_dir,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        score_thr=score_thr,
+        half=half,
+        bf16=bf16,
+        vid_stride=vid_stride,
+        save_dir=save,
+        classes=wanted,
+        iou=iou,
+        max_det=max_det,
+        tile=tile,
+        tile_overlap=tile_overlap,
     )
+    run_guarded(command.run, paths, weights, out, options)
 
 
 @app.command()
@@ -255,27 +256,10 @@ def benchmark(
     ),
 ) -> None:
     """Latency, throughput, memory, parameters and FLOPs of a detector, stage by stage (CPU, or GPU with --gpu)."""
+    options = dict(locals())  # the parameters, named as commands.benchmark.run takes them
     from dyhead_cli.commands import benchmark as command
 
-    run_guarded(
-        command.run,
-        recipe=recipe,
-        model=model,
-        gpu=gpu,
-        batch_sizes=batch_sizes,
-        size=size,
-        precision=precision,
-        channels_last=channels_last,
-        compile=compile,
-        iters=iters,
-        warmup=warmup,
-        json_out=json_out,
-        markdown_out=markdown_out,
-        compare=compare,
-        impl=impl,
-        threads=threads,
-        onnx=onnx,
-    )
+    run_guarded(command.run, **options)
 
 
 @app.command()
@@ -317,7 +301,7 @@ def visualize(
     score_thr: float = typer.Option(0.3, "--score-thr", help="Draw predictions scoring at least this."),
     size: int = typer.Option(512, "--size", help="Longer side of each drawn image, in pixels."),
     limit: int = typer.Option(0, "--limit", help="Draw at most this many images (0 = all)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    device: str = DeviceOpt,
     attention: bool = typer.Option(
         False, "--attention", help="Draw DyHead's scale/spatial attention and feature activity for one image (needs --weights)."
     ),
@@ -326,31 +310,14 @@ def visualize(
     ),
     level: str = typer.Option("P3", "--level", help="Pyramid level for the spatial attention and activity maps (P3..P7)."),
     block: Optional[int] = typer.Option(None, "--block", help="DyHead block (1..N) for the spatial attention (default: all)."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Use this recipe instead of the checkpoint's."),
+    recipe: Optional[Path] = RecipeOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Draw predictions / ground truth, or DyHead's attention (--attention)."""
+    options = dict(locals(), images=images or [], overrides=overrides or [])  # named as commands.visualize.run takes them
     from dyhead_cli.commands import visualize as command
 
-    run_guarded(
-        command.run,
-        images=images or [],
-        out=out,
-        weights=weights,
-        recipe_path=recipe,
-        overrides=overrides or [],
-        preds=preds,
-        ann=ann,
-        images_dir=images_dir,
-        score_thr=score_thr,
-        size=size,
-        limit=limit,
-        device=device,
-        attention=attention,
-        point=point,
-        level=level,
-        block=block,
-    )
+    run_guarded(command.run, **options)
 
 
 @app.command()

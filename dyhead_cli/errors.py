@@ -19,3 +19,12 @@ def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
     if not close:
         return ""
     return " (did you mean " + " or ".join(f"'{c}'" for c in close) + "?)"
+
+
+def check_choice(what: str, value: object, choices: Iterable[str]) -> None:
+    """Raise ``DyheadError("<what> must be one of a, b, c, got 'x'")`` (with a close-match hint) unless
+    ``value`` is one of ``choices``: the one wording of every list-of-choices check."""
+    choices = list(choices)
+    if not isinstance(value, str) or value not in choices:
+        hint = suggest(value, choices) if isinstance(value, str) else ""
+        raise DyheadError(f"{what} must be one of {', '.join(choices)}, got {value!r}{hint}")

@@ -11,33 +11,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dyhead_cli.commands.console import err_console, note, say
 from dyhead_cli.engine.paths import check_distinct, check_output_file
-from dyhead_cli.engine.predict import PredictSummary, predict
+from dyhead_cli.engine.predict import PredictOptions, PredictSummary, predict
 from dyhead_cli.engine.results import images_json_path
 from dyhead_cli.errors import DyheadError
 
 
-def run(
-    paths: list[Path],
-    weights: Path,
-    out: Path,
-    recipe_path: Path | None,
-    overrides: list[str],
-    images_dir: Path | None,
-    device: str,
-    batch_size: int | None,
-    workers: int | None,
-    score_thr: float | None,
-    half: bool,
-    bf16: bool,
-    vid_stride: int = 1,
-    save_dir: Path | None = None,
-    classes: list[str] | None = None,
-    iou: float | None = None,
-    max_det: int | None = None,
-    tile: int = 0,
-    tile_overlap: float = 0.2,
-) -> PredictSummary:
-    check_outputs(paths, weights, out, recipe_path, images_dir)
+def run(paths: list[Path], weights: Path, out: Path, options: PredictOptions) -> PredictSummary:
+    check_outputs(paths, weights, out, options.recipe_path, options.images_dir)
     progress = Progress(
         TextColumn("[bold]predict"),
         BarColumn(),
@@ -61,30 +41,7 @@ def run(
         note("skipped", message, to=progress.console)
 
     with progress:
-        summary = predict(
-            paths,
-            weights,
-            out,
-            recipe_path,
-            overrides,
-            images_dir,
-            device,
-            batch_size,
-            workers,
-            score_thr,
-            half,
-            bf16,
-            on_start=on_start,
-            on_batch=on_batch,
-            on_skip=on_skip,
-            vid_stride=vid_stride,
-            save_dir=save_dir,
-            classes=classes,
-            iou=iou,
-            max_det=max_det,
-            tile=tile,
-            tile_overlap=tile_overlap,
-        )
+        summary = predict(paths, weights, out, options, on_start=on_start, on_batch=on_batch, on_skip=on_skip)
     notes = []
     if summary.num_skipped:
         notes.append(f"{summary.num_skipped} unreadable, skipped")

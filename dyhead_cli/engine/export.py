@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from dyhead_cli.engine.inference import LoadedDetector, category_ids, load_detector
-from dyhead_cli.errors import DyheadError, suggest
+from dyhead_cli.errors import DyheadError, check_choice
 from dyhead_cli.recipe import to_dict
 
 FORMATS = ("onnx", "torch-export")
@@ -86,8 +86,7 @@ class ExportOptions:
     half: bool = False
 
     def check(self) -> None:
-        if self.format not in FORMATS:
-            raise DyheadError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}{suggest(self.format, FORMATS)}")
+        check_choice("--format", self.format, FORMATS)
         if self.batch < 1:
             raise DyheadError(f"--batch must be at least 1, got {self.batch}")
         if self.dynamic and min(self.size) < MIN_DYNAMIC_SIZE:

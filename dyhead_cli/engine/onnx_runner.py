@@ -32,9 +32,7 @@ def build_head(recipe: Recipe) -> torch.nn.Module:
     from dyhead_cli.models.fpn import FPN
     from dyhead_cli.models.heads import HEADS
 
-    spec = HEADS[recipe.model.head]
-    build = getattr(spec, "build", spec)
-    return build(recipe.model, recipe.model.fpn.channels, FPN.strides).eval()
+    return HEADS[recipe.model.head].build(recipe.model, recipe.model.fpn.channels, FPN.strides).eval()
 
 
 class OnnxDetector:

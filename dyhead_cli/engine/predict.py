@@ -60,64 +60,84 @@ class PredictSummary:
         return self.num_predicted / self.seconds if self.seconds > 0 else 0.0
 
 
-@torch.no_grad()
-def predict(
-    paths: Sequence[Path],
-    weights: Path,
-    out: Path,
-    recipe_path: Path | None = None,
-    overrides: Sequence[str] = (),
-    images_dir: Path | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
-    score_thr: float | None = None,
-    half: bool = False,
-    bf16: bool = False,
-    on_start: Callable[[int], None] | None = None,
-    on_batch: Callable[[PredictSummary], None] | None = None,
-    on_skip: Callable[[str], None] | None = None,
-    *,
-    vid_stride: int = 1,
-    save_dir: Path | None = None,
-    classes: Sequence[str] | None = None,
-    iou: float | None = None,
-    max_det: int | None = None,
-    tile: int = 0,
-    tile_overlap: float = 0.2,
-    draw_score_thr: float = 0.3,
-) -> PredictSummary:
-    """Predict every image of ``paths``; stream COCO results to ``out`` and the image list beside it.
+@dataclass(frozen=True)
+class PredictOptions:
+    """Everything ``dyhead predict`` may set besides its inputs, checkpoint and output file.
 
     ``score_thr`` is the user's threshold on final scores: detections scoring below it are not written
     (the head's candidate threshold, ``model.head_options.score_thresh``, applies first, inside the model).
     ``classes`` keeps detections of these class names or category ids; ``iou`` / ``max_det`` replace the
     head's NMS threshold and detections per image; ``tile`` > 0 predicts ``tile``-pixel crops overlapping
     by ``tile_overlap`` plus the whole image, merged by NMS. ``save_dir`` receives annotated images
-    (detections scoring at least ``score_thr``, else ``draw_score_thr``).
-    ``on_start(num_images)``, ``on_batch(summary)`` and ``on_skip(message)`` let the caller show progress.
+    (detections scoring at least ``score_thr``, else ``draw_score_thr``). ``recipe_path`` / ``overrides``
+    change the checkpoint's recipe; ``batch_size`` / ``workers`` default to its evaluation settings.
     """
-    if batch_size is not None and batch_size < 1:
-        raise DyheadError(f"--batch-size must be at least 1, got {batch_size}")
-    if workers is not None and not 0 <= workers <= MAX_WORKERS:
-        raise DyheadError(f"--workers must be within 0..{MAX_WORKERS}, got {workers}")
-    if score_thr is not None and not 0.0 <= score_thr <= 1.0:
-        raise DyheadError(f"--score-thr must be within 0..1, got {score_thr}")
+
+    recipe_path: Path | None = None
+    overrides: Sequence[str] = ()
+    images_dir: Path | None = None
+    device: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+    score_thr: float | None = None
+    half: bool = False
+    bf16: bool = False
+    vid_stride: int = 1
+    save_dir: Path | None = None
+    classes: Sequence[str] | None = None
+    iou: float | None = None
+    max_det: int | None = None
+    tile: int = 0
+    tile_overlap: float = 0.2
+    draw_score_thr: float = 0.3
+
+    def check(self) -> None:
+        """Refuse out-of-range numbers before any file is read."""
+        if self.batch_size is not None and self.batch_size < 1:
+            raise DyheadError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers is not None and not 0 <= self.workers <= MAX_WORKERS:
+            raise DyheadError(f"--workers must be within 0..{MAX_WORKERS}, got {self.workers}")
+        if self.score_thr is not None and not 0.0 <= self.score_thr <= 1.0:
+            raise DyheadError(f"--score-thr must be within 0..1, got {self.score_thr}")
+
+
+@torch.no_grad()
+def predict(
+    paths: Sequence[Path],
+    weights: Path,
+    out: Path,
+    options: PredictOptions = PredictOptions(),
+    on_start: Callable[[int], None] | None = None,
+    on_batch: Callable[[PredictSummary], None] | None = None,
+    on_skip: Callable[[str], None] | None = None,
+) -> PredictSummary:
+    """Predict every image of ``paths``; stream COCO results to ``out`` and the image list beside it.
+
+    ``options``: see ``PredictOptions``. ``on_start(num_images)``, ``on_batch(summary)`` and
+    ``on_skip(message)`` let the caller show progress.
+    """
+    o = options
+    o.check()
     if Path(weights).suffix == ".onnx":  # an exported model, run by onnxruntime (engine/onnx_runner.py)
         from dyhead_cli.engine.onnx_runner import load_for_predict
 
-        det = load_for_predict(weights, recipe_path, [*overrides, *head_overrides(iou, max_det)], device, half, bf16)
+        det = load_for_predict(
+            weights, o.recipe_path, [*o.overrides, *head_overrides(o.iou, o.max_det)], o.device, o.half, o.bf16
+        )
         device = "cpu"
     else:
-        det = load_detector(weights, recipe_path, [*overrides, *head_overrides(iou, max_det)])
+        det = load_detector(weights, o.recipe_path, [*o.overrides, *head_overrides(o.iou, o.max_det)])
+        device = o.device
     recipe = det.recipe
-    images = collect_images(paths, images_dir, recipe, vid_stride)
-    predictor = Predictor(det, device, images.ann_categories, score_thr, classes, tile, tile_overlap, batch_size, half, bf16)
+    images = collect_images(paths, o.images_dir, recipe, o.vid_stride)
+    predictor = Predictor(
+        det, device, images.ann_categories, o.score_thr, o.classes, o.tile, o.tile_overlap, o.batch_size, o.half, o.bf16
+    )
     loader = DataLoader(
-        predictor.dataset(images.entries, keep_original=save_dir is not None),
+        predictor.dataset(images.entries, keep_original=o.save_dir is not None),
         batch_size=predictor.batch_size,
         shuffle=False,
-        num_workers=recipe.data.num_workers if workers is None else workers,
+        num_workers=recipe.data.num_workers if o.workers is None else o.workers,
         collate_fn=list,  # the predictor collates (collate_images), as for in-memory images
     )
 
@@ -128,7 +148,7 @@ def predict(
         num_images=len(images.entries),
         ignored=list(images.ignored),
         id_rule=images.id_rule,
-        save_dir=Path(save_dir) if save_dir is not None else None,
+        save_dir=Path(o.save_dir) if o.save_dir is not None else None,
     )
     info = {"description": f"images predicted by dyhead with {weights}"}
     if images.ann_file is not None:
@@ -143,7 +163,7 @@ def predict(
     except BaseException:
         results.abort()
         raise
-    saver = AnnotatedOutput(summary.save_dir, images, vid_stride, score_thr if score_thr is not None else draw_score_thr)
+    saver = AnnotatedOutput(summary.save_dir, images, o.vid_stride, o.score_thr if o.score_thr is not None else o.draw_score_thr)
     if on_skip is not None:
         for message in images.ignored:
             on_skip(message)

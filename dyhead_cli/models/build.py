@@ -66,17 +66,8 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
 
 
 def build_backbone(cfg: BackboneConfig, out_strides: tuple[int, ...] = (8, 16, 32)) -> TimmBackbone:
-    return TimmBackbone(
-        cfg.name,
-        pretrained=cfg.pretrained,
-        pretrained_file=cfg.pretrained_file,
-        img_size=cfg.img_size,
-        frozen_stages=cfg.frozen_stages,
-        norm_eval=cfg.norm_eval,
-        stride_in_1x1=cfg.stride_in_1x1,
-        out_norm=cfg.out_norm,
-        out_strides=out_strides,
-    )
+    """The recipe's ``[model.backbone]`` fields are ``TimmBackbone``'s keyword arguments, one for one."""
+    return TimmBackbone(**dataclasses.asdict(cfg), out_strides=out_strides)
 
 
 def build_dyhead(cfg: ModelConfig) -> DyHead:

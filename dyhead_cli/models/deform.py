@@ -31,12 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
+from dyhead_cli.models.deform_signature import Pair, output_size, torchvision_signature
+
 PAD_BEFORE, PAD_AFTER = 1, 2  # zero rows/columns around each image in the sampling table
 CHUNK_POSITIONS = 512  # output positions per gather + GEMM step (512*9*256 floats = 4.7 MB of columns)
-
-
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def padded_rows(height: int, width: int) -> int:
@@ -258,10 +256,6 @@ def deform_conv2d_from_table(
     return out.view(b, n_out, h, w)
 
 
-def output_size(in_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]) -> tuple[int, int]:
-    return tuple((s + 2 * p - 3) // st + 1 for s, st, p in zip(in_size, stride, padding))  # type: ignore[return-value]
-
-
 def fast_path_applies(input: Tensor, offset: Tensor, weight: Tensor) -> bool:
     """True where ``deform_conv2d_fast`` computes itself rather than calling torchvision's op: a CPU
     input, a 3x3 kernel, one weight group and one offset group."""
@@ -281,14 +275,9 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return dtype
 
 
+@torchvision_signature
 def deform_conv2d_fast(
-    input: Tensor,
-    offset: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 1,
-    mask: Tensor | None = None,
+    input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, stride: Pair, padding: Pair, mask: Tensor | None
 ) -> Tensor:
     """Drop-in for ``torchvision.ops.deform_conv2d`` (3x3 kernel, dilation 1, offset_groups 1).
 
@@ -298,7 +287,6 @@ def deform_conv2d_fast(
     """
     if not fast_path_applies(input, offset, weight):
         return tv_deform_conv2d(input, offset, weight, bias, stride=stride, padding=padding, mask=mask)
-    stride, padding = _pair(stride), _pair(padding)
     _, _, in_h, in_w = input.shape
     h, w = output_size((in_h, in_w), stride, padding)
     if offset.shape[-2:] != (h, w) or (mask is not None and mask.shape[-2:] != (h, w)):

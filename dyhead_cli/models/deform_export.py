@@ -25,9 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+from dyhead_cli.models.deform_signature import Pair, torchvision_signature
 
 
 def sample_grid(
@@ -56,14 +54,9 @@ def sample_grid(
     return torch.stack([gx, gy], dim=-1).flatten(1, 2)
 
 
+@torchvision_signature
 def deform_conv2d_export(
-    input: Tensor,
-    offset: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 1,
-    mask: Tensor | None = None,
+    input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, stride: Pair, padding: Pair, mask: Tensor | None
 ) -> Tensor:
     """Drop-in for ``torchvision.ops.deform_conv2d`` (3x3, dilation 1, one offset group) from exportable ops.
 
@@ -78,7 +71,7 @@ def deform_conv2d_export(
             "deform_conv2d_export supports 3x3 kernels with one weight group and one offset group, got weight "
             f"{tuple(weight.shape)}, input channels {input.shape[1]}, offset channels {offset.shape[1]}"
         )
-    cols = sampled_columns(input, offset, mask, _pair(stride), _pair(padding))
+    cols = sampled_columns(input, offset, mask, stride, padding)
     weight_1x1 = weight.reshape(weight.shape[0], -1, 1, 1).to(cols.dtype)
     return F.conv2d(cols, weight_1x1, None if bias is None else bias.to(cols.dtype))
 
@@ -98,14 +91,9 @@ def sampled_columns(
     return cols.flatten(1, 2)
 
 
+@torchvision_signature
 def deform_conv2d_sampled(
-    input: Tensor,
-    offset: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 1,
-    mask: Tensor | None = None,
+    input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, stride: Pair, padding: Pair, mask: Tensor | None
 ) -> Tensor:
     """The CUDA fast path (``impl="fast"`` off CPU): ``deform_conv2d_export``'s computation with the
     sampling in float32 and the GEMM in the autocast dtype.
@@ -121,6 +109,6 @@ def deform_conv2d_sampled(
     gemm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else wide
     with torch.autocast(device, enabled=False):
         mask = None if mask is None else mask.to(wide)
-        cols = sampled_columns(input.to(wide), offset.to(wide), mask, _pair(stride), _pair(padding)).to(gemm_dtype)
+        cols = sampled_columns(input.to(wide), offset.to(wide), mask, stride, padding).to(gemm_dtype)
         weight_1x1 = weight.reshape(weight.shape[0], -1, 1, 1).to(gemm_dtype)
         return F.conv2d(cols, weight_1x1, None if bias is None else bias.to(gemm_dtype))

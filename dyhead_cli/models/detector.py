@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dyhead_cli.errors import DyheadError
+from dyhead_cli.errors import DyheadError, check_choice
 
 INPUT_FORMATS = ("RGB", "BGR")  # the recipe key model.input_format is checked against this
 
@@ -30,8 +30,7 @@ class Detector(nn.Module):
         input_format: str = "RGB",
     ) -> None:
         super().__init__()
-        if input_format not in INPUT_FORMATS:
-            raise DyheadError(f"input_format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
+        check_choice("input_format", input_format, INPUT_FORMATS)
         self.backbone = backbone
         self.fpn = fpn
         self.dyhead = dyhead

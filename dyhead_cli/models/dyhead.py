@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
+from dyhead_cli.errors import check_choice
 from dyhead_cli.models.deform import (
     GemmWeight,
     deform_conv2d_from_table,
@@ -81,7 +82,7 @@ def fit_offset_to_output(offset: Tensor, mask: Tensor, size: tuple[int, int], mo
         offset = torch.stack([off[:, :, 0] * (h / big_h), off[:, :, 1] * (w / big_w)], dim=2).reshape(b, 18, h, w)
         mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
     else:
-        raise ValueError(f"offset_mode must be one of {OFFSET_MODES}, got {mode!r}")
+        check_choice("offset_mode", mode, OFFSET_MODES)
     return offset.contiguous(), mask.contiguous()
 
 
@@ -201,10 +202,8 @@ class DyHeadBlock(nn.Module):
         impl: str = "fast",
     ) -> None:
         super().__init__()
-        if offset_mode not in OFFSET_MODES:
-            raise ValueError(f"offset_mode must be one of {OFFSET_MODES}, got {offset_mode!r}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        check_choice("offset_mode", offset_mode, OFFSET_MODES)
+        check_choice("impl", impl, IMPLS)
         self.offset_mode = offset_mode
         self.impl = impl
         # forward_fast on CUDA under autocast: gather and GEMM in the autocast dtype instead of float32
@@ -340,8 +339,7 @@ class DyHead(nn.Module):
     def set_impl(self, impl: str) -> DyHead:
         """Switch the deformable conv implementation of a built tower (tests and benchmarks compare both
         on the same weights); models are built with the ``impl`` constructor argument."""
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        check_choice("impl", impl, IMPLS)
         self.impl = impl
         for block in self.blocks:
             block.impl = impl

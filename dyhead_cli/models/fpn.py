@@ -18,7 +18,7 @@ from torchvision.ops.feature_pyramid_network import (
     LastLevelP6P7,
 )
 
-from dyhead_cli.errors import DyheadError
+from dyhead_cli.errors import DyheadError, check_choice
 
 # How many levels each top block adds above P5.
 TOP_BLOCK_LEVELS = {"p6p7": 2, "maxpool": 1}  # top block -> how many levels it adds above P5
@@ -37,8 +37,7 @@ class LastLevelP6P7NoReLU(LastLevelP6P7):
 
 def pyramid_levels(first_level: int, top_block: str) -> tuple[int, ...]:
     """The levels an FPN produces: ``first_level``..5 from the backbone, then the top block's (P6[, P7])."""
-    if top_block not in TOP_BLOCK_LEVELS:
-        raise DyheadError(f"fpn.top_block must be one of {', '.join(TOP_BLOCK_LEVELS)}, got {top_block!r}")
+    check_choice("fpn.top_block", top_block, TOP_BLOCK_LEVELS)
     if first_level not in (2, 3):
         raise DyheadError(f"the pyramid must start at P2 or P3, got P{first_level}")
     return tuple(range(first_level, 6 + TOP_BLOCK_LEVELS[top_block]))

@@ -6,6 +6,7 @@ from helpers_fixtures import TOWER_FIXTURES, load_tower_fixture
 from torchvision.ops import deform_conv2d
 
 from dyhead_cli.convert.dyhead_keys import convert_dyhead
+from dyhead_cli.errors import DyheadError
 from dyhead_cli.models.deform import (
     bilinear_taps,
     conv_all_at_once,
@@ -256,7 +257,7 @@ def test_fast_tower_under_cpu_autocast_runs():
 def test_set_impl_checks_its_argument_and_state_dict_is_unchanged():
     tower = DyHead(16, 1)
     keys = list(tower.state_dict())
-    with pytest.raises(ValueError, match="impl must be one of"):
+    with pytest.raises(DyheadError, match="impl must be one of"):
         tower.set_impl("cuda")
     assert tower.set_impl("reference") is tower and list(tower.state_dict()) == keys
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dyhead_cli.engine import recipes
-from dyhead_cli.errors import DyheadError
+from dyhead_cli.errors import DyheadError, check_choice
 from dyhead_cli.models.dyhead import IMPLS
 from dyhead_cli.recipe import ModelConfig
 
@@ -115,10 +115,9 @@ def resolve_device(gpu: bool) -> str:
 
 
 def check_settings(s: Settings) -> None:
-    if s.precision not in PRECISIONS:
-        raise DyheadError(f"--precision must be one of {', '.join(PRECISIONS)}, got {s.precision!r}")
-    if s.impl is not None and s.impl not in IMPLS:
-        raise DyheadError(f"--impl must be one of {', '.join(IMPLS)}, got {s.impl!r}")
+    check_choice("--precision", s.precision, PRECISIONS)
+    if s.impl is not None:
+        check_choice("--impl", s.impl, IMPLS)
     if s.iters is not None and s.iters < 1:
         raise DyheadError("--iters must be at least 1")
     if s.warmup is not None and s.warmup < 0:

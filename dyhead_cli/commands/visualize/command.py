@@ -232,7 +232,7 @@ def visualize(
     images: Sequence[Path],
     out: Path,
     weights: Path | None = None,
-    recipe_path: Path | None = None,
+    recipe: Path | None = None,
     overrides: Sequence[str] = (),
     preds: Path | None = None,
     ann: Path | None = None,
@@ -262,7 +262,7 @@ def visualize(
         raise DyheadError(f"--score-thr must be within 0..1, got {score_thr}")
     inputs = [
         ("checkpoint --weights", weights),
-        ("--recipe", recipe_path),
+        ("--recipe", recipe),
         ("--preds file", preds),
         ("--ann file", ann),
         ("--images folder", images_dir),
@@ -282,7 +282,7 @@ def visualize(
 
     sources = BoxSources(Categories({}), device=choose_device(device))
     names = sources.cats.names
-    det = load_detector(weights, recipe_path, overrides) if weights is not None else None
+    det = load_detector(weights, recipe, overrides) if weights is not None else None
     roots: list[Path] = []
     if ann is not None:
         data = read_annotation_file(ann)

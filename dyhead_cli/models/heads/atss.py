@@ -118,17 +118,9 @@ class ATSSHead(AnchorHead):
         )
 
 
-def build_atss(cfg: ModelConfig, in_channels: int, strides: tuple[int, ...]) -> ATSSHead:
+def atss_options(cfg: ModelConfig, strides: tuple[int, ...]) -> dict[str, Any]:
     o = cfg.head_options
-    return ATSSHead(
-        in_channels,
-        cfg.num_classes,
-        strides,
-        anchor_scale=o.anchor_scale,
-        topk=o.atss_topk,
-        box_loss_weight=o.box_loss_weight,
-        **dense_head_kwargs(o),
-    )
+    return {"anchor_scale": o.anchor_scale, "topk": o.atss_topk, "box_loss_weight": o.box_loss_weight, **dense_head_kwargs(o)}
 
 
-SPEC = HeadSpec(build_atss, ATSSHead)
+SPEC = HeadSpec(ATSSHead, atss_options)

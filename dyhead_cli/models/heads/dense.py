@@ -34,15 +34,21 @@ from dyhead_cli.recipe import HeadOptions, ModelConfig
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """A head in the ``HEADS`` registry: its builder and its class, whose ``DEFAULTS`` fill the recipe's
-    ``None`` (= "the head's default") ``head_options`` in ``resolve_model_config``."""
+    """A head in the ``HEADS`` registry: its class, whose ``DEFAULTS`` fill the recipe's ``None``
+    (= "the head's default") ``head_options`` in ``resolve_model_config``, and ``options``, which reads
+    the head's own constructor keyword arguments from the recipe (every head takes ``in_channels``,
+    ``num_classes`` and ``strides`` first)."""
 
-    build: Callable[[ModelConfig, int, tuple[int, ...]], DenseHead]
-    head: type[DenseHead]
+    head: type[nn.Module]
+    options: Callable[[ModelConfig, tuple[int, ...]], dict[str, Any]]
 
     @property
     def defaults(self) -> dict[str, Any]:
         return dict(self.head.DEFAULTS)
+
+    def build(self, cfg: ModelConfig, in_channels: int, strides: tuple[int, ...]) -> nn.Module:
+        """The head for the (resolved) model config, on ``in_channels``-wide levels of these strides."""
+        return self.head(in_channels, cfg.num_classes, strides, **self.options(cfg, strides))
 
 
 def dense_head_kwargs(options: HeadOptions) -> dict[str, Any]:

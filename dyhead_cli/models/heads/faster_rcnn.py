@@ -13,6 +13,9 @@ Module names follow detectron2's keys, so converting the published checkpoint is
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection._utils import (
@@ -172,22 +175,16 @@ class FasterRCNNHead(nn.Module):
         ]
 
 
-def build_faster_rcnn(cfg: ModelConfig, in_channels: int, strides: tuple[int, ...]) -> FasterRCNNHead:
-    o, r = cfg.head_options, cfg.rcnn
-    return FasterRCNNHead(
-        in_channels,
-        cfg.num_classes,
-        strides,
-        anchor_scale=o.anchor_scale,
-        rpn_pre_nms_top_n_train=r.rpn_pre_nms_top_n_train,
-        rpn_pre_nms_top_n_test=r.rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n=r.rpn_post_nms_top_n,
-        roi_batch_size_per_image=r.roi_batch_size_per_image,
-        fc_dim=r.fc_dim,
-        score_thresh=o.score_thresh,
-        nms_thresh=o.nms_thresh,
-        detections_per_img=o.detections_per_img,
-    )
+def faster_rcnn_options(cfg: ModelConfig, strides: tuple[int, ...]) -> dict[str, Any]:
+    """The recipe's ``[model.rcnn]`` fields are ``FasterRCNNHead``'s keyword arguments, one for one."""
+    o = cfg.head_options
+    return {
+        "anchor_scale": o.anchor_scale,
+        "score_thresh": o.score_thresh,
+        "nms_thresh": o.nms_thresh,
+        "detections_per_img": o.detections_per_img,
+        **dataclasses.asdict(cfg.rcnn),
+    }
 
 
-SPEC = HeadSpec(build_faster_rcnn, FasterRCNNHead)
+SPEC = HeadSpec(FasterRCNNHead, faster_rcnn_options)

@@ -119,13 +119,11 @@ class FCOSHead(DenseHead):
         )
 
 
-def build_fcos(cfg: ModelConfig, in_channels: int, strides: tuple[int, ...]) -> FCOSHead:
+def fcos_options(cfg: ModelConfig, strides: tuple[int, ...]) -> dict[str, Any]:
     if len(strides) != len(SIZE_RANGES):
         raise DyheadError(f"FCOS is set up for {len(SIZE_RANGES)} levels (P3-P7), got strides {strides}")
     o = cfg.head_options
-    return FCOSHead(
-        in_channels, cfg.num_classes, strides, center_sampling_radius=o.center_sampling_radius, **dense_head_kwargs(o)
-    )
+    return {"center_sampling_radius": o.center_sampling_radius, **dense_head_kwargs(o)}
 
 
-SPEC = HeadSpec(build_fcos, FCOSHead)
+SPEC = HeadSpec(FCOSHead, fcos_options)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from dyhead_cli.errors import DyheadError
+from dyhead_cli.errors import DyheadError, check_choice
 
 TOWER_NORMS = ("gn", "none")  # the recipe key model.head_options.tower_norm is checked against this
 
@@ -30,8 +30,7 @@ def conv_tower(channels: int, num_convs: int, norm: str = "gn") -> nn.Sequential
     blocks are the tower; the plain detectors use 4. Module indices (0, 1, 3, 4, ... with GroupNorm; 0, 2, ...
     without) are the state-dict names checkpoints and ``dyhead convert`` use.
     """
-    if norm not in TOWER_NORMS:
-        raise DyheadError(f"head tower norm must be one of {', '.join(TOWER_NORMS)}, got {norm!r}")
+    check_choice("head tower norm", norm, TOWER_NORMS)
     if num_convs > 0 and norm == "gn" and channels % 32 != 0:
         raise DyheadError(f"head_options.num_convs > 0 needs fpn.channels divisible by 32 (GroupNorm), got {channels}")
     layers: list[nn.Module] = []

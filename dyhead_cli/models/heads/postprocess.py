@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
-from dyhead_cli.errors import DyheadError
+from dyhead_cli.errors import check_choice
 
 POSTPROCESS_MODES = ("official", "mmdet")  # the recipe key model.head_options.postprocess is checked against this
 
@@ -50,8 +50,7 @@ class PostprocessOptions:
     detections_per_img: int = 100
 
     def __post_init__(self) -> None:
-        if self.mode not in POSTPROCESS_MODES:
-            raise DyheadError(f"head post-processing must be one of {', '.join(POSTPROCESS_MODES)}, got {self.mode!r}")
+        check_choice("head post-processing", self.mode, POSTPROCESS_MODES)
 
 
 def select_topk(ranking: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:

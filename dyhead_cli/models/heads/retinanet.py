@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
-from dyhead_cli.errors import DyheadError
+from dyhead_cli.errors import check_choice
 from dyhead_cli.models.heads.boxes import BoxCoder
 from dyhead_cli.models.heads.dense import AnchorHead, HeadSpec, dense_head_kwargs
 from dyhead_cli.models.heads.losses import check_targets, num_positives, one_hot_targets
@@ -87,8 +87,7 @@ class RetinaNetHead(AnchorHead):
         smooth_l1_beta: float = 0.0,
         **options: Any,
     ) -> None:
-        if box_loss not in BOX_LOSSES:
-            raise DyheadError(f"RetinaNet box_loss must be one of {', '.join(BOX_LOSSES)}, got {box_loss!r}")
+        check_choice("RetinaNet box_loss", box_loss, BOX_LOSSES)
         super().__init__(in_channels, num_classes, strides, num_anchors=len(scales) * len(aspect_ratios), **options)
         self.anchor_scale = anchor_scale
         self.octave_scales, self.aspect_ratios = tuple(scales), tuple(aspect_ratios)
@@ -129,11 +128,9 @@ class RetinaNetHead(AnchorHead):
         return {"loss_cls": loss_cls, "loss_box": loss_box}
 
 
-def build_retinanet(cfg: ModelConfig, in_channels: int, strides: tuple[int, ...]) -> RetinaNetHead:
+def retinanet_options(cfg: ModelConfig, strides: tuple[int, ...]) -> dict[str, Any]:
     o = cfg.head_options
-    return RetinaNetHead(
-        in_channels, cfg.num_classes, strides, box_loss=o.box_loss, smooth_l1_beta=o.smooth_l1_beta, **dense_head_kwargs(o)
-    )
+    return {"box_loss": o.box_loss, "smooth_l1_beta": o.smooth_l1_beta, **dense_head_kwargs(o)}
 
 
-SPEC = HeadSpec(build_retinanet, RetinaNetHead)
+SPEC = HeadSpec(RetinaNetHead, retinanet_options)
