@@ -308,7 +308,9 @@ def visualize(
     point: Optional[str] = typer.Option(
         None, "--point", help="x,y in image pixels for the spatial attention (default: the top detection's centre)."
     ),
-    level: str = typer.Option("P3", "--level", help="Pyramid level for the spatial attention and activity maps (P3..P7)."),
+    level: str = typer.Option(
+        "P3", "--level", help="Pyramid level for the spatial attention and activity maps (P3..P7; P2..P6 for Faster R-CNN)."
+    ),
     block: Optional[int] = typer.Option(None, "--block", help="DyHead block (1..N) for the spatial attention (default: all)."),
     recipe: Optional[Path] = RecipeOpt,
     overrides: Optional[list[str]] = SetOpt,

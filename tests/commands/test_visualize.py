@@ -116,13 +116,42 @@ def test_attention_pictures(run, tmp_path: Path) -> None:
     assert len(list((out / "p").glob("*.png"))) == 3
 
 
+def test_attention_pictures_name_the_levels_of_a_faster_rcnn_pyramid(tmp_path: Path) -> None:
+    """Faster R-CNN's pyramid is P2..P6: --level P2 is its finest level, P7 is refused by name."""
+    from dyhead_cli.engine.checkpoint import save_weights
+    from dyhead_cli.recipe import RCNNConfig, Recipe, to_dict
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        num_classes=3,
+        head="faster_rcnn",
+        backbone=BackboneConfig(name="test_resnet"),
+        fpn=FPNConfig(channels=32, levels=[2, 3, 4, 5, 6], top_block="maxpool"),
+        dyhead=DyHeadConfig(num_blocks=1),
+        rcnn=RCNNConfig(rpn_post_nms_top_n=50, fc_dim=32),
+    )
+    weights = tmp_path / "frcnn.safetensors"
+    save_weights(weights, build_model(cfg).eval(), to_dict(Recipe(model=cfg)))
+    image = tmp_path / "picture.png"
+    Image.fromarray((np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)).save(image)
+    out = tmp_path / "att"
+    args = ["visualize", image, "--weights", weights, "--attention", "--out", out, "--size", "256", "--device", "cpu"]
+    result = invoke([*args, "--level", "P2", "--point", "40,40"])
+    assert result.exit_code == 0, result.output
+    check_picture(out / "picture_scale_attention.png", (400, 100))
+    check_picture(out / "picture_feature_activity.png", (300, 128))
+    result = invoke([*args, "--level", "P7"])
+    assert result.exit_code != 0
+    assert "--level must be one of P2, P3, P4, P5, P6 for this model, got 'P7'" in result.output
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--attention"], "--attention needs --weights"),
         ([], "nothing to draw"),
         (["--attention", "--weights", "W", "--point", "500,5"], "lies outside"),
-        (["--attention", "--weights", "W", "--level", "P9"], "--level must be one of P3, P4, P5, P6, P7"),
+        (["--attention", "--weights", "W", "--level", "P9"], "--level must be one of P3, P4, P5, P6, P7 for this model"),
         (["--attention", "--weights", "W", "--block", "4"], "--block must be within 1..1"),
         (["--weights", "W", "--preds", "p.json"], "not both"),
     ],
@@ -178,7 +207,8 @@ def test_sampling_points_follow_the_offsets() -> None:
 
 def test_small_parsers_and_colours() -> None:
     assert parse_point("12,34.5") == (12.0, 34.5) and parse_point(None) is None
-    assert parse_level("p5", 5) == 2 and parse_level("7", 5) == 4
+    assert parse_level("p5", (3, 4, 5, 6, 7)) == 2 and parse_level("7", (3, 4, 5, 6, 7)) == 4
+    assert parse_level("P2", (2, 3, 4, 5, 6)) == 0 and parse_level("P6", (2, 3, 4, 5, 6)) == 4
     ends = heat_colours(np.array([0.0, 1.0, 2.0, np.nan]))
     assert ends.dtype == np.uint8 and tuple(ends[0]) == (68, 1, 84) and tuple(ends[1]) == tuple(ends[2]) == (253, 231, 37)
     assert tuple(ends[3]) == (68, 1, 84)

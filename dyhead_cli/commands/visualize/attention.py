@@ -18,7 +18,6 @@ from dyhead_cli.commands.visualize.drawing import (
     BACKGROUND,
     INK,
     INPUT_NAMES,
-    LEVEL_NAMES,
     MISSING,
     colour_bar,
     display,
@@ -78,8 +77,9 @@ def trace_dyhead(model, images: Tensor) -> tuple[list[BlockTrace], float]:
 # attention pictures
 
 
-def scale_attention_picture(traces: Sequence[BlockTrace], title: str) -> Image.Image:
-    """Three heat tables (low / mid / high input): rows = blocks, columns = output levels, pi_L in the cells."""
+def scale_attention_picture(traces: Sequence[BlockTrace], levels: Sequence[int], title: str) -> Image.Image:
+    """Three heat tables (low / mid / high input): rows = blocks, columns = output levels (``levels``: their
+    pyramid numbers, e.g. 3..7, or 2..6 for Faster R-CNN), pi_L in the cells."""
     num_levels = len(traces[0].scale)
     cell_w, cell_h, head_w = 62, 30, 70
     fnt, bold = font(14), font(15)
@@ -96,7 +96,7 @@ def scale_attention_picture(traces: Sequence[BlockTrace], title: str) -> Image.I
         d = ImageDraw.Draw(table)
         d.text((2, 4), explain[name], fill=INK, font=bold)
         for j in range(num_levels):
-            label = LEVEL_NAMES[j] if j < len(LEVEL_NAMES) else f"L{j}"
+            label = f"P{levels[j]}"
             w, _ = text_size(d, label, fnt)
             d.text((head_w + j * cell_w + (cell_w - w) // 2, cell_h + 8), label, fill=INK, font=fnt)
         for b, trace in enumerate(traces):
@@ -124,7 +124,8 @@ def scale_attention_picture(traces: Sequence[BlockTrace], title: str) -> Image.I
         size=17,
         lines=[
             "Scale-aware attention: pi_L(f) = hard_sigmoid(ReLU(conv1x1(avgpool(f)))) weighs each input map f of an "
-            "output level before they are averaged. '-' = that level has no such input (P3 has no finer level, P7 no coarser one).",
+            "output level before they are averaged. "
+            f"'-' = that level has no such input (P{levels[0]} has no finer level, P{levels[-1]} no coarser one).",
         ],
     )
 
@@ -232,7 +233,7 @@ def spatial_attention_picture(
             )
         )
     body = hstack(panels)
-    name = LEVEL_NAMES[level] if level < len(LEVEL_NAMES) else f"L{level}"
+    name = level_name(stride)
     return titled(
         body,
         title,
@@ -244,6 +245,11 @@ def spatial_attention_picture(
             + ("; grey border = outside the image." if margin else "."),
         ],
     )
+
+
+def level_name(stride: int) -> str:
+    """The pyramid level of a stride: 8 -> "P3" (stride 2**l is level l)."""
+    return f"P{stride.bit_length() - 1}"
 
 
 def activity_map(feature: Tensor, valid: tuple[int, int]) -> np.ndarray:
@@ -279,7 +285,7 @@ def feature_activity_picture(
     bar = colour_bar(min(320, body.width - 80), 12, "0", "the map's max", font(12))
     legend = Image.new("RGB", (body.width, bar.height + 6), BACKGROUND)
     legend.paste(bar, (70, 2))
-    name = LEVEL_NAMES[level] if level < len(LEVEL_NAMES) else f"L{level}"
+    name = level_name(stride)
     return titled(
         vstack([body, legend], gap=4),
         title,

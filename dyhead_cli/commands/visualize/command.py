@@ -6,7 +6,7 @@ fixed palette (one colour per category).
 
 Attention (``--attention --weights W``), in the spirit of Figure 1 of the DyHead paper, three PNGs:
 - ``<image>_scale_attention.png``: the scale-aware weights pi_L for every block (rows) and output level
-  (columns P3..P7), one heat table per input map (low = the finer level l-1, mid = level l itself,
+  (columns P3..P7, or P2..P6 for Faster R-CNN), one heat table per input map (low = the finer level l-1, mid = level l itself,
   high = the coarser level l+1), the number in each cell;
 - ``<image>_spatial_attention.png``: the 9 sampling points of the spatial-aware (deformable) 3x3 conv at
   one feature cell (``--point x,y`` in image pixels, default the top detection's centre), per block, on
@@ -130,13 +130,13 @@ def parse_point(text: str | None) -> tuple[float, float] | None:
     return x, y
 
 
-def parse_level(text: str, num_levels: int) -> int:
-    """'P3'..'P7' (or 3..7) -> 0..4."""
+def parse_level(text: str, levels: Sequence[int]) -> int:
+    """'P3' (or 3) -> its index in the model's pyramid ``levels`` (3..7 for the one-stage heads, 2..6 for
+    Faster R-CNN)."""
     t = str(text).strip().upper().removeprefix("P")
-    names = [f"P{3 + i}" for i in range(num_levels)]
-    if not t.isdigit() or not 0 <= int(t) - 3 < num_levels:
-        raise DyheadError(f"--level must be one of {', '.join(names)}, got {text!r}")
-    return int(t) - 3
+    if not t.isdigit() or int(t) not in levels:
+        raise DyheadError(f"--level must be one of {', '.join(f'P{n}' for n in levels)} for this model, got {text!r}")
+    return list(levels).index(int(t))
 
 
 def load_json(path: Path, what: str) -> Any:
@@ -379,10 +379,9 @@ def attention_pictures(
     summary.max_trace_error = max(summary.max_trace_error, error)
     if error > 1e-3:
         raise DyheadError(f"internal: the recomputed DyHead block differs from its forward by {error:.2e} (relative)")
-    num_levels = len(traces[0].inputs)
-    level = parse_level(level_text, num_levels)
-    strides = tuple(getattr(det.model.fpn, "strides", (8, 16, 32, 64, 128)))
-    stride = strides[level]
+    levels = tuple(det.model.fpn.levels)
+    level = parse_level(level_text, levels)
+    stride = det.model.fpn.strides[level]
     if block is not None and not 1 <= block <= len(traces):
         raise DyheadError(f"--block must be within 1..{len(traces)} (the model has {len(traces)} DyHead blocks), got {block}")
     blocks = list(range(len(traces))) if block is None else [block - 1]
@@ -400,7 +399,7 @@ def attention_pictures(
     name = path.name
     written = [
         save_png(
-            scale_attention_picture(traces, f"{name}: scale-aware attention per block and level"),
+            scale_attention_picture(traces, levels, f"{name}: scale-aware attention per block and level"),
             out / f"{stem}_scale_attention.png",
         ),
         save_png(

@@ -26,7 +26,6 @@ VIRIDIS = np.array(
     ],
     dtype=np.float32,
 )
-LEVEL_NAMES = ("P3", "P4", "P5", "P6", "P7")
 INPUT_NAMES = ("low", "mid", "high")
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
