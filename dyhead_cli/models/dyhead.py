@@ -36,6 +36,7 @@ from torchvision.ops import deform_conv2d
 from dyhead_cli.errors import check_choice
 from dyhead_cli.models.deform import (
     GemmWeight,
+    cpu_gemm_dtype,
     deform_conv2d_from_table,
     gemm_weight,
     sampling_table,
@@ -145,7 +146,7 @@ class DeformConvNorm(nn.Module):
         """
         h, w = (in_size[0] - 1) // self.stride + 1, (in_size[1] - 1) // self.stride + 1
         offset, mask = fit_offset_to_output(offset, mask, (h, w), offset_mode)
-        bias = self.bias.to(table.dtype)
+        bias = self.bias.to(weight_mat.matrix.dtype)
         y = deform_conv2d_from_table(
             table, row_start, in_size, offset, mask, weight_mat, bias, (self.stride,) * 2, channels_last=channels_last
         )
@@ -273,7 +274,8 @@ class DyHeadBlock(nn.Module):
 
         All levels go into one sampling table, built once and read by the 2-3 convs that sample each
         level. The deformable convs run in float32 (float64 if the features are) with autocast off, as
-        torchvision's kernels do (its CUDA op is autocast to float32 too); with ``fast_low_precision`` on
+        torchvision's kernels do (its CUDA op is autocast to float32 too), except the GEMMs under a bfloat16
+        CPU autocast (``deform.cpu_gemm_dtype``: the user's opt-in, about 2x faster); with ``fast_low_precision`` on
         CUDA under autocast the gather and GEMM use the autocast dtype, with ``fast_channels_last`` on
         CUDA the convs return channels-last maps. Dispatched by ``forward`` on CPU; also runs on CUDA when
         called directly.
@@ -284,10 +286,11 @@ class DyHeadBlock(nn.Module):
         if self.fast_low_precision and device != "cpu" and torch.is_autocast_enabled(device):
             table_dtype = torch.get_autocast_dtype(device)
         channels_last = self.fast_channels_last and device != "cpu"
+        gemm_dtype = cpu_gemm_dtype(table_dtype) if device == "cpu" else table_dtype
         with torch.autocast(device, enabled=False):
             table, starts = sampling_table([x.to(table_dtype) for x in features])
             mid, low, high = self.spatial_mid, self.spatial_low, self.spatial_high
-            mats = {conv: gemm_weight(conv.weight, table_dtype) for conv in (mid, low, high)}
+            mats = {conv: gemm_weight(conv.weight, gemm_dtype) for conv in (mid, low, high)}
         sizes = [tuple(x.shape[-2:]) for x in features]
         mode, cl = self.offset_mode, channels_last
         outs = []

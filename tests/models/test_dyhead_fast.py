@@ -313,3 +313,43 @@ def test_packed_weights_follow_in_place_updates():
         got = fresh.set_impl("fast")(feats)
         ref = fresh.set_impl("reference")(feats)
     assert max((a - e).abs().max().item() for a, e in zip(got, ref)) < 1e-4
+
+
+def test_cpu_gemm_dtype_is_bfloat16_only_under_a_bfloat16_cpu_autocast(monkeypatch) -> None:
+    from dyhead_cli.models import deform
+
+    monkeypatch.setattr(deform, "cpu_bf16_gemm", lambda: True)
+    assert deform.cpu_gemm_dtype(torch.float32) == torch.float32  # no autocast: float32, the parity default
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert deform.cpu_gemm_dtype(torch.float32) == torch.bfloat16
+        assert deform.cpu_gemm_dtype(torch.float64) == torch.float64  # float64 features stay float64
+    monkeypatch.setattr(deform, "cpu_bf16_gemm", lambda: False)  # a CPU without native bfloat16 dot products
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert deform.cpu_gemm_dtype(torch.float32) == torch.float32
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_fast_tower_under_cpu_bf16_autocast_stays_close_to_float32(monkeypatch, grad: bool) -> None:
+    """Under a bfloat16 CPU autocast the tower's GEMMs run in bfloat16 (where the CPU has them): outputs
+    float32, within bfloat16 rounding of the float32 tower, gradients finite."""
+    from dyhead_cli.models import deform
+
+    torch.manual_seed(0)
+    tower = DyHead(32, 2, impl="fast").eval()
+    feats = [torch.randn(2, 32, s, s + 1) for s in (12, 6, 3)]
+    with torch.no_grad():
+        want = tower(feats)
+    gemm_dtypes = []
+    real = deform.GemmWeight.linear
+    monkeypatch.setattr(deform.GemmWeight, "linear", lambda self, c, b: gemm_dtypes.append(c.dtype) or real(self, c, b))
+    inputs = [f.clone().requires_grad_(grad) for f in feats]
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = tower(inputs)
+    expected = torch.bfloat16 if deform.cpu_bf16_gemm() else torch.float32
+    assert gemm_dtypes and set(gemm_dtypes) == {expected}
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and g.shape == w.shape
+        assert (g.float() - w).abs().max() < 0.05 * w.abs().max()
+    if grad:
+        sum(g.float().square().sum() for g in got).backward()
+        assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in inputs)
