@@ -46,6 +46,7 @@ from dyhead_cli.models.deform_export import deform_conv2d_export, deform_conv2d_
 OFFSET_MODES = ("official", "mmdet", "aligned")
 SAMPLED_MIN_BATCH = 8  # off CPU, "fast" uses grid_sample + GEMM from this batch size on (see forward)
 IMPLS = ("fast", "reference", "export")  # "export": grid_sample + matmul (models/deform_export.py), for ONNX
+SLAB_FLOATS = 1 << 17  # DyReLU in place works on slabs of about this many floats (512 KiB: stays in L2)
 
 
 def hard_sigmoid(x: Tensor) -> Tensor:
@@ -183,12 +184,18 @@ class DyReLU(nn.Module):
 
     def forward_fused(self, x: Tensor) -> Tensor:
         """``forward`` in 3 passes over x instead of 5 (b + x * a fused by addcmul). Without autograd it
-        overwrites x and allocates one map instead of three (fresh large buffers cost page faults)."""
+        overwrites x, a slab of channels at a time: the slab's first piece goes to a small buffer that stays
+        in cache, so a large map is read and written once from memory instead of three times."""
         a1, b1, a2, b2 = self.coefficients(x)
-        first = torch.addcmul(b1, x, a1)
         if torch.is_grad_enabled() and (x.requires_grad or a2.requires_grad):  # autograd: nothing in place
-            return torch.maximum(first, torch.addcmul(b2, x, a2))
-        return torch.maximum(first, x.mul_(a2).add_(b2), out=first)
+            return torch.maximum(torch.addcmul(b1, x, a1), torch.addcmul(b2, x, a2))
+        step = max(1, SLAB_FLOATS // (x.shape[0] * x.shape[2] * x.shape[3]))  # channels per slab
+        buf = x.new_empty(x.shape[0], min(step, x.shape[1]), *x.shape[2:])
+        for c in range(0, x.shape[1], step):
+            xs, cs = x[:, c : c + step], slice(c, c + step)
+            first = torch.addcmul(b1[:, cs], xs, a1[:, cs], out=buf[:, : xs.shape[1]])
+            torch.maximum(first, xs.mul_(a2[:, cs]).add_(b2[:, cs]), out=xs)
+        return x
 
 
 class DyHeadBlock(nn.Module):
@@ -234,14 +241,15 @@ class DyHeadBlock(nn.Module):
         om = self.offset(x)  # (B, 27, H, W): 9 (dy, dx) pairs, then 9 mask logits
         return om[:, :18], om[:, 18:].sigmoid()
 
-    def forward(self, features: list[Tensor], trace: BlockTrace | None = None) -> list[Tensor]:
+    def forward(self, features: list[Tensor], trace: BlockTrace | None = None, workspace: dict | None = None) -> list[Tensor]:
         """levels (B, C_in, H_l, W_l), P3 first -> the same levels with C channels.
 
-        ``trace``: record the block's intermediates into it (runs the reference convs).
+        ``trace``: record the block's intermediates into it (runs the reference convs). ``workspace``: a
+        dict shared by the blocks of one tower call, in which the fast path keeps buffers for the next block.
         """
         on_cpu = features[0].device.type == "cpu"
         if trace is None and self.impl == "fast" and on_cpu:
-            return self.forward_fast(features)
+            return self.forward_fast(features, workspace)
         outs = []
         # Off CPU, "fast" is one grid_sample + one GEMM per conv (models/deform_export.py) for batches of
         # SAMPLED_MIN_BATCH or more, torchvision's op below: on an H100 (benchmarks/gpu_tower.py, 800x1333,
@@ -269,7 +277,7 @@ class DyHeadBlock(nn.Module):
                 trace.outputs.append(outs[-1])
         return outs
 
-    def forward_fast(self, features: list[Tensor]) -> list[Tensor]:
+    def forward_fast(self, features: list[Tensor], workspace: dict | None = None) -> list[Tensor]:
         """``forward`` with ``deform.py``'s deformable convs; the same result to float32 rounding.
 
         All levels go into one sampling table, built once and read by the 2-3 convs that sample each
@@ -287,10 +295,15 @@ class DyHeadBlock(nn.Module):
             table_dtype = torch.get_autocast_dtype(device)
         channels_last = self.fast_channels_last and device != "cpu"
         gemm_dtype = cpu_gemm_dtype(table_dtype) if device == "cpu" else table_dtype
+        # Without autograd the previous block's sampling table is refilled (autograd may still need it).
+        reusable = workspace is not None and not torch.is_grad_enabled()
+        key = ("sampling_table", features[0].device, table_dtype, tuple(tuple(x.shape) for x in features))
         with torch.autocast(device, enabled=False):
-            table, starts = sampling_table([x.to(table_dtype) for x in features])
+            table, starts = sampling_table([x.to(table_dtype) for x in features], workspace.get(key) if reusable else None)
             mid, low, high = self.spatial_mid, self.spatial_low, self.spatial_high
             mats = {conv: gemm_weight(conv.weight, gemm_dtype) for conv in (mid, low, high)}
+        if reusable:
+            workspace[key] = table
         sizes = [tuple(x.shape[-2:]) for x in features]
         mode, cl = self.offset_mode, channels_last
         outs = []
@@ -307,7 +320,8 @@ class DyHeadBlock(nn.Module):
                     y = high.forward_from_table(table, starts[i], sizes[i], offset, mask, mode, mats[high], cl)
                     maps.append(F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True))
             # as in forward, with fewer passes over the maps: sum of f * (pi_L(f) / n), then fused DyReLU
-            fused = maps[0] * (self.scale_weight(maps[0]) / len(maps))
+            weight = self.scale_weight(maps[0]) / len(maps)
+            fused = maps[0].mul_(weight) if not torch.is_grad_enabled() else maps[0] * weight
             for f in maps[1:]:
                 fused.addcmul_(f, self.scale_weight(f) / len(maps))
             outs.append(self.task_attn.forward_fused(fused))
@@ -352,10 +366,11 @@ class DyHead(nn.Module):
         """levels P3 first, (B, C_in, H_l, W_l) -> (B, C, H_l, W_l); ``traces``: a list to append one
         ``BlockTrace`` per block to (``dyhead visualize --attention``)."""
         features = list(features)
+        workspace: dict = {}  # buffers the blocks pass on (see DyHeadBlock.forward)
         for block in self.blocks:
             trace = None
             if traces is not None:
                 trace = BlockTrace()
                 traces.append(trace)
-            features = block(features, trace)
+            features = block(features, trace, workspace)
         return features

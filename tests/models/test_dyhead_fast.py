@@ -157,6 +157,56 @@ def test_all_at_once_conv_the_cuda_layout_matches_torchvision(case, channels_las
     assert (no_bias + bias[:, None, None] - want).abs().max().item() < 1e-4
 
 
+def test_a_reused_sampling_table_equals_a_fresh_one():
+    """Refilling the previous block's table writes the interiors only: its zero padding must still hold."""
+    first = pyramid(2, 8, [(7, 9), (4, 5)], seed=3)
+    second = pyramid(2, 8, [(7, 9), (4, 5)], seed=4)
+    used, _ = sampling_table(first)
+    reused, starts = sampling_table(second, reuse=used)
+    fresh, fresh_starts = sampling_table(second)
+    assert reused.data_ptr() == used.data_ptr() and starts == fresh_starts
+    assert torch.equal(reused, fresh)
+    assert (fresh == 0).sum().item() == fresh.numel() - sum(x.numel() for x in second)  # only padding is 0
+
+
+def test_dyrelu_in_place_slabs_match_forward(monkeypatch):
+    """Without autograd ``forward_fused`` overwrites its input a few channels at a time (here 3 slabs of 2
+    channels and a last one of 1, batch 2); it must give ``forward``'s numbers."""
+    import dyhead_cli.models.dyhead as dyhead_module
+
+    torch.manual_seed(0)
+    attn = dyhead_module.DyReLU(7, 4)
+    torch.nn.init.normal_(attn.fc2.weight, 0.0, 0.5)
+    x = torch.randn(2, 7, 5, 6)
+    monkeypatch.setattr(dyhead_module, "SLAB_FLOATS", 2 * 2 * 5 * 6)
+    with torch.no_grad():
+        want = attn(x)
+        work = x.clone()
+        got = attn.forward_fused(work)
+    assert got.data_ptr() == work.data_ptr()  # in place
+    assert (got - want).abs().max().item() < 1e-6
+    before = x.clone()
+    x.requires_grad_(True)
+    assert (attn.forward_fused(x) - want).abs().max().item() < 1e-6  # autograd: out of place
+    assert torch.equal(x.detach(), before)
+
+
+def test_fast_tower_leaves_its_inputs_alone_and_repeats_itself():
+    """The fast path works in place on its own buffers only, and the table it passes from block to block
+    carries nothing from one call to the next."""
+    tower = perturbed_tower(16, 3, "official")
+    feats = pyramid(2, 16, [(9, 11), (5, 6), (3, 3)])
+    copies = [f.clone() for f in feats]
+    with torch.no_grad():
+        want = tower.set_impl("reference")(feats)
+        first = tower.set_impl("fast")(feats)
+        other = tower(pyramid(2, 16, [(9, 11), (5, 6), (3, 3)], seed=7))
+        second = tower(feats)
+    assert all(torch.equal(f, c) for f, c in zip(feats, copies))
+    for a, b, e, o in zip(first, second, want, other):
+        assert torch.equal(a, b) and (a - e).abs().max().item() < 1e-4 and not torch.equal(a, o)
+
+
 def test_other_kernel_sizes_go_to_torchvision():
     x = torch.randn(1, 4, 6, 6)
     weight = torch.randn(3, 4, 1, 1)
