@@ -174,8 +174,8 @@ def cpu_gemm_dtype(table_dtype: torch.dtype) -> torch.dtype:
     """The dtype of the fast path's GEMMs on CPU: bfloat16 under a bfloat16 CPU autocast (the user's opt-in,
     e.g. ``dyhead predict --bf16``) where the CPU has native bfloat16 GEMMs, else the table's dtype.
 
-    Only the GEMM is lowered, as an autocast conv would be: sample points, bilinear weights and the
-    gathered columns stay float32 and are rounded to bfloat16 chunk by chunk, and the outputs are float32.
+    The sampling table and the gathers follow (``DyHeadBlock.forward_fast``): sample points stay float32,
+    the bilinear weights and gathered columns are bfloat16, and the outputs are float32 again.
     """
     if (
         table_dtype == torch.float32
@@ -282,7 +282,7 @@ def deform_conv2d_from_table(
         # chunk (70% of a small tower's backward); autograd keeps every chunk's columns anyway.
         # (B*h*w, C_out) -> (B, C_out, h, w)
         return piece(0, b * hw).view(b, hw, n_out).transpose(1, 2).reshape(b, n_out, h, w)
-    out = table.new_empty(b, n_out, hw)
+    out = table.new_empty(b, n_out, hw, dtype=torch.promote_types(table.dtype, offset.dtype))  # bf16 table: fp32 out
     for i in range(b):
         for a in range(0, hw, chunk):
             stop = min(a + chunk, hw)
