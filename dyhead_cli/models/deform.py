@@ -42,13 +42,14 @@ def padded_rows(height: int, width: int) -> int:
     return (height + PAD_BEFORE + PAD_AFTER) * (width + PAD_BEFORE + PAD_AFTER)
 
 
-def sampling_table(maps: list[Tensor], reuse: Tensor | None = None) -> tuple[Tensor, list[int]]:
+def sampling_table(maps: list[Tensor], reuse: Tensor | None = None, dtype: torch.dtype | None = None) -> tuple[Tensor, list[int]]:
     """Lay (B, C, H, W) maps out as one (R, C) table of rows, one row of C values per pixel.
 
     Each image is stored channels-last and zero-padded (1 before, 2 after, in H and W), i.e.
-    (B, H+3, W+3, C) flattened; returns the table and each map's first row. ``reuse``: a table this
-    function returned for maps of the same shapes and dtype, no longer needed: its padding is still zero,
-    so only the interiors are written (a fresh 10 MB table costs page faults and a pass over memory).
+    (B, H+3, W+3, C) flattened; returns the table and each map's first row. ``dtype``: the table's (the
+    maps' by default; the copy converts). ``reuse``: a table this function returned for maps of the same
+    shapes and dtype, no longer needed: its padding is still zero, so only the interiors are written (a
+    fresh 10 MB table costs page faults and a pass over memory).
     """
     starts, rows = [], 0
     for x in maps:
@@ -57,7 +58,7 @@ def sampling_table(maps: list[Tensor], reuse: Tensor | None = None) -> tuple[Ten
     fresh = reuse is None
     # Only the padding is zeroed: filling the whole table first would be a second pass over it (1.5% of
     # a 640-px tower's time); the interior is written once by the copy.
-    table = maps[0].new_empty(rows, maps[0].shape[1]) if reuse is None else reuse
+    table = maps[0].new_empty(rows, maps[0].shape[1], dtype=dtype or maps[0].dtype) if fresh else reuse
     for x, start in zip(maps, starts):
         b, c, h, w = x.shape
         # (R, C) rows of this map -> (B, H+3, W+3, C); its interior <- (B, C, H, W) as (B, H, W, C)

@@ -284,9 +284,9 @@ class DyHeadBlock(nn.Module):
         level. The deformable convs run in float32 (float64 if the features are) with autocast off, as
         torchvision's kernels do (its CUDA op is autocast to float32 too), except under a bfloat16 CPU
         autocast (``deform.cpu_gemm_dtype``, the user's opt-in: table, gathers and GEMMs in bfloat16, outputs
-        float32, about 1.7x faster); with ``fast_low_precision`` on CUDA under autocast the gather and GEMM use the autocast dtype, with ``fast_channels_last`` on
-        CUDA the convs return channels-last maps. Dispatched by ``forward`` on CPU; also runs on CUDA when
-        called directly.
+        float32, about 1.7x faster); with ``fast_low_precision`` on CUDA under autocast the gather and GEMM
+        use the autocast dtype, with ``fast_channels_last`` on CUDA the convs return channels-last maps.
+        Dispatched by ``forward`` on CPU; also runs on CUDA when called directly.
         """
         device = features[0].device.type
         dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32  # sample points
@@ -303,7 +303,7 @@ class DyHeadBlock(nn.Module):
         reusable = workspace is not None and not torch.is_grad_enabled()
         key = ("sampling_table", features[0].device, table_dtype, tuple(tuple(x.shape) for x in features))
         with torch.autocast(device, enabled=False):
-            table, starts = sampling_table([x.to(table_dtype) for x in features], workspace.get(key) if reusable else None)
+            table, starts = sampling_table(features, workspace.get(key) if reusable else None, table_dtype)
             mid, low, high = self.spatial_mid, self.spatial_low, self.spatial_high
             mats = {conv: gemm_weight(conv.weight, gemm_dtype) for conv in (mid, low, high)}
         if reusable:
