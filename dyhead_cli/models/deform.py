@@ -24,6 +24,7 @@ neighbour a valid row, so no bounds masks are needed.
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -73,6 +74,43 @@ def sampling_table(maps: list[Tensor], reuse: Tensor | None = None, dtype: torch
     return table, starts
 
 
+def _tap_grid(h: int, w: int, sy: int, sx: int, py: int, px: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(2, h, w, 9): the y and x input pixel each 3x3 tap of each output pixel reads, before its offset."""
+    tap = torch.arange(9, device=device)
+    ys = (torch.arange(h, device=device) * sy - py).view(h, 1, 1) + tap.div(3, rounding_mode="floor")
+    xs = (torch.arange(w, device=device) * sx - px).view(1, w, 1) + tap.remainder(3)
+    return torch.stack(torch.broadcast_tensors(ys, xs)).to(dtype)
+
+
+def _point_limits(in_h: int, in_w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(2, 1, 1, 1): the largest sample point worth reading, (H, W) (filled on the device: no copy)."""
+    limits = torch.empty(2, 1, 1, 1, dtype=dtype, device=device)
+    limits[0], limits[1] = in_h, in_w
+    return limits
+
+
+def _neighbour_rows(b: int, in_h: int, in_w: int, row_start: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(B, 1, 1, 1, 4): what to add to a tap's top-left pixel (y * (W+3) + x) to get the table rows of its
+    4 neighbours: the image's first row, the padding, and the steps 0, 1, W+3, W+4 (dtype unused)."""
+    wp = in_w + PAD_BEFORE + PAD_AFTER
+    image_start = torch.arange(b, device=device).view(b, 1, 1, 1, 1) * padded_rows(in_h, in_w)
+    corner = torch.arange(4, device=device)
+    steps = corner.remainder(2) + corner.div(2, rounding_mode="floor") * wp
+    return image_start + (row_start + PAD_BEFORE * wp + PAD_BEFORE) + steps
+
+
+def cached(make, *args: int, like: Tensor) -> Tensor:
+    """``make(*args, like.dtype, like.device)``, memoised on CPU, where the 13 convs of each of a tower's blocks
+    ask for the same few. Made afresh elsewhere: on the device, with no host-to-device copy (CUDA-graph
+    safe), and not cached (a tensor made during graph capture lives in the graph's pool)."""
+    if like.device.type != "cpu":
+        return make(*args, like.dtype, like.device)
+    return _CPU_CACHE[make](*args, like.dtype, like.device)
+
+
+_CPU_CACHE = {make: functools.lru_cache(maxsize=128)(make) for make in (_tap_grid, _point_limits, _neighbour_rows)}
+
+
 def bilinear_taps(
     offset: Tensor,
     mask: Tensor | None,
@@ -86,37 +124,30 @@ def bilinear_taps(
     offset (B, 18, h, w) as (dy, dx) per tap, mask (B, 9, h, w) or None; ``in_size`` the sampled map's
     (H, W), whose part of the table starts at ``row_start`` (see ``sampling_table``). Returns index
     and weight tensors of shape (B*h*w*9, 4), rows ordered (b, y, x, tap), neighbours (y0x0, y0x1,
-    y1x0, y1x1); the mask is folded into the weights.
+    y1x0, y1x1); the mask is folded into the weights. Few whole-tensor ops on contiguous y and x planes:
+    a tower call makes 78 calls, mostly on small maps, where each op's fixed cost counts.
     """
     b, _, h, w = offset.shape
     in_h, in_w = in_size
-    sy, sx = stride
-    py_, px_ = padding
     wp = in_w + PAD_BEFORE + PAD_AFTER
-    # (B, 18, h, w) -> (B, h, w, 9, 2): (dy, dx) per tap
-    off = offset.permute(0, 2, 3, 1).reshape(b, h, w, 9, 2)
-    tap = torch.arange(9, device=offset.device)
-    base_y = (torch.arange(h, device=offset.device) * sy - py_).view(h, 1, 1) + tap.div(3, rounding_mode="floor")
-    base_x = (torch.arange(w, device=offset.device) * sx - px_).view(1, w, 1) + tap.remainder(3)
-    # Sample points in input pixels. Outside [-1, size] every neighbour is padding, so clamp there. At
-    # exactly -1 torchvision's gradient w.r.t. the point is the right derivative, which `clamp` would zero:
-    # hence `where` (which also sends NaN to -1, a zero sample, rather than to an undefined row).
-    y = off[..., 0] + base_y.to(offset.dtype)  # (B, h, w, 9)
-    x = off[..., 1] + base_x.to(offset.dtype)
-    y = torch.where(y >= -1.0, y, -1.0).clamp(max=float(in_h))
-    x = torch.where(x >= -1.0, x, -1.0).clamp(max=float(in_w))
-    y0 = y.floor()
-    x0 = x.floor()
-    ly, lx = y - y0, x - x0
-    hy, hx = 1.0 - ly, 1.0 - lx
-    weights = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], dim=-1)  # (B, h, w, 9, 4)
+    # (B, 18, h, w) -> (B, 2, h, w, 9): sample points, y and x planes, in input pixels
+    pts = offset.view(b, 9, 2, h, w).permute(0, 2, 3, 4, 1) + cached(_tap_grid, h, w, *stride, *padding, like=offset)
+    # Outside [-1, size] every neighbour is padding, so clamp there. At exactly -1 torchvision's gradient
+    # w.r.t. the point is the right derivative, which `clamp` would zero: hence `where` (which also sends
+    # NaN to -1, a zero sample, rather than to an undefined row).
+    pts = torch.where(pts >= -1.0, pts, -1.0)
+    pts = torch.clamp(pts, max=cached(_point_limits, in_h, in_w, like=offset))
+    floor = pts.floor()
+    high = pts - floor  # (B, 2, h, w, 9): weight of the higher neighbour along y, x
+    low = 1.0 - high
+    hy, hx, ly, lx = low[:, 0], low[:, 1], high[:, 0], high[:, 1]
     if mask is not None:
-        weights = weights * mask.permute(0, 2, 3, 1).unsqueeze(-1)
-    image_start = torch.arange(b, device=offset.device).view(b, 1, 1, 1) * padded_rows(in_h, in_w) + row_start
-    top_left = image_start + (y0.long() + PAD_BEFORE) * wp + (x0.long() + PAD_BEFORE)
-    # neighbour steps 0, 1, wp, wp + 1, made on the device (no host-to-device copy: CUDA-graph safe)
-    corner = torch.arange(4, device=offset.device)
-    index = top_left.unsqueeze(-1) + (corner.remainder(2) + corner.div(2, rounding_mode="floor") * wp)
+        m = mask.permute(0, 2, 3, 1)  # (B, h, w, 9)
+        hy, ly = hy * m, ly * m
+    weights = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], dim=-1)  # (B, h, w, 9, 4)
+    corner = floor.long()
+    top_left = corner[:, 0] * wp + corner[:, 1]  # (B, h, w, 9): y * (W+3) + x
+    index = top_left.unsqueeze(-1) + cached(_neighbour_rows, b, in_h, in_w, row_start, like=offset)
     return index.reshape(-1, 4), weights.reshape(-1, 4)
 
 
