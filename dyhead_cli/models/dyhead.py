@@ -42,11 +42,11 @@ from dyhead_cli.models.deform import (
     sampling_table,
 )
 from dyhead_cli.models.deform_export import deform_conv2d_export, deform_conv2d_sampled
+from dyhead_cli.models.dyhead_cpu import SLAB_FLOATS, block_forward_cpu
 
 OFFSET_MODES = ("official", "mmdet", "aligned")
 SAMPLED_MIN_BATCH = 8  # off CPU, "fast" uses grid_sample + GEMM from this batch size on (see forward)
 IMPLS = ("fast", "reference", "export")  # "export": grid_sample + matmul (models/deform_export.py), for ONNX
-SLAB_FLOATS = 1 << 17  # DyReLU in place works on slabs of about this many floats (512 KiB: stays in L2)
 
 
 def hard_sigmoid(x: Tensor) -> Tensor:
@@ -145,13 +145,29 @@ class DeformConvNorm(nn.Module):
         ``weight_mat``: this conv's ``deform.weight_matrix`` in the table's dtype, as a ``GemmWeight``
         (made once per block call); ``channels_last`` (CUDA only): the conv's output in channels-last memory.
         """
+        y = self.conv_from_table(table, row_start, in_size, offset, mask, offset_mode, weight_mat, channels_last)
+        return self.norm(y.to(self.norm.weight.dtype))  # GroupNorm in float32 after a low-precision GEMM, as autocast
+
+    def conv_from_table(
+        self,
+        table: Tensor,
+        row_start: int,
+        in_size: tuple[int, int],
+        offset: Tensor,
+        mask: Tensor,
+        offset_mode: str,
+        weight_mat: GemmWeight,
+        channels_last: bool = False,
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """``forward_from_table`` without the GroupNorm: the deformable conv's output (B, C, h, w); on CPU with
+        ``channels_last``, written into ``out`` ((B*h*w, C) rows) where given."""
         h, w = (in_size[0] - 1) // self.stride + 1, (in_size[1] - 1) // self.stride + 1
         offset, mask = fit_offset_to_output(offset, mask, (h, w), offset_mode)
         bias = self.bias.to(weight_mat.matrix.dtype)
-        y = deform_conv2d_from_table(
-            table, row_start, in_size, offset, mask, weight_mat, bias, (self.stride,) * 2, channels_last=channels_last
+        return deform_conv2d_from_table(
+            table, row_start, in_size, offset, mask, weight_mat, bias, (self.stride,) * 2, channels_last=channels_last, out=out
         )
-        return self.norm(y.to(self.norm.weight.dtype))  # GroupNorm in float32 after a low-precision GEMM, as autocast
 
 
 def make_divisible(v: float, divisor: int = 4) -> int:
@@ -173,7 +189,10 @@ class DyReLU(nn.Module):
 
     def coefficients(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(B, C, H, W) -> a1, b1, a2, b2, each (B, C, 1, 1)."""
-        y = x.mean(dim=(2, 3))  # (B, C): pooled per image and per level
+        return self.coefficients_from_mean(x.mean(dim=(2, 3)))  # pooled per image and per level
+
+    def coefficients_from_mean(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``coefficients`` from the map's mean over (H, W), y (B, C)."""
         y = hard_sigmoid(self.fc2(F.relu(self.fc1(y))))
         a1, b1, a2, b2 = y[:, :, None, None].split(self.channels, dim=1)
         return (a1 - 0.5) * 2.0 + 1.0, b1 - 0.5, (a2 - 0.5) * 2.0, b2 - 0.5
@@ -289,6 +308,8 @@ class DyHeadBlock(nn.Module):
         Dispatched by ``forward`` on CPU; also runs on CUDA when called directly.
         """
         device = features[0].device.type
+        if device == "cpu" and not torch.is_grad_enabled():
+            return self.forward_cpu_inference(features, workspace)
         dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32  # sample points
         table_dtype = dtype
         if self.fast_low_precision and device != "cpu" and torch.is_autocast_enabled(device):
@@ -330,6 +351,20 @@ class DyHeadBlock(nn.Module):
                 fused.addcmul_(f, self.scale_weight(f) / len(maps))
             outs.append(self.task_attn.forward_fused(fused))
         return outs
+
+    def forward_cpu_inference(self, features: list[Tensor], workspace: dict | None = None) -> list[Tensor]:
+        """``forward_fast`` on CPU without autograd: channels-last maps, GroupNorm, the scale-aware weighting
+        and DyReLU folded into two passes over each conv output, the work spread over the intra-op threads as
+        whole tasks (``dyhead_cpu.block_forward_cpu``).
+
+        levels (B, C_in, H_l, W_l), any memory layout -> (B, C, H_l, W_l) in channels-last memory (``DyHead``
+        hands NCHW maps on). The same numbers as ``forward`` to float32 rounding.
+        """
+        return block_forward_cpu(self, features, workspace)
+
+    def scale_weight_from_mean(self, pooled: Tensor) -> Tensor:
+        """``scale_weight`` from the map's mean over (H, W): (..., C) -> (..., 1)."""
+        return hard_sigmoid(F.relu(F.linear(pooled, self.scale_attn.weight.flatten(1), self.scale_attn.bias)))
 
 
 class DyHead(nn.Module):
@@ -377,4 +412,4 @@ class DyHead(nn.Module):
                 trace = BlockTrace()
                 traces.append(trace)
             features = block(features, trace, workspace)
-        return features
+        return [f.contiguous() for f in features]  # NCHW (the fast CPU path works channels-last)
