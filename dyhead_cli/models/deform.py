@@ -322,11 +322,12 @@ def deform_conv2d_from_table(
         return piece(0, b * hw).view(b, hw, n_out).transpose(1, 2).reshape(b, n_out, h, w)
     out_dtype = torch.promote_types(table.dtype, offset.dtype)  # a bfloat16 table gives float32 outputs
     if channels_last:
-        # (B*h*w, C_out) rows, each chunk's copied in as it is (chunks may span images)
+        # (B*h*w, C_out) rows, each chunk's copied in as it is (chunks may span images); views made by split
+        # (one call) rather than by slicing per chunk: a 640-px tower makes 200 chunks, mostly small
         rows = table.new_empty(b * hw, n_out, dtype=out_dtype) if out is None else out
-        for a in range(0, b * hw, chunk):
-            stop = min(a + chunk, b * hw)
-            rows[a:stop] = piece(a, stop)
+        for rows_index, rows_weights, dest in zip(index.split(9 * chunk), weights.split(9 * chunk), rows.split(chunk)):
+            cols = gather_columns(table, rows_index, rows_weights).view(dest.shape[0], -1)
+            dest.copy_(gemm.linear(cols if cols.dtype == gemm.matrix.dtype else cols.to(gemm.matrix.dtype), bias))
         return rows.view(b, h, w, n_out).permute(0, 3, 1, 2)
     out = table.new_empty(b, n_out, hw, dtype=out_dtype)
     for i in range(b):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from dyhead_cli.models.deform import cpu_gemm_dtype, gemm_weight, sampling_table
 
@@ -28,26 +28,33 @@ if TYPE_CHECKING:
 SLAB_FLOATS = 1 << 17  # DyReLU in place works on slabs of about this many floats (512 KiB: stays in L2)
 
 
-def group_norm_affine(y: Tensor, norm: nn.GroupNorm) -> tuple[Tensor, Tensor, Tensor]:
-    """GroupNorm of y (B, C, h, w), any memory layout, as a per-image, per-channel affine map.
+def channel_stats(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-image, per-channel mean and (biased) variance of y (B, C, h, w) over (h, w): two (B, C).
 
-    Returns (scale, shift, mean), each (B, C): ``norm(y) == y * scale + shift`` to float32 rounding, and
-    ``mean`` is y's mean over (h, w). The per-channel statistics come from ``batch_norm_update_stats`` (a
-    vectorised two-pass kernel on channels-last input, as accurate as GroupNorm's NCHW kernel to a few
-    units in the last place; GroupNorm's own channels-last kernel is several times less accurate); the
-    group variance is the mean of the channels' variances plus the variance of their means (exact).
+    From ``batch_norm_update_stats``: on channels-last input a vectorised two-pass kernel, as accurate as
+    GroupNorm's NCHW kernel to a few units in the last place (GroupNorm's own channels-last kernel is
+    several times less accurate).
     """
-    b, c = y.shape[:2]
-    groups = norm.num_groups
-    stats = [torch.batch_norm_update_stats(y[i : i + 1], None, None, 0.0) for i in range(b)]
-    mean = torch.stack([m for m, _ in stats]) if b > 1 else stats[0][0][None]
-    var = torch.stack([v for _, v in stats]) if b > 1 else stats[0][1][None]
-    channel_mean = mean.view(b, groups, -1)
+    stats = [torch.batch_norm_update_stats(y[i : i + 1], None, None, 0.0) for i in range(y.shape[0])]
+    if len(stats) == 1:
+        return stats[0][0][None], stats[0][1][None]
+    return torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats])
+
+
+def group_norm_affine(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """GroupNorm as a per-channel affine map ``norm(y) = y * scale + shift``, from y's channel statistics.
+
+    mean, var (..., B, C) from ``channel_stats`` (several maps may be stacked in front); weight, bias the
+    norms' affine parameters, (..., 1, C). Returns scale and shift, (..., B, C). The group variance is the
+    mean of the channels' variances plus the variance of their means (exact).
+    """
+    shape = mean.shape
+    channel_mean = mean.unflatten(-1, (groups, -1))  # (..., B, G, C/G)
     group_mean = channel_mean.mean(-1, keepdim=True)
-    group_var = (var.view(b, groups, -1) + (channel_mean - group_mean).square()).mean(-1, keepdim=True)
-    scale = norm.weight.view(groups, -1) * torch.rsqrt(group_var + norm.eps)  # (B, G, C/G)
-    shift = norm.bias - (group_mean * scale).view(b, c)
-    return scale.view(b, c), shift, mean
+    group_var = (var.unflatten(-1, (groups, -1)) + (channel_mean - group_mean).square()).mean(-1, keepdim=True)
+    scale = weight.unflatten(-1, (groups, -1)) * torch.rsqrt(group_var + eps)  # (..., B, G, C/G)
+    shift = bias - (group_mean * scale).reshape(shape)
+    return scale.reshape(shape), shift
 
 
 @functools.lru_cache(maxsize=64)
@@ -151,23 +158,27 @@ def block_forward_cpu(block: DyHeadBlock, features: list[Tensor], workspace: dic
             offset, mask = om[:, :18], om[:, 18:].sigmoid()
             sources = [("mid", mid, level)] + [("low", low, level - 1)] * (level > 0)
             sources += [("high", high, level + 1)] * (level + 1 < len(sizes))
-            maps, scales, shifts, means = [], [], [], []
+            maps, stats, pooled = [], [], []
             for role, conv, i in sources:
                 out = buffer(role, level, conv.output_size(features[i]))
                 y = conv.conv_from_table(table, starts[i], sizes[i], offset, mask, block.offset_mode, mats[conv], True, out)
-                scale, shift, mean = group_norm_affine(y, conv.norm)  # (B, C) each: norm(y) = y * scale + shift
+                stats.append(channel_stats(y))
+                pooled.append(stats[-1][0])  # the mean of y, (B, C)
                 if role == "high":  # GroupNorm is affine per channel, so it commutes with the upsampling
-                    mean = upsampled_mean(y, sizes[level])
+                    pooled[-1] = upsampled_mean(y, sizes[level])
                     up = buffer("upsampled", level, sizes[level]).view(batch, *sizes[level], channels)
                     y = upsample_into(y, up.permute(0, 3, 1, 2))
                 maps.append(y)
-                scales.append(scale)
-                shifts.append(shift)
-                means.append(mean * scale + shift)  # the mean of the normalised map
-            pooled = torch.stack(means)  # (k, B, C)
+            # the 2-3 maps at once: (k, B, C) statistics, (k, 1, C) GroupNorm parameters
+            norms = [conv.norm for _, conv, _ in sources]
+            weight = torch.stack([norm.weight for norm in norms])[:, None]
+            bias = torch.stack([norm.bias for norm in norms])[:, None]
+            mean, var = (torch.stack(t) for t in zip(*stats))
+            scale, shift = group_norm_affine(mean, var, weight, bias, norms[0].num_groups, norms[0].eps)
+            pooled = torch.stack(pooled) * scale + shift  # (k, B, C): the mean of each normalised map
             weights = block.scale_weight_from_mean(pooled) / len(maps)  # (k, B, 1): pi_L / k
-            shift = (torch.stack(shifts) * weights).sum(0)  # (B, C)
-            a1, b1, a2, b2 = block.task_attn.coefficients_from_mean((pooled * weights).sum(0))  # of the sum
-            scales = [scale * w for scale, w in zip(scales, weights)]
-            outs.append(scaled_sum_dyrelu_(maps, scales, shift, [t.flatten(1) for t in (a1, b1, a2, b2)]))
+            coefficients = block.task_attn.coefficients_from_mean((pooled * weights).sum(0))  # of the scaled sum
+            scales = list((scale * weights).unbind())
+            shift = (shift * weights).sum(0)  # (B, C)
+            outs.append(scaled_sum_dyrelu_(maps, scales, shift, [t.flatten(1) for t in coefficients]))
     return outs

@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import dyhead_cli.models.dyhead_cpu as dyhead_cpu
-from dyhead_cli.models.dyhead_cpu import group_norm_affine, scaled_sum_dyrelu_, upsample_into, upsampled_mean
+from dyhead_cli.models.dyhead_cpu import (
+    channel_stats,
+    group_norm_affine,
+    scaled_sum_dyrelu_,
+    upsample_into,
+    upsampled_mean,
+)
 
 
 def channels_last(*shape: int, seed: int = 0, shift: float = 0.0) -> torch.Tensor:
@@ -19,19 +25,26 @@ def channels_last(*shape: int, seed: int = 0, shift: float = 0.0) -> torch.Tenso
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("shift", [0.0, 5.0])
 def test_group_norm_affine_is_group_norm(batch, shift):
-    """norm(y) == y * scale + shift per image and channel, and mean is y's mean over (h, w), also for maps
-    whose mean is far from zero (the statistics are two-pass, not E[y^2] - E[y]^2)."""
-    norm = torch.nn.GroupNorm(4, 16)
-    torch.nn.init.normal_(norm.weight)
-    torch.nn.init.normal_(norm.bias)
-    y = channels_last(batch, 16, 7, 9, shift=shift) * torch.linspace(0.1, 3.0, 16).view(1, 16, 1, 1)
+    """norm(y) == y * scale + shift per image and channel, for two maps with their own norms at once, also
+    for maps whose mean is far from zero (the statistics are two-pass, not E[y^2] - E[y]^2)."""
+    norms = [torch.nn.GroupNorm(4, 16) for _ in range(2)]
+    for norm in norms:
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    ys = [channels_last(batch, 16, 7, 9, seed=s, shift=shift) * torch.linspace(0.1, 3.0, 16).view(1, 16, 1, 1) for s in (0, 1)]
     with torch.no_grad():
-        scale, offset, mean = group_norm_affine(y, norm)
+        stats = [channel_stats(y) for y in ys]
+        mean, var = (torch.stack(t) for t in zip(*stats))
+        weight = torch.stack([n.weight for n in norms])[:, None]
+        bias = torch.stack([n.bias for n in norms])[:, None]
+        scale, offset = group_norm_affine(mean, var, weight, bias, 4, norms[0].eps)
+    assert scale.shape == offset.shape == mean.shape == (2, batch, 16)
+    for k, (y, norm) in enumerate(zip(ys, norms)):
         want = F.group_norm(y.double(), 4, norm.weight.double(), norm.bias.double(), norm.eps)
-    got = y * scale[..., None, None] + offset[..., None, None]
-    assert scale.shape == offset.shape == mean.shape == (batch, 16)
-    assert (got.double() - want).abs().max().item() < 1e-5
-    assert (mean.double() - y.double().mean(dim=(2, 3))).abs().max().item() < 1e-5
+        got = y * scale[k][..., None, None] + offset[k][..., None, None]
+        assert (got.double() - want).abs().max().item() < 1e-5
+        assert (mean[k].double() - y.double().mean(dim=(2, 3))).abs().max().item() < 1e-5
+        assert (var[k].double() - y.double().var(dim=(2, 3), unbiased=False)).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize(("src", "dst"), [((5, 7), (9, 13)), ((3, 3), (5, 6)), ((1, 1), (2, 2)), ((4, 4), (4, 4))])
