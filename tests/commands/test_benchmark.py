@@ -125,6 +125,14 @@ def test_compare_adds_no_dyhead_and_torchvision_fcos(compare_report):
         main = next(r for r in report["results"] if r["key"] == "dyhead")
         assert x["ratio_p50"] == pytest.approx(main["latency_ms"]["p50"] / other["latency_ms"]["p50"])
     assert "FCOS-R50 (torchvision)" in output and "no DyHead" in output
+    # the DyHead tower against the head towers it replaces, from the (interleaved) stage medians
+    [tower] = report["tower_ratios"]
+    main = next(r for r in report["results"] if r["key"] == "dyhead")
+    no_dyhead = next(r for r in report["results"] if r["key"] == "no_dyhead")
+    assert tower["vs"] == models["no_dyhead"]["name"] and tower["model"] == main["model"]
+    assert tower["ratio_p50"] == pytest.approx(main["stages_ms"]["dyhead"] / no_dyhead["stages_ms"]["head"])
+    line = f"DyHead tower of {main['model']} / head of {no_dyhead['model']} = {tower['ratio_p50']:.2f}x"
+    assert line in " ".join(output.split())  # rich wraps long lines
 
 
 def test_markdown_is_written(compare_report):

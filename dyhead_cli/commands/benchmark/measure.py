@@ -107,7 +107,8 @@ def load_candidate(c: Candidate, s: Settings, log: Callable[[str], None]) -> Loa
 def measure_batch(
     loaded: list[Loaded], batch: int, s: Settings, log: Callable[[str], None], onnx: tuple | None = None
 ) -> list[dict]:
-    """One batch size: warm every model up, its peak memory alone, the timed calls interleaved, then stages."""
+    """One batch size: warm every model up, its peak memory alone, the timed calls interleaved, then the
+    stages of the dyhead models, interleaved too."""
     images, image_sizes = make_inputs(batch, s.size, s.device, s.channels_last, s.seed)
     calls = {x.c.key: forward_fn(x.model, x.c, images, image_sizes, s) for x in loaded}
     if onnx is not None:  # the exported model under onnxruntime, timed interleaved with the others
@@ -129,6 +130,12 @@ def measure_batch(
             memory_reserved[x.c.key] = torch.cuda.max_memory_reserved()
     log(f"batch {batch}: {s.iters} timed calls{' of each model, interleaved' if len(loaded) > 1 else ''}")
     timings = measure_interleaved(calls, s.iters, s.device)
+    ours = {x.c.key: x.model for x in loaded if x.c.ours}
+    if ours:
+        log(
+            f"batch {batch}: stages of {', '.join(x.c.name for x in loaded if x.c.ours)}{', interleaved' if len(ours) > 1 else ''}"
+        )
+        stages = stage_breakdown(ours, images, image_sizes, s)
     rows = []
     for x in loaded:
         timing, (peak, peak_kind) = timings[x.c.key], memory[x.c.key]
@@ -145,8 +152,7 @@ def measure_batch(
         if s.device == "cuda":
             row["peak_memory_reserved_bytes"] = memory_reserved[x.c.key]
         if x.c.ours:
-            log(f"{x.c.name}: batch {batch}, stages")
-            row["stages_ms"] = {n: t.p50 * 1e3 for n, t in stage_breakdown(x.model, images, image_sizes, s).items()}
+            row["stages_ms"] = {n: t.p50 * 1e3 for n, t in stages[x.c.key].items()}
             row["dyhead_share"] = tower_share(row["stages_ms"])
         rows.append(row)
     if onnx is not None:
@@ -204,6 +210,18 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def tower_ratios(rows: list[dict]) -> list[dict]:
+    """Per batch size, the DyHead model's DyHead stage over the head stage of the same model without DyHead
+    (``--compare``: the DyHead tower against the standard 4-conv head towers and predictors), from the stage
+    medians, which are timed interleaved."""
+    out = []
+    for main in (r for r in rows if r["key"] == "dyhead" and "stages_ms" in r):
+        for other in (r for r in rows if r["key"] == "no_dyhead" and r["batch_size"] == main["batch_size"]):
+            a, b = main["stages_ms"]["dyhead"], other["stages_ms"]["head"]
+            out.append({"batch_size": main["batch_size"], "model": main["model"], "vs": other["model"], "ratio_p50": a / b})
+    return out
+
+
 def run_benchmark(cfg: ModelConfig, source: str, s: Settings, log: Callable[[str], None] = lambda m: None) -> dict:
     """Measure the model (and the comparison models) and return the report (see ``to_markdown``)."""
     check_settings(s)
@@ -242,6 +260,7 @@ def run_benchmark(cfg: ModelConfig, source: str, s: Settings, log: Callable[[str
         "models": models,
         "results": rows,
         "ratios": ratios(rows),
+        "tower_ratios": tower_ratios(rows),
         "notes": notes(s) + ([busy] if busy else []),
     }
 
@@ -260,7 +279,8 @@ def busy_warning(machine: dict[str, Any]) -> str | None:
 def notes(s: Settings) -> list[str]:
     out = [
         "latency: whole eval forward incl. post-processing; p50/p90/p99 over the timed calls; images/s = batch / p50",
-        "stages: each run alone on the previous stage's outputs, median of the timed calls (backbone includes normalisation)",
+        "stages: each run alone on the previous stage's outputs, median of the timed calls (backbone includes normalisation); "
+        "with several dyhead models, each round times every stage of every model once, like the whole-model calls",
         "FLOPs: one fp32 image, FlopCounterMode (multiply-add = 2), DyHead counted with its reference implementation; "
         "deform_conv2d by formula 2*C_in*9*C_out*H_out*W_out + 8*9*C_in*H_out*W_out (bilinear sampling with mask)",
         "DyHead share: the DyHead stage's median over the sum of the stage medians",

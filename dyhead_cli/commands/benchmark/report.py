@@ -70,6 +70,10 @@ def ratio_line(x: dict) -> str:
     )
 
 
+def tower_ratio_line(x: dict) -> str:
+    return f"batch {x['batch_size']}: DyHead tower of {x['model']} / head of {x['vs']} = {x['ratio_p50']:.2f}x (stage medians)"
+
+
 def _rich_table(title: str, headers: list[str], rows: list[list[str]]):
     from rich.table import Table
 
@@ -99,6 +103,7 @@ def render_table(report: dict):
         parts.append(_rich_table("stages (median, each run alone)", STAGE_HEADERS, [stage_cells(r) for r in staged]))
     parts.append(_rich_table("size (GFLOPs per image)", MODEL_HEADERS, [model_cells(x) for x in report["models"].values()]))
     parts += [Text(ratio_line(x)) for x in report["ratios"]]
+    parts += [Text(tower_ratio_line(x)) for x in report.get("tower_ratios", [])]
     gpu = f", {m['gpu']} (driver {m.get('driver') or '?'}, CUDA {m['cuda']})" if m["gpu"] else ""
     parts.append(
         Text(
@@ -132,6 +137,7 @@ def to_markdown(report: dict) -> str:
         out += _md_table(STAGE_HEADERS, [stage_cells(r) for r in staged])
     if report["ratios"]:
         out += ["", "## Ratios", ""] + [f"- {ratio_line(x)}" for x in report["ratios"]]
+        out += [f"- {tower_ratio_line(x)}" for x in report.get("tower_ratios", [])]
     out += ["", "## Models (GFLOPs per image)", ""]
     out += _md_table(
         MODEL_HEADERS + ["levels"],

@@ -133,9 +133,20 @@ def stage_functions(model: nn.Module, images: Tensor, image_sizes: list, s: Sett
     return {name: in_context(fn) for name, fn in calls.items()}
 
 
-def stage_breakdown(model: nn.Module, images: Tensor, image_sizes: list, s: Settings) -> dict[str, Timing]:
-    """Median-ready timings of backbone, FPN, DyHead, head and post-processing, each run on its own."""
-    return {name: measure(fn, s.warmup, s.iters, s.device) for name, fn in stage_functions(model, images, image_sizes, s).items()}
+def stage_breakdown(models: dict[str, nn.Module], images: Tensor, image_sizes: list, s: Settings) -> dict[str, dict[str, Timing]]:
+    """Timings of backbone, FPN, DyHead, head and post-processing of each dyhead model (by key), each stage
+    run on its own: warmed up, then every stage of every model timed once per round, interleaved like the
+    whole-model calls, so that a ratio between two models' stages (the DyHead tower against the 4-conv head
+    towers) sees the same load from other processes."""
+    fns = {
+        (key, name): fn for key, model in models.items() for name, fn in stage_functions(model, images, image_sizes, s).items()
+    }
+    for fn in fns.values():
+        for _ in range(s.warmup):
+            fn()
+    synchronize(s.device)
+    timed = measure_interleaved(fns, s.iters, s.device)
+    return {key: {name: t for (k, name), t in timed.items() if k == key} for key in models}
 
 
 # ----------------------------------------------------------------------------------------------------
