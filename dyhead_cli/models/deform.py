@@ -77,7 +77,7 @@ def sampling_table(maps: list[Tensor], reuse: Tensor | None = None, dtype: torch
     return table, starts
 
 
-def _tap_grid(h: int, w: int, sy: int, sx: int, py: int, px: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def tap_grid(h: int, w: int, sy: int, sx: int, py: int, px: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(2, h, w, 9): the y and x input pixel each 3x3 tap of each output pixel reads, before its offset."""
     tap = torch.arange(9, device=device)
     ys = (torch.arange(h, device=device) * sy - py).view(h, 1, 1) + tap.div(3, rounding_mode="floor")
@@ -92,7 +92,7 @@ def _point_limits(in_h: int, in_w: int, dtype: torch.dtype, device: torch.device
     return limits
 
 
-def _neighbour_rows(b: int, in_h: int, in_w: int, row_start: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def neighbour_rows(b: int, in_h: int, in_w: int, row_start: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(B, 1, 1, 1, 4): what to add to a tap's top-left pixel (y * (W+3) + x) to get the table rows of its
     4 neighbours: the image's first row, the padding, and the steps 0, 1, W+3, W+4 (dtype unused)."""
     wp = in_w + PAD_BEFORE + PAD_AFTER
@@ -111,7 +111,7 @@ def cached(make, *args: int, like: Tensor) -> Tensor:
     return _CPU_CACHE[make](*args, like.dtype, like.device)
 
 
-_CPU_CACHE = {make: functools.lru_cache(maxsize=128)(make) for make in (_tap_grid, _point_limits, _neighbour_rows)}
+_CPU_CACHE = {make: functools.lru_cache(maxsize=128)(make) for make in (tap_grid, _point_limits, neighbour_rows)}
 
 
 def bilinear_taps(
@@ -134,7 +134,7 @@ def bilinear_taps(
     in_h, in_w = in_size
     wp = in_w + PAD_BEFORE + PAD_AFTER
     # (B, 18, h, w) -> (B, 2, h, w, 9): sample points, y and x planes, in input pixels
-    pts = offset.view(b, 9, 2, h, w).permute(0, 2, 3, 4, 1) + cached(_tap_grid, h, w, *stride, *padding, like=offset)
+    pts = offset.view(b, 9, 2, h, w).permute(0, 2, 3, 4, 1) + cached(tap_grid, h, w, *stride, *padding, like=offset)
     # Outside [-1, size] every neighbour is padding, so clamp there. At exactly -1 torchvision's gradient
     # w.r.t. the point is the right derivative, which `clamp` would zero: hence `where` (which also sends
     # NaN to -1, a zero sample, rather than to an undefined row).
@@ -150,7 +150,7 @@ def bilinear_taps(
     weights = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], dim=-1)  # (B, h, w, 9, 4)
     corner = floor.to(INDEX_DTYPE)
     top_left = corner[:, 0] * wp + corner[:, 1]  # (B, h, w, 9): y * (W+3) + x
-    index = top_left.unsqueeze(-1) + cached(_neighbour_rows, b, in_h, in_w, row_start, like=offset)
+    index = top_left.unsqueeze(-1) + cached(neighbour_rows, b, in_h, in_w, row_start, like=offset)
     return index.reshape(-1, 4), weights.reshape(-1, 4)
 
 
@@ -296,9 +296,8 @@ def deform_conv2d_from_table(
     the output. Chunks keep the columns in cache between gather and GEMM, and keep buffers small enough for
     malloc to recycle (a fresh large buffer costs a page fault per 4 KiB); ``channels_last`` returns the
     result in channels-last memory (the chunks' rows as they are, no transposing copy), written into ``out``
-    (a (B*h*w, C_out) buffer) where given. With autograd it
-    gathers everything at once (see the comment there), and so on another device (CUDA: few large kernels
-    beat many small ones).
+    (a (B*h*w, C_out) buffer) where given (``conv_rows``). With autograd it gathers everything at once (see
+    the comment there), and so on another device (CUDA: few large kernels beat many small ones).
     """
     gemm = weight if isinstance(weight, GemmWeight) else GemmWeight(weight, pack=False)
     b, _, h, w = offset.shape
@@ -322,13 +321,8 @@ def deform_conv2d_from_table(
         return piece(0, b * hw).view(b, hw, n_out).transpose(1, 2).reshape(b, n_out, h, w)
     out_dtype = torch.promote_types(table.dtype, offset.dtype)  # a bfloat16 table gives float32 outputs
     if channels_last:
-        # (B*h*w, C_out) rows, each chunk's copied in as it is (chunks may span images); views made by split
-        # (one call) rather than by slicing per chunk: a 640-px tower makes 200 chunks, mostly small
         rows = table.new_empty(b * hw, n_out, dtype=out_dtype) if out is None else out
-        for rows_index, rows_weights, dest in zip(index.split(9 * chunk), weights.split(9 * chunk), rows.split(chunk)):
-            cols = gather_columns(table, rows_index, rows_weights).view(dest.shape[0], -1)
-            dest.copy_(gemm.linear(cols if cols.dtype == gemm.matrix.dtype else cols.to(gemm.matrix.dtype), bias))
-        return rows.view(b, h, w, n_out).permute(0, 3, 1, 2)
+        return conv_rows(table, index, weights, gemm, bias, rows, chunk).view(b, h, w, n_out).permute(0, 3, 1, 2)
     out = table.new_empty(b, n_out, hw, dtype=out_dtype)
     for i in range(b):
         for a in range(0, hw, chunk):
@@ -336,6 +330,28 @@ def deform_conv2d_from_table(
             # (n, C_out) rows, still in cache, transposed into the NCHW output
             out[i, :, a:stop] = piece(i * hw + a, i * hw + stop).t()
     return out.view(b, n_out, h, w)
+
+
+def conv_rows(
+    table: Tensor,
+    index: Tensor,
+    weights: Tensor,
+    gemm: GemmWeight,
+    bias: Tensor | None,
+    out: Tensor,
+    chunk: int = CHUNK_POSITIONS,
+) -> Tensor:
+    """A deformable conv's output rows from its taps, on CPU without autograd: index, weights (n*9, 4) from
+    ``bilinear_taps`` -> out (n, C_out), one row per output position (a channels-last map).
+
+    ``chunk`` positions at a time (chunks may span images): gather their columns, one GEMM, the rows copied
+    in as they are. Views made by split (one call) rather than by slicing per chunk: a 640-px tower makes
+    200 chunks, mostly small.
+    """
+    for rows_index, rows_weights, dest in zip(index.split(9 * chunk), weights.split(9 * chunk), out.split(chunk)):
+        cols = gather_columns(table, rows_index, rows_weights).view(dest.shape[0], -1)
+        dest.copy_(gemm.linear(cols if cols.dtype == gemm.matrix.dtype else cols.to(gemm.matrix.dtype), bias))
+    return out
 
 
 def fast_path_applies(input: Tensor, offset: Tensor, weight: Tensor) -> bool:

@@ -129,6 +129,11 @@ class DeformConvNorm(nn.Module):
         y = conv(x, offset, self.weight, self.bias, stride=self.stride, padding=1, mask=mask)
         return self.norm(y)
 
+    def fit_offset(self, offset: Tensor, mask: Tensor, in_size: tuple[int, int], offset_mode: str) -> tuple[Tensor, Tensor]:
+        """The block's offset and mask fitted to this conv's output size on an input of ``in_size``."""
+        h, w = (in_size[0] - 1) // self.stride + 1, (in_size[1] - 1) // self.stride + 1
+        return fit_offset_to_output(offset, mask, (h, w), offset_mode)
+
     def forward_from_table(
         self,
         table: Tensor,
@@ -162,8 +167,7 @@ class DeformConvNorm(nn.Module):
     ) -> Tensor:
         """``forward_from_table`` without the GroupNorm: the deformable conv's output (B, C, h, w); on CPU with
         ``channels_last``, written into ``out`` ((B*h*w, C) rows) where given."""
-        h, w = (in_size[0] - 1) // self.stride + 1, (in_size[1] - 1) // self.stride + 1
-        offset, mask = fit_offset_to_output(offset, mask, (h, w), offset_mode)
+        offset, mask = self.fit_offset(offset, mask, in_size, offset_mode)
         bias = self.bias.to(weight_mat.matrix.dtype)
         return deform_conv2d_from_table(
             table, row_start, in_size, offset, mask, weight_mat, bias, (self.stride,) * 2, channels_last=channels_last, out=out

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dyhead_cli.models.deform import cpu_gemm_dtype, gemm_weight, sampling_table
+from dyhead_cli.models.deform import conv_rows, cpu_gemm_dtype, gemm_weight, sampling_table
+from dyhead_cli.models.deform_batch import Segment, bilinear_taps_many
 
 if TYPE_CHECKING:
     from dyhead_cli.models.dyhead import DyHeadBlock
@@ -150,7 +151,9 @@ def block_forward_cpu(block: DyHeadBlock, features: list[Tensor], workspace: dic
                 workspace[key] = buf
         return buf
 
-    outs = []
+    # The offset convs, then the sample points of all 13 convs at once (deform_batch), then per level
+    convs = []  # (level, role, conv, segment)
+    offsets, masks = [], []
     for level, x in enumerate(features):
         om = block.offset(x)  # (B, 27, H, W), under the caller's autocast like the reference
         with torch.autocast("cpu", enabled=False):
@@ -158,10 +161,26 @@ def block_forward_cpu(block: DyHeadBlock, features: list[Tensor], workspace: dic
             offset, mask = om[:, :18], om[:, 18:].sigmoid()
             sources = [("mid", mid, level)] + [("low", low, level - 1)] * (level > 0)
             sources += [("high", high, level + 1)] * (level + 1 < len(sizes))
-            maps, stats, pooled = [], [], []
             for role, conv, i in sources:
-                out = buffer(role, level, conv.output_size(features[i]))
-                y = conv.conv_from_table(table, starts[i], sizes[i], offset, mask, block.offset_mode, mats[conv], True, out)
+                fitted = conv.fit_offset(offset, mask, sizes[i], block.offset_mode)
+                offsets.append(fitted[0])
+                masks.append(fitted[1])
+                h, w = fitted[0].shape[-2:]
+                convs.append((level, role, conv, Segment(batch, h, w, *sizes[i], conv.stride, starts[i])))
+    segments = [c[-1] for c in convs]
+    index, weights = bilinear_taps_many(offsets, masks, segments)
+    taps = zip(index.split([s.taps for s in segments]), weights.to(table_dtype).split([s.taps for s in segments]))
+    taps_of = {(level, role): t for (level, role, *_), t in zip(convs, taps)}
+    biases = {conv: conv.bias.to(table_dtype) for conv in (mid, low, high)}
+
+    outs = []
+    for level in range(len(features)):
+        with torch.autocast("cpu", enabled=False):
+            maps, stats, pooled, norms = [], [], [], []
+            for _, role, conv, seg in (c for c in convs if c[0] == level):
+                out = buffer(role, level, (seg.h, seg.w))
+                y = conv_rows(table, *taps_of[level, role], mats[conv], biases[conv], out)
+                y = y.view(batch, seg.h, seg.w, channels).permute(0, 3, 1, 2)  # (B, C, h, w) channels-last
                 stats.append(channel_stats(y))
                 pooled.append(stats[-1][0])  # the mean of y, (B, C)
                 if role == "high":  # GroupNorm is affine per channel, so it commutes with the upsampling
@@ -169,8 +188,8 @@ def block_forward_cpu(block: DyHeadBlock, features: list[Tensor], workspace: dic
                     up = buffer("upsampled", level, sizes[level]).view(batch, *sizes[level], channels)
                     y = upsample_into(y, up.permute(0, 3, 1, 2))
                 maps.append(y)
+                norms.append(conv.norm)
             # the 2-3 maps at once: (k, B, C) statistics, (k, 1, C) GroupNorm parameters
-            norms = [conv.norm for _, conv, _ in sources]
             weight = torch.stack([norm.weight for norm in norms])[:, None]
             bias = torch.stack([norm.bias for norm in norms])[:, None]
             mean, var = (torch.stack(t) for t in zip(*stats))

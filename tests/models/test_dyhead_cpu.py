@@ -78,3 +78,26 @@ def test_scaled_sum_dyrelu_in_slabs(monkeypatch, n_maps):
     got = scaled_sum_dyrelu_(maps, scales, shift, [a1, b1, a2, b2])
     assert got.data_ptr() == first.data_ptr() and got.is_contiguous(memory_format=torch.channels_last)
     assert (got - want).abs().max().item() < 1e-5
+
+
+def test_batched_taps_equal_the_per_conv_ones():
+    """bilinear_taps_many over several convs (strides 1 and 2, a batch of 2, points beyond every border,
+    offsets as channel slices of the offset conv's output, like the block's) gives bilinear_taps's index
+    and weights, concatenated."""
+    from dyhead_cli.models.deform import bilinear_taps
+    from dyhead_cli.models.deform_batch import Segment, bilinear_taps_many
+
+    g = torch.Generator().manual_seed(3)
+    convs = [((7, 9), (7, 9), 1, 0), ((4, 5), (7, 9), 2, 500), ((3, 3), (3, 3), 1, 123)]
+    offsets, masks, segments, want = [], [], [], []
+    for (h, w), in_size, stride, row_start in convs:
+        om = torch.randn(2, 27, h, w, generator=g) * 4.0
+        offset = om[:, :18]  # not contiguous over the batch
+        mask = torch.rand(2, 9, h, w, generator=g)
+        offsets.append(offset)
+        masks.append(mask)
+        segments.append(Segment(2, h, w, *in_size, stride, row_start))
+        want.append(bilinear_taps(offset, mask, in_size, (stride, stride), (1, 1), row_start))
+    index, weights = bilinear_taps_many(offsets, masks, segments)
+    assert torch.equal(index, torch.cat([i for i, _ in want]))
+    assert (weights - torch.cat([w for _, w in want])).abs().max().item() < 1e-6
