@@ -44,6 +44,9 @@ def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """Train, evaluate, run and benchmark Dynamic Head object detectors on any timm backbone."""
+    from dyhead_cli.engine.allocator import keep_freed_memory
+
+    keep_freed_memory()  # repeated forward passes reuse their memory (DYHEAD_MALLOC=system: off)
 
 
 def run_guarded(fn, *args, **kwargs):
