@@ -284,7 +284,6 @@ def deform_conv2d_from_table(
     padding: tuple[int, int] = (1, 1),
     chunk: int = CHUNK_POSITIONS,
     channels_last: bool = False,
-    out: Tensor | None = None,
 ) -> Tensor:
     """The deformable conv of a map stored in a sampling table (from ``row_start``, size ``in_size``).
 
@@ -294,10 +293,10 @@ def deform_conv2d_from_table(
     On CPU, without autograd, it works ``chunk`` output positions at a time: gather their (chunk*9, C)
     columns, view them as (chunk, 9*C), one GEMM gives their (chunk, C_out) outputs, copied transposed into
     the output. Chunks keep the columns in cache between gather and GEMM, and keep buffers small enough for
-    malloc to recycle (a fresh large buffer costs a page fault per 4 KiB); ``channels_last`` returns the
-    result in channels-last memory (the chunks' rows as they are, no transposing copy), written into ``out``
-    (a (B*h*w, C_out) buffer) where given (``conv_rows``). With autograd it gathers everything at once (see
-    the comment there), and so on another device (CUDA: few large kernels beat many small ones).
+    malloc to recycle (a fresh large buffer costs a page fault per 4 KiB). With autograd it gathers
+    everything at once (see the comment there); on another device (CUDA: few large kernels beat many small
+    ones) too, and there ``channels_last`` returns the result in channels-last memory. (The CPU inference
+    tower works channels-last with ``conv_rows``, see ``dyhead_cpu``.)
     """
     gemm = weight if isinstance(weight, GemmWeight) else GemmWeight(weight, pack=False)
     b, _, h, w = offset.shape
@@ -319,11 +318,7 @@ def deform_conv2d_from_table(
         # chunk (70% of a small tower's backward); autograd keeps every chunk's columns anyway.
         # (B*h*w, C_out) -> (B, C_out, h, w)
         return piece(0, b * hw).view(b, hw, n_out).transpose(1, 2).reshape(b, n_out, h, w)
-    out_dtype = torch.promote_types(table.dtype, offset.dtype)  # a bfloat16 table gives float32 outputs
-    if channels_last:
-        rows = table.new_empty(b * hw, n_out, dtype=out_dtype) if out is None else out
-        return conv_rows(table, index, weights, gemm, bias, rows, chunk).view(b, h, w, n_out).permute(0, 3, 1, 2)
-    out = table.new_empty(b, n_out, hw, dtype=out_dtype)
+    out = table.new_empty(b, n_out, hw, dtype=torch.promote_types(table.dtype, offset.dtype))  # bf16 table: fp32 out
     for i in range(b):
         for a in range(0, hw, chunk):
             stop = min(a + chunk, hw)

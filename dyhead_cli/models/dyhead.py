@@ -150,28 +150,12 @@ class DeformConvNorm(nn.Module):
         ``weight_mat``: this conv's ``deform.weight_matrix`` in the table's dtype, as a ``GemmWeight``
         (made once per block call); ``channels_last`` (CUDA only): the conv's output in channels-last memory.
         """
-        y = self.conv_from_table(table, row_start, in_size, offset, mask, offset_mode, weight_mat, channels_last)
-        return self.norm(y.to(self.norm.weight.dtype))  # GroupNorm in float32 after a low-precision GEMM, as autocast
-
-    def conv_from_table(
-        self,
-        table: Tensor,
-        row_start: int,
-        in_size: tuple[int, int],
-        offset: Tensor,
-        mask: Tensor,
-        offset_mode: str,
-        weight_mat: GemmWeight,
-        channels_last: bool = False,
-        out: Tensor | None = None,
-    ) -> Tensor:
-        """``forward_from_table`` without the GroupNorm: the deformable conv's output (B, C, h, w); on CPU with
-        ``channels_last``, written into ``out`` ((B*h*w, C) rows) where given."""
         offset, mask = self.fit_offset(offset, mask, in_size, offset_mode)
         bias = self.bias.to(weight_mat.matrix.dtype)
-        return deform_conv2d_from_table(
-            table, row_start, in_size, offset, mask, weight_mat, bias, (self.stride,) * 2, channels_last=channels_last, out=out
+        y = deform_conv2d_from_table(
+            table, row_start, in_size, offset, mask, weight_mat, bias, (self.stride,) * 2, channels_last=channels_last
         )
+        return self.norm(y.to(self.norm.weight.dtype))  # GroupNorm in float32 after a low-precision GEMM, as autocast
 
 
 def make_divisible(v: float, divisor: int = 4) -> int:
@@ -358,8 +342,7 @@ class DyHeadBlock(nn.Module):
 
     def forward_cpu_inference(self, features: list[Tensor], workspace: dict | None = None) -> list[Tensor]:
         """``forward_fast`` on CPU without autograd: channels-last maps, GroupNorm, the scale-aware weighting
-        and DyReLU folded into two passes over each conv output, the work spread over the intra-op threads as
-        whole tasks (``dyhead_cpu.block_forward_cpu``).
+        and DyReLU folded into two passes over each conv output (``dyhead_cpu.block_forward_cpu``).
 
         levels (B, C_in, H_l, W_l), any memory layout -> (B, C, H_l, W_l) in channels-last memory (``DyHead``
         hands NCHW maps on). The same numbers as ``forward`` to float32 rounding.
