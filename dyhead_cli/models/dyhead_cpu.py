@@ -1,7 +1,7 @@
 """The pieces of a DyHead block's CPU inference path that work on channels-last maps without extra passes.
 
 Why: on CPU the block's deformable convs produce their outputs as rows (one row of C values per pixel,
-``deform.deform_conv2d_from_table(channels_last=True)``). Keeping the block channels-last spares a
+``deform.conv_rows``). Keeping the block channels-last spares a
 transposing copy of every conv output, and the rest of the block is per-channel affine maps and means,
 which can be folded together: GroupNorm is ``y * scale + shift`` per image and channel, the scale-aware
 attention needs only the mean of each normalised map, which follows from the per-channel means of ``y``,
@@ -118,9 +118,10 @@ def block_forward_cpu(block: DyHeadBlock, features: list[Tensor], workspace: dic
     """``DyHeadBlock.forward_cpu_inference``: levels (B, C_in, H_l, W_l), P3 first -> (B, C, H_l, W_l)
     channels-last; ``workspace``: the dict the blocks of one tower call share (table and buffers).
 
-    Per level: the offset conv; each deformable conv into a channels-last buffer, with its GroupNorm
-    statistics (for "high" then the upsampling); the scale-aware weights and DyReLU's coefficients from
-    means only; one pass that sums the maps and applies DyReLU.
+    The offset convs of all levels; the sample points of the block's 13 deformable convs at once; then per
+    level each deformable conv into a channels-last buffer, with its GroupNorm statistics (for "high" then
+    the upsampling), the scale-aware weights and DyReLU's coefficients from means only, and one pass that
+    sums the maps and applies DyReLU.
     """
     dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32  # sample points, maps
     table_dtype = cpu_gemm_dtype(dtype)  # bfloat16 under the user's bfloat16 autocast (see forward_fast)
