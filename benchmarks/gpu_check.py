@@ -14,7 +14,9 @@ Steps 1-3 check behaviour and share the GPU (pytest runs alongside 2-3); steps 4
      short fp16 and a short bf16 training of ``recipes/quickstart.toml`` on it through
      ``accelerate launch --num_processes 1 --mixed_precision ...`` (finite logged losses, an AP at the end);
   3. ``dyhead predict --half`` with the fp16 run's checkpoint on the synthetic validation set (AP by COCOeval);
-  4. ``benchmarks/gpu_tower.py``: the DyHead tower's implementations on CUDA (reference vs gather + GEMM);
+  4. ``benchmarks/gpu_tower.py``: the DyHead tower's implementations on CUDA (torchvision's op per conv,
+     grid_sample + GEMM, the fused Triton conv eager and as CUDA graphs; with ``--sweep`` also the fused
+     kernel's tile configurations, which needs ``--tower-seconds 120 --budget-s 400``);
   5. ``dyhead benchmark --gpu --compare`` at 800x1333, batch 1 and 8, in fp32, bf16 and fp16.
 
 Writes into ``--out`` (at most 8 files, so that all of them come back from the device machine): summary.json
@@ -336,6 +338,7 @@ def plan(out: Path, work: Path, args: argparse.Namespace) -> list[Step]:
                 str(args.tower_seconds),
                 "--budget-s",
                 "0.6",
+                *(["--sweep"] if args.sweep else []),
             ],
             args.tower_seconds + 45,
             check_tower(out / "tower.json"),
@@ -551,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quickstart-timeout", type=float, default=300.0, help="seconds for each --quickstarts data + training")
     p.add_argument("--iters", type=int, default=10, help="timed calls per model and batch size in dyhead benchmark")
-    p.add_argument("--tower-seconds", type=float, default=50.0, help="gpu_tower.py's --max-seconds")
+    p.add_argument("--tower-seconds", type=float, default=60.0, help="gpu_tower.py's --max-seconds")
+    p.add_argument("--sweep", action="store_true", help="gpu_tower.py --sweep: also time the fused kernel's tile configurations")
     p.add_argument("--workers", type=int, default=6, help="data loader workers for training")
     p.add_argument("--only", default="", help="comma-separated step name prefixes to run (default: all)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")

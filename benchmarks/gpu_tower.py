@@ -1,8 +1,9 @@
-"""Time the DyHead tower's implementations on CUDA: torchvision's op per conv vs one gather + GEMM per conv.
+"""Time the DyHead tower's implementations on CUDA: torchvision's op per conv vs the fused Triton conv and others.
 
     python benchmarks/gpu_tower.py --json tower.json                # H100: 6 blocks x 256 ch, 800x1333, ~1 min
     python benchmarks/gpu_tower.py --device cpu --small --json t.json   # a smoke test of this script on CPU
     python benchmarks/gpu_tower.py --compile --precisions bf16 --batches 8 --json c.json   # + torch.compile
+    python benchmarks/gpu_tower.py --sweep --json s.json   # + the fused kernel's tile configurations
 
 Why: the "fast" DyHead path (``DyHeadBlock.forward_fast``, models/deform.py) is dispatched on CPU only;
 this measures whether it should also be on CUDA, and in which form. The tower sees the P3..P7 maps of an
@@ -11,6 +12,11 @@ fp16 autocast. Variants:
 
   reference         ``DyHeadBlock.forward`` with impl "reference": torchvision ``deform_conv2d`` per conv
                     (float32 under autocast: torchvision's autocast rule);
+  fused             impl "fast" without autograd, CUDA graphs off: one Triton kernel per deformable conv,
+                    bilinear sampling inside the GEMM (models/deform_triton.py), in the autocast dtype;
+  fused-graph       the same through ``DyHead``'s own CUDA-graph cache (what ``dyhead predict/benchmark`` run);
+  sampled           one grid_sample + one GEMM per conv (``deform_conv2d_sampled``, the autograd path from
+                    batch 8);
   fast              ``forward_fast`` on each block: one sampling table per block, per conv one
                     ``embedding_bag`` gather of all (positions*9, C) columns and one batched GEMM, float32;
   fast-cl           fast with ``fast_channels_last``: conv outputs channels-last (a GEMM without transpose;
@@ -48,10 +54,25 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
+import dyhead_cli.models.dyhead as dyhead_module
+from dyhead_cli.models import deform_triton
 from dyhead_cli.models.dyhead import DyHead
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-BASE_VARIANTS = ("reference", "sampled", "fast", "fast-lowp")  # (fast-cl and fast-tf32 gained nothing on an H100)
+# (fast, fast-lowp, fast-cl and fast-tf32: slower than sampled on an H100, still selectable by --variants)
+BASE_VARIANTS = ("reference", "sampled", "fused", "fused-graph")
+# the fused kernel's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tried by --sweep, per precision
+SWEEP = {
+    "bf16": [
+        (64, 128, 64, 4, 2),
+        (128, 128, 64, 8, 2),
+        (64, 256, 64, 8, 2),
+        (128, 64, 64, 4, 2),
+        (64, 128, 32, 4, 3),
+        (32, 128, 64, 4, 2),
+    ],
+    "fp32": [(64, 128, 32, 4, 2), (64, 64, 32, 4, 2), (128, 128, 16, 8, 2), (32, 128, 32, 4, 2)],
+}
 Features = list[Tensor]
 
 
@@ -109,15 +130,20 @@ def tower_call(
     low = variant == "fast-lowp"
     fast = variant.startswith("fast")
     channels_last = variant == "fast-cl"
-    # "sampled": impl "fast" through forward, which off CPU is one grid_sample + one GEMM per conv in the
-    # autocast dtype (models/deform_export.deform_conv2d_sampled); "export": the same ops, all float32
-    impl = {"sampled": "fast", "export": "export"}.get(variant, "fast" if fast else "reference")
+    fused = variant.startswith("fused")
+    # "sampled": impl "fast" through forward with the fused convs off, which off CPU is one grid_sample + one
+    # GEMM per conv from batch 8 (models/deform_export.deform_conv2d_sampled); "export": the same ops, float32
+    impl = {"sampled": "fast", "export": "export"}.get(variant, "fast" if fast or fused else "reference")
+    # set up once here, not per call: set_impl drops the tower's CUDA graphs
+    dyhead_module.SAMPLED_MIN_BATCH = 1 if variant == "sampled" else 8  # "sampled" at every batch size
+    tower.set_impl(impl)
+    tower.cuda_graphs = variant == "fused-graph"
+    for block in tower.blocks:
+        block.fast_fused = fused
+        block.fast_low_precision = low
+        block.fast_channels_last = channels_last
 
     def run(feats: Features) -> Features:
-        for block in tower.blocks:
-            block.impl = impl
-            block.fast_low_precision = low
-            block.fast_channels_last = channels_last
         tf32 = tf32_matmuls() if variant == "fast-tf32" else contextlib.nullcontext()
         with tf32, torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=cache):
             if not fast:
@@ -220,20 +246,19 @@ def variant_names(precision: str, device: str, graphs: bool, compile_: bool) -> 
     if device == "cpu":
         names = ["reference", "fast"] if precision == "fp32" else ["fast"]
         return names + (["fast-compile"] if compile_ else [])
-    names = [v for v in BASE_VARIANTS if (v != "fast-lowp" or precision != "fp32") and (v != "fast-tf32" or precision == "fp32")]
-    extra = []
-    if graphs and device == "cuda":
+    names = [v for v in BASE_VARIANTS if graphs or v != "fused-graph"]
+    if graphs:
         # torchvision's op under CUDA-graph capture gave wrong outputs on an H100 (max diff 1.4): not graphed
-        extra += [f"{v}-graph" for v in names if v not in ("reference", "fast-cl", "fast-tf32")]
+        names.append("sampled-graph")
     if compile_:
-        extra += [f"{v}-compile" for v in ("reference", "fast")]
-    return names + extra
+        names += [f"{v}-compile" for v in ("reference", "fast")]
+    return names
 
 
 def run_variant(tower: DyHead, name: str, feats: Features, args, dtype: torch.dtype | None) -> Callable[[], Features]:
     """A no-argument call for variant ``name`` (built, captured or compiled here)."""
     base = name.removesuffix("-graph").removesuffix("-compile")
-    if name.endswith("-graph"):
+    if name.endswith("-graph") and base != "fused":  # fused-graph: the tower's own graph cache
         with torch.inference_mode():
             return graphed(tower_call(tower, base, args.device, dtype, cache=False), feats)
     if name.endswith("-compile"):
@@ -241,6 +266,67 @@ def run_variant(tower: DyHead, name: str, feats: Features, args, dtype: torch.dt
         return lambda: compiled(feats)
     fn = tower_call(tower, name, args.device, dtype)
     return lambda: fn(feats)
+
+
+def time_variant(
+    tower: DyHead, name: str, feats: Features, args, precision: str, batch: int, reference: Features, report: dict, ref_ms
+) -> dict[str, Any] | None:
+    """Time one variant, append its row (or its error) to ``report`` and print it; the row, None on failure."""
+    where = f"{precision} batch {batch} {name}"
+    try:
+        with torch.inference_mode():
+            fn = run_variant(tower, name.split(" ")[0], feats, args, PRECISIONS[precision])
+            times, out, peak = measure(fn, args.device, args.warmup, args.iters, args.budget_s)
+            diff = max_abs_diff(out, reference)
+    except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        report["errors"].append(f"{where}: {type(e).__name__}: {first[:300]}")
+        print(f"{where}: FAILED {type(e).__name__}: {first[:200]}", flush=True)
+        return None
+    median = statistics.median(times)
+    srt = sorted(times)
+    row = {
+        "precision": precision,
+        "batch": batch,
+        "variant": name,
+        "median_ms": median,
+        "p90_ms": srt[min(len(srt) - 1, round(0.9 * (len(srt) - 1)))],
+        "min_ms": srt[0],
+        "calls": len(times),
+        "images_per_s": batch / median * 1e3,
+        "peak_memory_mb": peak / 2**20,
+        "speedup_vs_reference": (ref_ms / median) if ref_ms and name != "reference" else (1.0 if name == "reference" else None),
+        "max_abs_diff_vs_fp32_strict_reference": diff,
+    }
+    report["results"].append(row)
+    print(
+        f"{precision:>4} b{batch:<2} {name:<34} median {median:8.2f} ms  p90 {row['p90_ms']:8.2f}  "
+        f"{row['images_per_s']:7.1f} img/s  peak {row['peak_memory_mb']:7.0f} MB  "
+        f"x{row['speedup_vs_reference'] or float('nan'):5.2f} vs ref  diff {diff:.1e}",
+        flush=True,
+    )
+    return row
+
+
+def sweep(tower, args, batches, precisions, sizes, references, report, start) -> None:
+    """fused-graph under each tile configuration of SWEEP (rows named "fused-graph (BM, BN, BK, warps,
+    stages)"); the module's configuration is restored afterwards."""
+    for precision in [q for q in precisions if q in SWEEP]:
+        dtype = PRECISIONS[precision] or torch.float32
+        default = deform_triton.CONFIG[dtype]
+        try:
+            for batch in batches:
+                feats = make_features(batch, args.channels, sizes, args.device)
+                for config in SWEEP[precision]:
+                    if time.perf_counter() - start > args.max_seconds:
+                        report["skipped"].append(f"sweep {precision} b{batch} {config}")
+                        continue
+                    deform_triton.CONFIG[dtype] = config
+                    name = "fused-graph " + "(" + ", ".join(map(str, config)) + ")"
+                    time_variant(tower, name, feats, args, precision, batch, references[batch], report, None)
+                del feats
+        finally:
+            deform_triton.CONFIG[dtype] = default
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=85.0, help="skip what is left after this many seconds")
     p.add_argument("--no-graphs", action="store_true", help="leave out the CUDA-graph variants")
     p.add_argument("--compile", action="store_true", help="add torch.compile variants (slow to compile)")
+    p.add_argument("--sweep", action="store_true", help="time fused-graph under each tile configuration of SWEEP")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -310,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             references[batch] = tower_call(tower, "reference", args.device, None)(feats)
         feats = make_features(1, args.channels, sizes, args.device)
         scale = max(r.abs().max().item() for r in references[1])
-        for name in ("fast", "sampled") if args.device == "cuda" else ("fast",):
+        for name in ("fused", "sampled") if args.device == "cuda" else ("fast",):
             out = tower_call(tower, name, args.device, None)(feats)
             report["fp32_strict"][name] = {
                 "batch": 1,
@@ -325,7 +412,6 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     for precision in precisions:
-        dtype = PRECISIONS[precision]
         for batch in batches:
             feats = make_features(batch, args.channels, sizes, args.device)
             ref_ms = None
@@ -334,42 +420,14 @@ def main(argv: list[str] | None = None) -> int:
                 if time.perf_counter() - start > args.max_seconds:
                     report["skipped"].append(where)
                     continue
-                try:
-                    with torch.inference_mode():
-                        fn = run_variant(tower, name, feats, args, dtype)
-                        times, out, peak = measure(fn, args.device, args.warmup, args.iters, args.budget_s)
-                        diff = max_abs_diff(out, references[batch])
-                except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
-                    first = next((line for line in str(e).splitlines() if line.strip()), "")
-                    report["errors"].append(f"{where}: {type(e).__name__}: {first[:300]}")
-                    print(f"{where}: FAILED {type(e).__name__}: {first[:200]}", flush=True)
-                    continue
-                median = statistics.median(times)
-                ref_ms = median if name == "reference" else ref_ms
-                srt = sorted(times)
-                row = {
-                    "precision": precision,
-                    "batch": batch,
-                    "variant": name,
-                    "median_ms": median,
-                    "p90_ms": srt[min(len(srt) - 1, round(0.9 * (len(srt) - 1)))],
-                    "min_ms": srt[0],
-                    "calls": len(times),
-                    "images_per_s": batch / median * 1e3,
-                    "peak_memory_mb": peak / 2**20,
-                    "speedup_vs_reference": (ref_ms / median) if ref_ms else None,
-                    "max_abs_diff_vs_fp32_strict_reference": diff,
-                }
-                report["results"].append(row)
-                print(
-                    f"{precision:>4} b{batch:<2} {name:<22} median {median:8.2f} ms  p90 {row['p90_ms']:8.2f}  "
-                    f"{row['images_per_s']:7.1f} img/s  peak {row['peak_memory_mb']:7.0f} MB  "
-                    f"x{row['speedup_vs_reference'] or float('nan'):5.2f} vs ref  diff {diff:.1e}",
-                    flush=True,
-                )
+                row = time_variant(tower, name, feats, args, precision, batch, references[batch], report, ref_ms)
+                if row is not None and name == "reference":
+                    ref_ms = row["median_ms"]
             del feats
             if args.device == "cuda":
                 torch.cuda.empty_cache()
+    if args.sweep and args.device == "cuda":
+        sweep(tower, args, batches, precisions, sizes, references, report, start)
     report["seconds"] = round(time.perf_counter() - start, 1)
     best = {}
     for r in report["results"]:

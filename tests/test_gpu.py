@@ -3,8 +3,9 @@
 - an fp16 and a bf16 training step through Accelerate (fp16 with its loss scaler): finite losses and
   gradients, and the optimizer really steps;
 - the DyHead tower on CUDA equals the CPU reference to float32 rounding in all three offset modes, through
-  torchvision's CUDA op and through the gather + GEMM path (``forward_fast`` called on CUDA tensors), with
-  gradients, channels-last outputs and the low-precision gather;
+  torchvision's CUDA op, the fused Triton convs (impl "fast" without autograd) and the gather + GEMM path
+  (``forward_fast`` called on CUDA tensors), with gradients, channels-last outputs and the low-precision
+  gather; the fused conv against torchvision's op in fp32 / bf16 / fp16; CUDA-graph replays equal eager;
 - the CLI on CUDA: train, predict (fp32 and --half) and eval agree with each other and with the CPU, and a
   checkpoint written on CUDA loads on CPU;
 - ``dyhead benchmark --gpu`` names the GPU and driver and reports images/s, peak memory and the tower's share.
@@ -201,6 +202,63 @@ def test_fast_tower_low_precision_gather_under_autocast(dtype, strict_fp32):
         assert all(torch.isfinite(o).all() for o in outs)
         assert max_diff(outs, want) < 0.05 * scale, f"fast_low_precision={low}"
     assert max_diff(got[True], got[False]) > 0, "the switch changes the gather's dtype"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_triton_conv_on_cuda_matches_torchvision(dtype, strict_fp32):
+    from torchvision.ops import deform_conv2d
+
+    from dyhead_cli.models.deform_triton import deform_conv3x3_triton, weight_rows
+
+    g = torch.Generator().manual_seed(0)
+    for b, c, c_out, h, w, stride in [(2, 64, 256, 25, 42, 1), (1, 256, 256, 50, 84, 2), (3, 40, 24, 7, 11, 1)]:
+        oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
+        x = torch.randn(b, c, h, w, generator=g).to(dtype)
+        offset = torch.randn(b, 18, oh, ow, generator=g) * 3
+        mask = torch.rand(b, 9, oh, ow, generator=g)
+        weight = (torch.randn(c_out, c, 3, 3, generator=g) / (3 * c**0.5)).to(dtype)
+        bias = torch.randn(c_out, generator=g)
+        want = deform_conv2d(x.float(), offset, weight.float(), bias, stride=stride, padding=1, mask=mask)
+        x_cl = x.cuda().contiguous(memory_format=torch.channels_last)
+        got = deform_conv3x3_triton(x_cl, offset.cuda(), mask.cuda(), weight_rows(weight.cuda(), dtype), bias.cuda(), stride)
+        scale = want.abs().max().item()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # columns and output rounded to 8 / 11 mantissa bits
+        assert got.dtype == dtype and (got.float().cpu() - want).abs().max().item() < tol * scale, (b, c, h, w, stride)
+
+
+def test_tower_cuda_graphs_replay_what_eager_computes():
+    tower = make_tower("official").cuda()
+    feats = features(LEVELS, device="cuda")
+    other = [torch.randn_like(f) for f in feats]
+    with torch.inference_mode():
+        tower.cuda_graphs = False
+        eager, eager_other = tower(feats), tower(other)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            eager_bf16 = tower(feats)
+        tower.cuda_graphs = True
+        outs = [tower(feats) for _ in range(3)]  # eager, capture + replay, replay
+        assert tower.graphs.replays == 2 and len(tower.graphs.graphs) == 1
+        assert max_diff(outs[1], eager) < 1e-6 and max_diff(outs[2], eager) < 1e-6
+        assert max_diff(tower(other), eager_other) < 1e-6  # new inputs, not the captured ones
+        assert outs[2][0].data_ptr() != tower(feats)[0].data_ptr()  # callers get their own tensors
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            for _ in range(2):
+                got = tower(feats)
+        assert len(tower.graphs.graphs) == 2 and max_diff(got, eager_bf16) < 1e-2
+    tower.train()
+    assert not tower.graphs.graphs
+
+
+def test_fused_tower_under_bf16_autocast_near_float32_reference(strict_fp32):
+    tower = make_tower("official").cuda()
+    feats = features(LEVELS, device="cuda")
+    with torch.inference_mode():
+        want = tower.set_impl("reference")(feats)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = tower.set_impl("fast")(feats)
+    scale = max(w.abs().max().item() for w in want)
+    assert all(torch.isfinite(o).all() for o in got)
+    assert max_diff(got, want) < 0.05 * scale
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,9 +14,12 @@ fitted to level l+1's output size: ``offset_mode`` says how (each set of publish
 Two implementations (the ``impl`` constructor argument): "reference" calls torchvision's ``deform_conv2d``
 per conv (the test oracle); "fast" (the default) runs a block's deformable convs on CPU with
 ``models/deform.py`` (one channels-last sampling table of all levels, weighted row gathers, GEMMs), ~4x
-faster on 2 cores and equal to the reference to float32 rounding. On other devices "fast" runs the
-reference code; ``DyHeadBlock.forward_fast`` itself also runs on CUDA (one gather + one GEMM per conv),
-measured by benchmarks/gpu_tower.py.
+faster on 2 cores and equal to the reference to float32 rounding. On CUDA without autograd "fast" runs
+each deformable conv as one Triton kernel with the bilinear sampling fused into the GEMM
+(``models/dyhead_cuda.py``, ``models/deform_triton.py``) and ``DyHead`` replays the tower from CUDA graphs
+(``models/cuda_graph.py``); with autograd on CUDA it is grid_sample + GEMM from batch 8 on, torchvision's op
+below. ``DyHeadBlock.forward_fast`` (gather + GEMM) also runs on CUDA when called directly, measured by
+benchmarks/gpu_tower.py.
 
 Initialisation follows the official code: the DCN weights keep the DCN's own init (uniform in
 +-1/sqrt(9 C_in), bias 0), the offset conv keeps PyTorch's default, the scale branch's 1x1 conv is
@@ -26,6 +29,7 @@ N(0, 0.01); ``zero_init_offset=True`` is MMDetection's zero-initialised offset c
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +38,7 @@ from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
 from dyhead_cli.errors import check_choice
+from dyhead_cli.models.cuda_graph import GraphCache
 from dyhead_cli.models.deform import (
     GemmWeight,
     cpu_gemm_dtype,
@@ -42,7 +47,9 @@ from dyhead_cli.models.deform import (
     sampling_table,
 )
 from dyhead_cli.models.deform_export import deform_conv2d_export, deform_conv2d_sampled
+from dyhead_cli.models.deform_triton import KernelFailed
 from dyhead_cli.models.dyhead_cpu import SLAB_FLOATS, block_forward_cpu
+from dyhead_cli.models.dyhead_cuda import block_forward_fused, fused_path_applies
 
 OFFSET_MODES = ("official", "mmdet", "aligned")
 SAMPLED_MIN_BATCH = 8  # off CPU, "fast" uses grid_sample + GEMM from this batch size on (see forward)
@@ -226,6 +233,9 @@ class DyHeadBlock(nn.Module):
         self.fast_low_precision = False
         # forward_fast on CUDA: deformable conv outputs in channels-last memory (a GEMM without transpose)
         self.fast_channels_last = False
+        # "fast" off CPU without autograd: the fused Triton convs (False: the autograd path's choice instead;
+        # benchmarks/gpu_tower.py compares them)
+        self.fast_fused = True
         self.offset = nn.Conv2d(in_channels, 27, 3, padding=1)
         self.spatial_high = DeformConvNorm(in_channels, channels, stride=1)
         self.spatial_mid = DeformConvNorm(in_channels, channels, stride=1)
@@ -257,10 +267,15 @@ class DyHeadBlock(nn.Module):
         on_cpu = features[0].device.type == "cpu"
         if trace is None and self.impl == "fast" and on_cpu:
             return self.forward_fast(features, workspace)
+        if trace is None and self.impl == "fast" and self.fast_fused and fused_path_applies(features):
+            try:
+                return block_forward_fused(self, features)  # CUDA inference: fused Triton convs
+            except KernelFailed as e:  # an old Triton or GPU: torchvision's op from now on, said once
+                warnings.warn(f"fused deformable conv kernel unavailable, using torchvision's op: {e}", stacklevel=2)
         outs = []
-        # Off CPU, "fast" is one grid_sample + one GEMM per conv (models/deform_export.py) for batches of
-        # SAMPLED_MIN_BATCH or more, torchvision's op below: on an H100 (benchmarks/gpu_tower.py, 800x1333,
-        # 6 x 256) the former took 85 ms vs 102 ms at batch 8 but 58 ms vs 35 ms at batch 1 (launch-bound).
+        # Off CPU with autograd, "fast" is one grid_sample + one GEMM per conv (models/deform_export.py) for
+        # batches of SAMPLED_MIN_BATCH or more, torchvision's op below: on an H100 (benchmarks/gpu_tower.py,
+        # 800x1333, 6 x 256) the former took 85 ms vs 102 ms at batch 8 but 58 ms vs 35 ms at batch 1.
         sampled = self.impl == "fast" and not on_cpu and features[0].shape[0] >= SAMPLED_MIN_BATCH
         exportable: bool | str = self.impl == "export" or ("sampled" if sampled else False)
         mode = self.offset_mode
@@ -358,6 +373,10 @@ class DyHead(nn.Module):
     """A tower of ``num_blocks`` DyHead blocks; takes and returns a list of levels (largest first).
 
     ``num_blocks = 0`` is the identity, which gives the paper's "without DyHead" baseline.
+
+    On CUDA without autograd (impl "fast", the fused Triton path) the tower is replayed from CUDA graphs,
+    one per input signature, captured the second time a signature comes (``cuda_graph.GraphCache``; set
+    ``cuda_graphs = False`` to run eagerly). ``train()``, ``.to()`` and ``.half()`` drop the graphs.
     """
 
     def __init__(
@@ -378,12 +397,23 @@ class DyHead(nn.Module):
             DyHeadBlock(in_channels if i == 0 else channels, channels, offset_mode, zero_init_offset, impl)
             for i in range(num_blocks)
         )
+        self.cuda_graphs = True
+        self.graphs = GraphCache()
+
+    def train(self, mode: bool = True) -> DyHead:
+        self.graphs.clear()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): parameters move, graphs go stale
+        self.graphs.clear()
+        return super()._apply(fn, recurse)
 
     def set_impl(self, impl: str) -> DyHead:
         """Switch the deformable conv implementation of a built tower (tests and benchmarks compare both
         on the same weights); models are built with the ``impl`` constructor argument."""
         check_choice("impl", impl, IMPLS)
         self.impl = impl
+        self.graphs.clear()
         for block in self.blocks:
             block.impl = impl
         return self
@@ -392,6 +422,15 @@ class DyHead(nn.Module):
         """levels P3 first, (B, C_in, H_l, W_l) -> (B, C, H_l, W_l); ``traces``: a list to append one
         ``BlockTrace`` per block to (``dyhead visualize --attention``)."""
         features = list(features)
+        # only the fused path is graphed (torchvision's CUDA op gave wrong outputs under capture on an H100);
+        # its kernel is compiled by the first, eager call of a signature, before any capture
+        graphable = traces is None and self.cuda_graphs and self.impl == "fast" and len(self.blocks) > 0
+        graphable = graphable and all(block.fast_fused and block.impl == "fast" for block in self.blocks)
+        if graphable and features[0].is_cuda and fused_path_applies(features):
+            return self.graphs(self._forward_blocks, features)
+        return self._forward_blocks(features, traces)
+
+    def _forward_blocks(self, features: list[Tensor], traces: list[BlockTrace] | None = None) -> list[Tensor]:
         workspace: dict = {}  # buffers the blocks pass on (see DyHeadBlock.forward)
         for block in self.blocks:
             trace = None

@@ -1,0 +1,213 @@
+"""Modulated deformable 3x3 convolution on CUDA as one Triton kernel: bilinear sampling fused into the GEMM.
+
+Why: torchvision's CUDA ``deform_conv2d`` writes a (9 C, h w) column buffer (nine times the input map),
+then runs a GEMM per image; on an H100 a 6 x 256 DyHead tower at 800x1333 spends most of its time there
+(``benchmarks/gpu_tower.py``). This kernel is an implicit GEMM instead: each program owns BLOCK_M output
+positions x BLOCK_N output channels, and for each of the 9 taps and each slice of BLOCK_K input channels it
+bilinearly samples the four neighbours of the BLOCK_M sample points straight from a channels-last input
+(each neighbour a contiguous run of channels: coalesced loads), weights them as torchvision does, and feeds
+the (BLOCK_M, BLOCK_K) tile to ``tl.dot`` against the (BLOCK_K, BLOCK_N) weight tile. The columns never
+reach memory.
+
+Semantics are torchvision's (and the official DCNv2 kernel's): sample point = (y * stride - 1 + ky + dy,
+x * stride - 1 + kx + dx); a point at or beyond -1 / the map size samples 0; a neighbour outside the map
+counts 0; the bilinear value is multiplied by the mask. Sample points, bilinear weights and accumulation are
+float32; the columns are rounded to the input's dtype before the dot (float32 inputs use an IEEE float32
+dot, not TF32, so a float32 call equals torchvision's op to float32 rounding).
+
+Inference only (no autograd); tested against ``torchvision.ops.deform_conv2d`` on CPU through Triton's
+interpreter (``TRITON_INTERPRET=1``, tests/models/test_deform_triton.py) and on CUDA (``-m gpu``).
+Importing this module does not need Triton; ``available()`` says whether the kernel can run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # Triton ships with PyTorch's CUDA wheels; CPU-only installs lack it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+# Per dtype: (BLOCK_M output positions, BLOCK_N output channels, BLOCK_K input channels per dot, warps, stages).
+# BLOCK_K input channels are 128 bytes of a channels-last row in 16-bit types. Chosen by the sweep of
+# ``benchmarks/gpu_tower.py --sweep`` on an H100 (see the README); the benchmark may set other values here.
+CONFIG: dict[torch.dtype, tuple[int, int, int, int, int]] = {
+    torch.float32: (64, 128, 32, 4, 2),
+    torch.float16: (64, 128, 64, 4, 2),
+    torch.bfloat16: (64, 128, 64, 4, 2),
+}
+DTYPES = tuple(CONFIG)
+unavailable_reason: str | None = None if triton is not None else "Triton is not installed"
+
+
+class KernelFailed(RuntimeError):
+    """The kernel could not be compiled or launched here (an old Triton, an unsupported GPU); callers fall
+    back to torchvision's op. Once raised, ``available()`` is False for the rest of the process."""
+
+
+def available(device: torch.device | str) -> bool:
+    """True where the kernel can run on tensors of ``device``: Triton importable and working, and a CUDA
+    device (or any device under the interpreter)."""
+    if unavailable_reason is not None:
+        return False
+    return INTERPRET or torch.device(device).type == "cuda"
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["M", "H", "W", "h", "w", "stride"])  # one compiled kernel for every level
+    def _deform_conv3x3_kernel(
+        x_ptr,  # (B, H, W, C) channels-last input
+        off_ptr,  # (B, 18, h, w): (dy, dx) per tap
+        mask_ptr,  # (B, 9, h, w)
+        w_ptr,  # (9 C, C_out): row tap * C + c
+        bias_ptr,  # (C_out,) float32, or a dummy when HAS_BIAS is false
+        out_ptr,  # (B, C_out, h, w)
+        M,  # B * h * w
+        H,
+        W,
+        C,
+        h,
+        w,
+        C_out,
+        stride,
+        HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        n_ok = rn < C_out
+        hw = h * w
+        b = (rm // hw).to(tl.int64)
+        p = rm % hw
+        oy = p // w
+        ox = p % w
+        off_base = b * (18 * hw) + p
+        mask_base = b * (9 * hw) + p
+        x_base = b * H * W * C
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for tap in tl.static_range(9):
+            ky = tap // 3
+            kx = tap % 3
+            dy = tl.load(off_ptr + off_base + (2 * tap) * hw, mask=m_ok, other=0.0).to(tl.float32)
+            dx = tl.load(off_ptr + off_base + (2 * tap + 1) * hw, mask=m_ok, other=0.0).to(tl.float32)
+            mk = tl.load(mask_ptr + mask_base + tap * hw, mask=m_ok, other=0.0).to(tl.float32)
+            py = (oy * stride - 1 + ky).to(tl.float32) + dy
+            px = (ox * stride - 1 + kx).to(tl.float32) + dx
+            inside = m_ok & (py > -1.0) & (py < H) & (px > -1.0) & (px < W)
+            py = tl.where(inside, py, 0.0)  # keeps the integer conversion below in range
+            px = tl.where(inside, px, 0.0)
+            y0f = tl.floor(py)
+            x0f = tl.floor(px)
+            ly = py - y0f
+            lx = px - x0f
+            hy = 1.0 - ly
+            hx = 1.0 - lx
+            y0 = y0f.to(tl.int32)
+            x0 = x0f.to(tl.int32)
+            y1 = y0 + 1
+            x1 = x0 + 1
+            ok00 = inside & (y0 >= 0) & (x0 >= 0)
+            ok01 = inside & (y0 >= 0) & (x1 <= W - 1)
+            ok10 = inside & (y1 <= H - 1) & (x0 >= 0)
+            ok11 = inside & (y1 <= H - 1) & (x1 <= W - 1)
+            w00 = hy * hx
+            w01 = hy * lx
+            w10 = ly * hx
+            w11 = ly * lx
+            a00 = x_base + (y0 * W + x0).to(tl.int64) * C
+            a01 = a00 + C
+            a10 = a00 + W * C
+            a11 = a10 + C
+            for c0 in range(0, C, BLOCK_K):
+                cc = c0 + rk
+                c_ok = cc[None, :] < C
+                v00 = tl.load(x_ptr + a00[:, None] + cc[None, :], mask=ok00[:, None] & c_ok, other=0.0)
+                v01 = tl.load(x_ptr + a01[:, None] + cc[None, :], mask=ok01[:, None] & c_ok, other=0.0)
+                v10 = tl.load(x_ptr + a10[:, None] + cc[None, :], mask=ok10[:, None] & c_ok, other=0.0)
+                v11 = tl.load(x_ptr + a11[:, None] + cc[None, :], mask=ok11[:, None] & c_ok, other=0.0)
+                val = (
+                    w00[:, None] * v00.to(tl.float32)
+                    + w01[:, None] * v01.to(tl.float32)
+                    + w10[:, None] * v10.to(tl.float32)
+                    + w11[:, None] * v11.to(tl.float32)
+                )
+                col = val * mk[:, None]  # the official kernel's order: mask * bilinear value
+                wt = tl.load(
+                    w_ptr + (tap * C + cc)[:, None] * C_out + rn[None, :],
+                    mask=(cc[:, None] < C) & n_ok[None, :],
+                    other=0.0,
+                )
+                acc += tl.dot(col.to(wt.dtype), wt, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        out_offs = (b * C_out * hw + p)[:, None] + rn[None, :].to(tl.int64) * hw
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def weight_rows(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """(C_out, C, 3, 3) -> (9 C, C_out) in ``dtype``, row tap * C + c (tap = ky * 3 + kx): the kernel's B
+    operand, made once per block call."""
+    c_out = weight.shape[0]
+    return weight.detach().to(dtype).permute(2, 3, 1, 0).reshape(-1, c_out).contiguous()
+
+
+def deform_conv3x3_triton(
+    x: Tensor, offset: Tensor, mask: Tensor, weight_mat: Tensor, bias: Tensor | None, stride: int = 1
+) -> Tensor:
+    """Modulated deformable 3x3 conv, padding 1, dilation 1, one offset group, without autograd.
+
+    x (B, C, H, W) in channels-last memory (``x.contiguous(memory_format=torch.channels_last)``; any other
+    layout is converted), offset (B, 18, h, w), mask (B, 9, h, w) (any float dtype, read as float32),
+    weight_mat (9 C, C_out) from ``weight_rows`` in x's dtype, bias (C_out,) -> (B, C_out, h, w) contiguous
+    in x's dtype, h = (H - 1) // stride + 1 (likewise w).
+    """
+    if x.dtype not in DTYPES or weight_mat.dtype != x.dtype:
+        raise ValueError(f"x and weight_mat must share one of {DTYPES}, got {x.dtype} and {weight_mat.dtype}")
+    b, c, in_h, in_w = x.shape
+    h, w = (in_h - 1) // stride + 1, (in_w - 1) // stride + 1
+    c_out = weight_mat.shape[1]
+    if weight_mat.shape[0] != 9 * c or offset.shape != (b, 18, h, w) or mask.shape != (b, 9, h, w):
+        raise ValueError(
+            f"for x {tuple(x.shape)} and stride {stride}: weight_mat must be (9 C, C_out), offset (B, 18, {h}, {w}) "
+            f"and mask (B, 9, {h}, {w}); got {tuple(weight_mat.shape)}, {tuple(offset.shape)}, {tuple(mask.shape)}"
+        )
+    x = x.contiguous(memory_format=torch.channels_last)
+    offset, mask = offset.contiguous(), mask.contiguous()
+    out = torch.empty(b, c_out, h, w, dtype=x.dtype, device=x.device)
+    m = b * h * w
+    if m == 0 or c_out == 0:
+        return out
+    has_bias = bias is not None
+    bias_arg = bias.detach().float().contiguous() if has_bias else out
+    block_m, block_n, block_k, num_warps, num_stages = CONFIG[x.dtype]
+    grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
+    try:
+        _deform_conv3x3_kernel[grid](
+            x, offset, mask, weight_mat, bias_arg, out, m, in_h, in_w, c, h, w, c_out, stride,
+            HAS_BIAS=has_bias,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # an IEEE float32 dot: no TF32 rounding
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+    except Exception as e:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise  # inside a CUDA-graph capture: let the capture fail (GraphCache falls back to eager)
+        global unavailable_reason
+        first_line = (str(e).strip().splitlines() or [""])[0][:300]
+        unavailable_reason = f"{type(e).__name__}: {first_line}"
+        raise KernelFailed(unavailable_reason) from e
+    return out

@@ -1,0 +1,72 @@
+"""One DyHead block without autograd on CUDA: the deformable convs as one fused Triton kernel each.
+
+``block_forward_fused(block, features)`` is ``DyHeadBlock.forward`` with torchvision's ``deform_conv2d``
+replaced by ``deform_triton.deform_conv3x3_triton`` (bilinear sampling inside the GEMM, no column buffer);
+everything else (offset conv, offset fitting, GroupNorm, scale-aware weights, DyReLU) is the reference code
+itself, so the two agree to the rounding of the convs.
+
+Precision: the convs compute in the autocast dtype under autocast (bf16 / fp16 columns and weights, float32
+sample points and accumulation), else in the features' dtype (float32: an IEEE float32 dot, equal to
+torchvision's op to float32 rounding). torchvision's op runs in float32 under autocast instead; the fused
+kernel's bf16 columns are the price of its speed, measured against the float32 reference by
+``benchmarks/gpu_tower.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dyhead_cli.models import deform_triton
+
+
+def compute_dtype(features: list[Tensor]) -> torch.dtype:
+    """The dtype the fused convs run in: the autocast dtype under autocast, else the features' own."""
+    device = features[0].device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return features[0].dtype
+
+
+def fused_path_applies(features: list[Tensor]) -> bool:
+    """True where ``block_forward_fused`` can run: no autograd, Triton on the features' device, a dtype the
+    kernel takes (float32, float16, bfloat16)."""
+    return (
+        not torch.is_grad_enabled()
+        and deform_triton.available(features[0].device)
+        and compute_dtype(features) in deform_triton.DTYPES
+    )
+
+
+def conv_norm(conv, x_cl: Tensor, offset: Tensor, mask: Tensor, offset_mode: str, weight_mat: Tensor) -> Tensor:
+    """``DeformConvNorm.forward`` on a channels-last x already in the compute dtype: (B, C, H, W) ->
+    (B, C_out, h, w), GroupNorm applied (float32 under autocast, as the reference)."""
+    offset, mask = conv.fit_offset(offset, mask, tuple(x_cl.shape[-2:]), offset_mode)
+    y = deform_triton.deform_conv3x3_triton(x_cl, offset, mask, weight_mat, conv.bias, conv.stride)
+    return conv.norm(y)
+
+
+def block_forward_fused(block, features: list[Tensor]) -> list[Tensor]:
+    """levels (B, C_in, H_l, W_l), P3 first -> the same levels with C channels (NCHW), as ``block.forward``.
+
+    Each level is converted once to channels-last in the compute dtype and read by the 2-3 convs that sample
+    it; each conv's (9 C_in, C) weight matrix is made once per call.
+    """
+    dtype = compute_dtype(features)
+    mid, low, high = block.spatial_mid, block.spatial_low, block.spatial_high
+    mats = {conv: deform_triton.weight_rows(conv.weight, dtype) for conv in (mid, low, high)}
+    xs = [x.to(dtype).contiguous(memory_format=torch.channels_last) for x in features]
+    mode = block.offset_mode
+    outs = []
+    for level, x in enumerate(features):
+        offset, mask = block.offset_and_mask(x)
+        maps = [conv_norm(mid, xs[level], offset, mask, mode, mats[mid])]
+        if level > 0:
+            maps.append(conv_norm(low, xs[level - 1], offset, mask, mode, mats[low]))
+        if level < len(features) - 1:
+            y = conv_norm(high, xs[level + 1], offset, mask, mode, mats[high])
+            maps.append(F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True))
+        fused = torch.stack([f * block.scale_weight(f) for f in maps]).mean(dim=0)
+        outs.append(block.task_attn(fused))
+    return outs

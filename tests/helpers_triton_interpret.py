@@ -1,0 +1,81 @@
+"""Run the fused Triton deformable conv on CPU through Triton's interpreter; print the errors as JSON.
+
+Run as a script with ``TRITON_INTERPRET=1`` set (tests/models/test_deform_triton.py does): the variable must
+be set before Triton compiles anything, so it cannot be switched on inside the test process. Prints
+{"convs": [[case, max abs diff, max abs reference], ...], "fp16": [...], "blocks": {mode: [diff, scale]}}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torchvision.ops import deform_conv2d
+
+from dyhead_cli.models.deform_triton import deform_conv3x3_triton, weight_rows
+from dyhead_cli.models.dyhead import OFFSET_MODES, DyHeadBlock
+from dyhead_cli.models.dyhead_cuda import block_forward_fused
+
+# (batch, C, C_out, H, W, stride, bias): odd sizes, stride 2, 1-pixel maps, more channels than one
+# BLOCK_K slice and than one BLOCK_N tile, more positions than one BLOCK_M tile
+CASES = [
+    (2, 8, 16, 9, 11, 1, True),
+    (1, 8, 16, 9, 11, 2, True),
+    (2, 40, 24, 5, 7, 1, False),
+    (1, 4, 3, 1, 1, 1, True),
+    (1, 4, 3, 1, 1, 2, True),
+    (1, 36, 130, 10, 9, 1, True),
+]
+
+
+def conv_case(b, c, c_out, in_h, in_w, stride, with_bias, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h, w = (in_h - 1) // stride + 1, (in_w - 1) // stride + 1
+    x = torch.randn(b, c, in_h, in_w, generator=g).to(dtype)
+    offset = torch.randn(b, 18, h, w, generator=g) * 3
+    offset[0, :, 0, 0] = torch.tensor([-1.0, 0.0] * 9)  # sample points exactly on the -1 border
+    if w > 1:
+        offset[0, :, 0, 1] = torch.tensor([0.5, float(in_w)] * 9)  # and beyond the right border
+    mask = torch.rand(b, 9, h, w, generator=g)
+    weight = torch.randn(c_out, c, 3, 3, generator=g).to(dtype)
+    bias = torch.randn(c_out, generator=g) if with_bias else None
+    return x, offset, mask, weight, bias
+
+
+def conv_errors(dtype: torch.dtype) -> list:
+    rows = []
+    for case in CASES:
+        x, offset, mask, weight, bias = conv_case(*case, dtype=dtype)
+        want = deform_conv2d(x.float(), offset, weight.float(), bias, stride=case[5], padding=1, mask=mask)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        got = deform_conv3x3_triton(x_cl, offset, mask, weight_rows(weight, dtype), bias, case[5])
+        assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
+        rows.append([list(case), (got.float() - want).abs().max().item(), want.abs().max().item()])
+    return rows
+
+
+def block_errors() -> dict:
+    out = {}
+    g = torch.Generator().manual_seed(3)
+    sizes = [(9, 11), (5, 6), (3, 3)]  # odd sizes: the "high" conv's offsets must be fitted
+    feats = [torch.randn(2, 16, h, w, generator=g) for h, w in sizes]
+    for mode in OFFSET_MODES:
+        torch.manual_seed(0)
+        block = DyHeadBlock(16, 16, offset_mode=mode, impl="reference").eval()
+        torch.nn.init.normal_(block.offset.weight, 0.0, 0.3)  # sample points well off the grid
+        with torch.no_grad():
+            want = block(feats)
+            got = block_forward_fused(block, feats)
+        scale = max(t.abs().max().item() for t in want)
+        out[mode] = [max((a - b).abs().max().item() for a, b in zip(got, want)), scale]
+    return out
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    print(json.dumps({"convs": conv_errors(torch.float32), "fp16": conv_errors(torch.float16), "blocks": block_errors()}))
+
+
+if __name__ == "__main__":
+    main()

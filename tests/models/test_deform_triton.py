@@ -1,0 +1,114 @@
+"""The fused Triton deformable conv (models/deform_triton.py) against torchvision's op, on CPU through
+Triton's interpreter (a subprocess: TRITON_INTERPRET must be set before Triton compiles), and the CUDA-graph
+cache's bookkeeping that runs without a GPU. The same kernel on CUDA: tests/test_gpu.py (``-m gpu``)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dyhead_cli.models import deform_triton
+from dyhead_cli.models.cuda_graph import GraphCache
+from dyhead_cli.models.dyhead import DyHead
+
+TESTS = Path(__file__).resolve().parents[1]
+needs_triton = pytest.mark.skipif(deform_triton.triton is None, reason="Triton is not installed (CPU-only PyTorch)")
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, str(TESTS / "helpers_triton_interpret.py")],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@needs_triton
+def test_fused_conv_float32_equals_torchvision(interpreted):
+    assert len(interpreted["convs"]) == 6
+    for case, diff, scale in interpreted["convs"]:
+        assert diff <= 2e-6 * max(1.0, scale), case  # float32 rounding of a 9 C-term sum
+
+
+@needs_triton
+def test_fused_conv_float16_within_its_rounding(interpreted):
+    for case, diff, scale in interpreted["fp16"]:
+        # inputs rounded alike; the columns and the output are rounded to float16 (2^-11 relative)
+        assert 0 < diff <= 1e-3 * max(1.0, scale), case
+
+
+@needs_triton
+def test_fused_block_equals_reference_block_in_every_offset_mode(interpreted):
+    assert set(interpreted["blocks"]) == {"official", "mmdet", "aligned"}
+    for mode, (diff, scale) in interpreted["blocks"].items():
+        assert diff < 2e-6 * max(1.0, scale), mode
+
+
+def test_fused_path_not_taken_on_cpu_or_with_autograd():
+    from dyhead_cli.models.dyhead_cuda import fused_path_applies
+
+    feats = [torch.randn(1, 8, 4, 4)]
+    if not deform_triton.INTERPRET:
+        assert not fused_path_applies(feats)  # CPU tensors: the channels-last CPU path instead
+    with torch.enable_grad():
+        assert not fused_path_applies([f.requires_grad_() for f in feats])
+
+
+def test_conv_rejects_mismatched_shapes_and_dtypes():
+    x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    mat = deform_triton.weight_rows(torch.randn(3, 4, 3, 3), torch.float32)
+    assert mat.shape == (36, 3)
+    with pytest.raises(ValueError, match=r"offset \(B, 18, 3, 3\)"):
+        deform_triton.deform_conv3x3_triton(x, torch.zeros(1, 18, 5, 5), torch.zeros(1, 9, 5, 5), mat, None, stride=2)
+    with pytest.raises(ValueError, match="must share one of"):
+        deform_triton.deform_conv3x3_triton(x.double(), torch.zeros(1, 18, 5, 5), torch.zeros(1, 9, 5, 5), mat, None)
+
+
+def test_weight_rows_layout():
+    weight = torch.randn(5, 4, 3, 3)
+    mat = deform_triton.weight_rows(weight, torch.float32)
+    for tap in range(9):
+        ky, kx = divmod(tap, 3)
+        assert torch.equal(mat[tap * 4 : (tap + 1) * 4], weight[:, :, ky, kx].T)
+
+
+def test_graph_cache_stays_eager_until_a_signature_repeats_and_copies_empty():
+    cache = GraphCache(capture_after=3)
+    calls = []
+
+    def fn(xs):
+        calls.append(1)
+        return [x * 2 for x in xs]
+
+    x = [torch.ones(2)]
+    for _ in range(2):  # below capture_after: plain calls, nothing captured (no CUDA needed)
+        assert torch.equal(cache(fn, x)[0], torch.full((2,), 2.0))
+    assert len(calls) == 2 and cache.replays == 0 and not cache.graphs
+    assert cache.seen[GraphCache.signature(x)] == 2
+    assert GraphCache.signature(x) != GraphCache.signature([torch.ones(3)])
+    copied = copy.deepcopy(cache)
+    assert isinstance(copied, GraphCache) and not copied.seen and copied.capture_after == 3
+    assert pickle.loads(pickle.dumps(cache)).capture_after == 3
+
+
+def test_tower_on_cpu_never_captures_and_deepcopies():
+    tower = DyHead(16, 1).eval()
+    feats = [torch.randn(1, 16, 8, 8), torch.randn(1, 16, 4, 4)]
+    with torch.no_grad():
+        for _ in range(3):
+            tower(feats)
+    assert tower.graphs.replays == 0 and not tower.graphs.seen
+    clone = copy.deepcopy(tower)
+    assert clone.graphs is not tower.graphs
