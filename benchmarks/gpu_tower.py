@@ -54,24 +54,24 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-import dyhead_cli.models.dyhead as dyhead_module
-from dyhead_cli.models import deform_triton
+from dyhead_cli.models import deform_triton, dyhead_cuda
 from dyhead_cli.models.dyhead import DyHead
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (fast, fast-lowp, fast-cl and fast-tf32: slower than sampled on an H100, still selectable by --variants)
 BASE_VARIANTS = ("reference", "sampled", "fused", "fused-graph")
-# the fused kernel's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tried by --sweep, per precision
+# the fused kernel's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, K loop) tried by --sweep, per precision, the
+# current default first (deform_triton.CONFIG / LOOP); batch 8 first, where the tower's time is
 SWEEP = {
     "bf16": [
-        (64, 128, 64, 4, 2),
-        (128, 128, 64, 8, 2),
-        (64, 256, 64, 8, 2),
-        (128, 64, 64, 4, 2),
-        (64, 128, 32, 4, 3),
-        (32, 128, 64, 4, 2),
+        (64, 256, 64, 8, 2, "taps"),
+        (64, 256, 64, 8, 3, "flat"),
+        (64, 128, 64, 4, 3, "flat"),
+        (64, 256, 64, 8, 4, "flat"),
+        (128, 128, 64, 8, 3, "flat"),
+        (64, 128, 64, 4, 2, "taps"),
     ],
-    "fp32": [(64, 128, 32, 4, 2), (64, 64, 32, 4, 2), (128, 128, 16, 8, 2), (32, 128, 32, 4, 2)],
+    "fp32": [(32, 128, 32, 4, 2, "taps"), (32, 128, 32, 4, 3, "flat"), (64, 128, 32, 4, 3, "flat")],
 }
 Features = list[Tensor]
 
@@ -135,7 +135,8 @@ def tower_call(
     # GEMM per conv from batch 8 (models/deform_export.deform_conv2d_sampled); "export": the same ops, float32
     impl = {"sampled": "fast", "export": "export"}.get(variant, "fast" if fast or fused else "reference")
     # set up once here, not per call: set_impl drops the tower's CUDA graphs
-    dyhead_module.SAMPLED_MIN_BATCH = 1 if variant == "sampled" else 8  # "sampled" at every batch size
+    # "sampled" at every batch size, "fused" at every batch size (float32 from batch 8 would take grid_sample)
+    dyhead_cuda.SAMPLED_MIN_BATCH = 1 if variant == "sampled" else (1 << 30 if fused else 8)
     tower.set_impl(impl)
     tower.cuda_graphs = variant == "fused-graph"
     for block in tower.blocks:
@@ -308,25 +309,63 @@ def time_variant(
     return row
 
 
+def profile_fused(tower, args, batches, precisions, sizes, rows: int = 20) -> list[dict[str, Any]]:
+    """Where the fused tower's GPU time goes: torch.profiler over 3 eager calls per (precision, batch) after a
+    warm-up, the ``rows`` kernels with the most CUDA time (ms per tower call, calls per tower call, share)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    for precision in precisions:
+        for batch in batches:
+            feats = make_features(batch, args.channels, sizes, args.device)
+            with torch.inference_mode():
+                fn = tower_call(tower, "fused", args.device, PRECISIONS[precision])
+                fn(feats)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        fn(feats)
+                    torch.cuda.synchronize()
+            events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+            key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+            total = sum(getattr(e, key) for e in events) or 1.0
+            top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]
+            kernels = [
+                {
+                    "name": e.key[:120],
+                    "ms_per_call": getattr(e, key) / 3e3,
+                    "calls": e.count / 3,
+                    "share": getattr(e, key) / total,
+                }
+                for e in top
+            ]
+            out.append({"precision": precision, "batch": batch, "gpu_ms_per_call": total / 3e3, "kernels": kernels})
+            print(f"profile {precision} b{batch}: {total / 3e3:.2f} ms of GPU time per tower call", flush=True)
+            for k in kernels[:8]:
+                print(f"  {k['ms_per_call']:7.2f} ms  {k['share']:5.1%}  x{k['calls']:<5.0f} {k['name'][:90]}", flush=True)
+            del feats
+    return out
+
+
 def sweep(tower, args, batches, precisions, sizes, references, report, start) -> None:
-    """fused-graph under each tile configuration of SWEEP (rows named "fused-graph (BM, BN, BK, warps,
-    stages)"); the module's configuration is restored afterwards."""
+    """fused-graph under each kernel configuration of SWEEP (rows named "fused-graph (BM, BN, BK, warps,
+    stages, loop)"); the module's configuration is restored afterwards."""
     for precision in [q for q in precisions if q in SWEEP]:
         dtype = PRECISIONS[precision] or torch.float32
-        default = deform_triton.CONFIG[dtype]
+        default, default_loop = deform_triton.CONFIG[dtype], deform_triton.LOOP[dtype]
         try:
-            for batch in batches:
+            for batch in sorted(batches, reverse=True):
                 feats = make_features(batch, args.channels, sizes, args.device)
                 for config in SWEEP[precision]:
                     if time.perf_counter() - start > args.max_seconds:
                         report["skipped"].append(f"sweep {precision} b{batch} {config}")
                         continue
-                    deform_triton.CONFIG[dtype] = config
+                    deform_triton.CONFIG[dtype], deform_triton.LOOP[dtype] = config[:5], config[5]
                     name = "fused-graph " + "(" + ", ".join(map(str, config)) + ")"
                     time_variant(tower, name, feats, args, precision, batch, references[batch], report, None)
                 del feats
         finally:
-            deform_triton.CONFIG[dtype] = default
+            deform_triton.CONFIG[dtype], deform_triton.LOOP[dtype] = default, default_loop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,7 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=85.0, help="skip what is left after this many seconds")
     p.add_argument("--no-graphs", action="store_true", help="leave out the CUDA-graph variants")
     p.add_argument("--compile", action="store_true", help="add torch.compile variants (slow to compile)")
+    p.add_argument("--variants", default="", help="comma-separated variants to time (default: all that apply)")
     p.add_argument("--sweep", action="store_true", help="time fused-graph under each tile configuration of SWEEP")
+    p.add_argument(
+        "--profile", action="store_true", help="torch.profiler of the fused tower (eager) at each batch: kernels by GPU time"
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -415,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         for batch in batches:
             feats = make_features(batch, args.channels, sizes, args.device)
             ref_ms = None
+            wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
             for name in variant_names(precision, args.device, not args.no_graphs, args.compile):
+                if wanted and name not in wanted:
+                    continue
                 where = f"{precision} batch {batch} {name}"
                 if time.perf_counter() - start > args.max_seconds:
                     report["skipped"].append(where)
@@ -428,6 +474,11 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
     if args.sweep and args.device == "cuda":
         sweep(tower, args, batches, precisions, sizes, references, report, start)
+    if args.profile and args.device == "cuda":
+        try:
+            report["profile"] = profile_fused(tower, args, batches, precisions, sizes)
+        except Exception as e:  # noqa: BLE001 - a diagnostic: its failure must not hide the timings
+            report["errors"].append(f"profile: {type(e).__name__}: {str(e)[:300]} (not fatal)")
     report["seconds"] = round(time.perf_counter() - start, 1)
     best = {}
     for r in report["results"]:
@@ -456,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     # graph capture and compilation are optional ways of running: their failures are reported, not fatal
-    essential = [e for e in report["errors"] if not any(f"-{x}:" in e for x in ("graph", "compile"))]
+    essential = [e for e in report["errors"] if not any(f"-{x}:" in e for x in ("graph", "compile")) and "(not fatal)" not in e]
     return 1 if essential else 0
 
 

@@ -2,7 +2,8 @@
 
 Run as a script with ``TRITON_INTERPRET=1`` set (tests/models/test_deform_triton.py does): the variable must
 be set before Triton compiles anything, so it cannot be switched on inside the test process. Prints
-{"convs": [[case, max abs diff, max abs reference], ...], "fp16": [...], "blocks": {mode: [diff, scale]}}.
+{"convs": {loop: [[case, max abs diff, max abs reference], ...]}, "fp16": {loop: [...]}, "blocks": {mode: [diff,
+scale]}}, for each K loop of ``deform_triton.LOOPS``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import torch
 from torchvision.ops import deform_conv2d
 
+from dyhead_cli.models import deform_triton
 from dyhead_cli.models.deform_triton import deform_conv3x3_triton, weight_rows
 from dyhead_cli.models.dyhead import OFFSET_MODES, DyHeadBlock
 from dyhead_cli.models.dyhead_cuda import block_forward_fused
@@ -43,7 +45,20 @@ def conv_case(b, c, c_out, in_h, in_w, stride, with_bias, dtype=torch.float32, s
     return x, offset, mask, weight, bias
 
 
-def conv_errors(dtype: torch.dtype) -> list:
+def conv_errors(dtype: torch.dtype) -> dict:
+    return {loop: conv_errors_with(dtype, loop) for loop in deform_triton.LOOPS}
+
+
+def conv_errors_with(dtype: torch.dtype, loop: str) -> list:
+    saved = deform_triton.LOOP[dtype]
+    deform_triton.LOOP[dtype] = loop
+    try:
+        return conv_rows(dtype)
+    finally:
+        deform_triton.LOOP[dtype] = saved
+
+
+def conv_rows(dtype: torch.dtype) -> list:
     rows = []
     for case in CASES:
         x, offset, mask, weight, bias = conv_case(*case, dtype=dtype)

@@ -37,12 +37,20 @@ except ImportError:  # pragma: no cover - depends on the install
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 # Per dtype: (BLOCK_M output positions, BLOCK_N output channels, BLOCK_K input channels per dot, warps, stages).
 # BLOCK_K input channels are 128 bytes of a channels-last row in 16-bit types. Chosen by the sweep of
-# ``benchmarks/gpu_tower.py --sweep`` on an H100 (see the README); the benchmark may set other values here.
+# ``benchmarks/gpu_tower.py --sweep`` on an H100 (6 x 256 tower at 800x1333, CUDA graphs; the benchmark may
+# set other values here): float32 (32, 128, 32, 4, 2) took 27.3 / 123.4 ms at batch 1 / 8 against 37.6 /
+# 136.6 for (64, 128, 32, 4, 2); bf16 (64, 256, 64, 8, 2), 256 output channels per program so that a 256-channel
+# conv samples each point once, took 17.3 ms at batch 1 against 18.7-22.9 for three others (batch 8 unmeasured).
 CONFIG: dict[torch.dtype, tuple[int, int, int, int, int]] = {
-    torch.float32: (64, 128, 32, 4, 2),
-    torch.float16: (64, 128, 64, 4, 2),
-    torch.bfloat16: (64, 128, 64, 4, 2),
+    torch.float32: (32, 128, 32, 4, 2),
+    torch.float16: (64, 256, 64, 8, 2),
+    torch.bfloat16: (64, 256, 64, 8, 2),
 }
+# The K loop: "taps" (9 unrolled taps, each a short loop over channel slices; what the H100 figures above
+# measured) or "flat" (one loop over 9 x C / BLOCK_K (tap, slice) steps, software-pipelined by Triton with
+# NUM_STAGES stages; a candidate not yet timed on a GPU: benchmarks/gpu_tower.py --sweep times both).
+LOOPS = ("taps", "flat")
+LOOP: dict[torch.dtype, str] = dict.fromkeys(CONFIG, "taps")
 DTYPES = tuple(CONFIG)
 unavailable_reason: str | None = None if triton is not None else "Triton is not installed"
 
@@ -61,6 +69,51 @@ def available(device: torch.device | str) -> bool:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _tap_points(off_ptr, mask_ptr, off_base, mask_base, hw, oy, ox, m_ok, tap, stride, H, W, C, x_base):
+        """One tap's sample points for BLOCK_M output positions: the top-left neighbour's element offset into
+        x, the four neighbours' validity and bilinear weights, and the mask (torchvision's rules)."""
+        ky = tap // 3
+        kx = tap % 3
+        dy = tl.load(off_ptr + off_base + (2 * tap) * hw, mask=m_ok, other=0.0).to(tl.float32)
+        dx = tl.load(off_ptr + off_base + (2 * tap + 1) * hw, mask=m_ok, other=0.0).to(tl.float32)
+        mk = tl.load(mask_ptr + mask_base + tap * hw, mask=m_ok, other=0.0).to(tl.float32)
+        py = (oy * stride - 1 + ky).to(tl.float32) + dy
+        px = (ox * stride - 1 + kx).to(tl.float32) + dx
+        inside = m_ok & (py > -1.0) & (py < H) & (px > -1.0) & (px < W)
+        py = tl.where(inside, py, 0.0)  # keeps the integer conversion below in range
+        px = tl.where(inside, px, 0.0)
+        y0f = tl.floor(py)
+        x0f = tl.floor(px)
+        ly = py - y0f
+        lx = px - x0f
+        hy = 1.0 - ly
+        hx = 1.0 - lx
+        y0 = y0f.to(tl.int32)
+        x0 = x0f.to(tl.int32)
+        ok00 = inside & (y0 >= 0) & (x0 >= 0)
+        ok01 = inside & (y0 >= 0) & (x0 + 1 <= W - 1)
+        ok10 = inside & (y0 + 1 <= H - 1) & (x0 >= 0)
+        ok11 = inside & (y0 + 1 <= H - 1) & (x0 + 1 <= W - 1)
+        a00 = x_base + (y0 * W + x0).to(tl.int64) * C
+        return a00, ok00, ok01, ok10, ok11, hy * hx, hy * lx, ly * hx, ly * lx, mk
+
+    @triton.jit
+    def _column_tile(x_ptr, a00, W, C, cc, ok00, ok01, ok10, ok11, w00, w01, w10, w11, mk):
+        """(BLOCK_M, BLOCK_K) float32 columns: channels cc of the four neighbours, weighted, times the mask."""
+        c_ok = cc[None, :] < C
+        v00 = tl.load(x_ptr + a00[:, None] + cc[None, :], mask=ok00[:, None] & c_ok, other=0.0)
+        v01 = tl.load(x_ptr + (a00 + C)[:, None] + cc[None, :], mask=ok01[:, None] & c_ok, other=0.0)
+        v10 = tl.load(x_ptr + (a00 + W * C)[:, None] + cc[None, :], mask=ok10[:, None] & c_ok, other=0.0)
+        v11 = tl.load(x_ptr + (a00 + W * C + C)[:, None] + cc[None, :], mask=ok11[:, None] & c_ok, other=0.0)
+        val = (
+            w00[:, None] * v00.to(tl.float32)
+            + w01[:, None] * v01.to(tl.float32)
+            + w10[:, None] * v10.to(tl.float32)
+            + w11[:, None] * v11.to(tl.float32)
+        )
+        return val * mk[:, None]  # the official kernel's order: mask * bilinear value
 
     @triton.jit(do_not_specialize=["M", "H", "W", "h", "w", "stride"])  # one compiled kernel for every level
     def _deform_conv3x3_kernel(
@@ -83,6 +136,8 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        FLAT: tl.constexpr,  # one pipelined loop over (tap, channel slice) instead of 9 unrolled short loops
+        NUM_STAGES: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -100,59 +155,33 @@ if triton is not None:
         mask_base = b * (9 * hw) + p
         x_base = b * H * W * C
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for tap in tl.static_range(9):
-            ky = tap // 3
-            kx = tap % 3
-            dy = tl.load(off_ptr + off_base + (2 * tap) * hw, mask=m_ok, other=0.0).to(tl.float32)
-            dx = tl.load(off_ptr + off_base + (2 * tap + 1) * hw, mask=m_ok, other=0.0).to(tl.float32)
-            mk = tl.load(mask_ptr + mask_base + tap * hw, mask=m_ok, other=0.0).to(tl.float32)
-            py = (oy * stride - 1 + ky).to(tl.float32) + dy
-            px = (ox * stride - 1 + kx).to(tl.float32) + dx
-            inside = m_ok & (py > -1.0) & (py < H) & (px > -1.0) & (px < W)
-            py = tl.where(inside, py, 0.0)  # keeps the integer conversion below in range
-            px = tl.where(inside, px, 0.0)
-            y0f = tl.floor(py)
-            x0f = tl.floor(px)
-            ly = py - y0f
-            lx = px - x0f
-            hy = 1.0 - ly
-            hx = 1.0 - lx
-            y0 = y0f.to(tl.int32)
-            x0 = x0f.to(tl.int32)
-            y1 = y0 + 1
-            x1 = x0 + 1
-            ok00 = inside & (y0 >= 0) & (x0 >= 0)
-            ok01 = inside & (y0 >= 0) & (x1 <= W - 1)
-            ok10 = inside & (y1 <= H - 1) & (x0 >= 0)
-            ok11 = inside & (y1 <= H - 1) & (x1 <= W - 1)
-            w00 = hy * hx
-            w01 = hy * lx
-            w10 = ly * hx
-            w11 = ly * lx
-            a00 = x_base + (y0 * W + x0).to(tl.int64) * C
-            a01 = a00 + C
-            a10 = a00 + W * C
-            a11 = a10 + C
-            for c0 in range(0, C, BLOCK_K):
-                cc = c0 + rk
-                c_ok = cc[None, :] < C
-                v00 = tl.load(x_ptr + a00[:, None] + cc[None, :], mask=ok00[:, None] & c_ok, other=0.0)
-                v01 = tl.load(x_ptr + a01[:, None] + cc[None, :], mask=ok01[:, None] & c_ok, other=0.0)
-                v10 = tl.load(x_ptr + a10[:, None] + cc[None, :], mask=ok10[:, None] & c_ok, other=0.0)
-                v11 = tl.load(x_ptr + a11[:, None] + cc[None, :], mask=ok11[:, None] & c_ok, other=0.0)
-                val = (
-                    w00[:, None] * v00.to(tl.float32)
-                    + w01[:, None] * v01.to(tl.float32)
-                    + w10[:, None] * v10.to(tl.float32)
-                    + w11[:, None] * v11.to(tl.float32)
+        if FLAT:
+            slices = tl.cdiv(C, BLOCK_K)
+            for i in tl.range(0, 9 * slices, num_stages=NUM_STAGES):
+                tap = i // slices
+                cc = (i - tap * slices) * BLOCK_K + rk
+                a00, ok00, ok01, ok10, ok11, w00, w01, w10, w11, mk = _tap_points(
+                    off_ptr, mask_ptr, off_base, mask_base, hw, oy, ox, m_ok, tap, stride, H, W, C, x_base
                 )
-                col = val * mk[:, None]  # the official kernel's order: mask * bilinear value
+                col = _column_tile(x_ptr, a00, W, C, cc, ok00, ok01, ok10, ok11, w00, w01, w10, w11, mk)
                 wt = tl.load(
-                    w_ptr + (tap * C + cc)[:, None] * C_out + rn[None, :],
-                    mask=(cc[:, None] < C) & n_ok[None, :],
-                    other=0.0,
+                    w_ptr + (tap * C + cc)[:, None] * C_out + rn[None, :], mask=(cc[:, None] < C) & n_ok[None, :], other=0.0
                 )
                 acc += tl.dot(col.to(wt.dtype), wt, input_precision=DOT_PRECISION)
+        else:
+            for tap in tl.static_range(9):
+                a00, ok00, ok01, ok10, ok11, w00, w01, w10, w11, mk = _tap_points(
+                    off_ptr, mask_ptr, off_base, mask_base, hw, oy, ox, m_ok, tap, stride, H, W, C, x_base
+                )
+                for c0 in range(0, C, BLOCK_K):
+                    cc = c0 + rk
+                    col = _column_tile(x_ptr, a00, W, C, cc, ok00, ok01, ok10, ok11, w00, w01, w10, w11, mk)
+                    wt = tl.load(
+                        w_ptr + (tap * C + cc)[:, None] * C_out + rn[None, :],
+                        mask=(cc[:, None] < C) & n_ok[None, :],
+                        other=0.0,
+                    )
+                    acc += tl.dot(col.to(wt.dtype), wt, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
         out_offs = (b * C_out * hw + p)[:, None] + rn[None, :].to(tl.int64) * hw
@@ -195,13 +224,15 @@ def deform_conv3x3_triton(
     has_bias = bias is not None
     bias_arg = bias.detach().float().contiguous() if has_bias else out
     block_m, block_n, block_k, num_warps, num_stages = CONFIG[x.dtype]
+    flat = LOOP[x.dtype] == "flat"
     grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
     try:
         _deform_conv3x3_kernel[grid](
             x, offset, mask, weight_mat, bias_arg, out, m, in_h, in_w, c, h, w, c_out, stride,
             HAS_BIAS=has_bias,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # an IEEE float32 dot: no TF32 rounding
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FLAT=flat, NUM_STAGES=num_stages,
+            num_warps=num_warps, num_stages=1 if flat else num_stages,
         )  # fmt: skip
     except Exception as e:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():

@@ -16,9 +16,9 @@ per conv (the test oracle); "fast" (the default) runs a block's deformable convs
 ``models/deform.py`` (one channels-last sampling table of all levels, weighted row gathers, GEMMs), ~4x
 faster on 2 cores and equal to the reference to float32 rounding. On CUDA without autograd "fast" runs
 each deformable conv as one Triton kernel with the bilinear sampling fused into the GEMM
-(``models/dyhead_cuda.py``, ``models/deform_triton.py``) and ``DyHead`` replays the tower from CUDA graphs
-(``models/cuda_graph.py``); with autograd on CUDA it is grid_sample + GEMM from batch 8 on, torchvision's op
-below. ``DyHeadBlock.forward_fast`` (gather + GEMM) also runs on CUDA when called directly, measured by
+(``models/dyhead_cuda.py``, ``models/deform_triton.py``; float32 from batch 8 on: grid_sample + GEMM, faster
+there on an H100) and ``DyHead`` replays the tower from CUDA graphs (``models/cuda_graph.py``); with autograd
+on CUDA it is grid_sample + GEMM from batch 8 on, torchvision's op below. ``DyHeadBlock.forward_fast`` (gather + GEMM) also runs on CUDA when called directly, measured by
 benchmarks/gpu_tower.py.
 
 Initialisation follows the official code: the DCN weights keep the DCN's own init (uniform in
@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
 from dyhead_cli.errors import check_choice
+from dyhead_cli.models import dyhead_cuda
 from dyhead_cli.models.cuda_graph import GraphCache
 from dyhead_cli.models.deform import (
     GemmWeight,
@@ -52,7 +53,6 @@ from dyhead_cli.models.dyhead_cpu import SLAB_FLOATS, block_forward_cpu
 from dyhead_cli.models.dyhead_cuda import block_forward_fused, fused_path_applies
 
 OFFSET_MODES = ("official", "mmdet", "aligned")
-SAMPLED_MIN_BATCH = 8  # off CPU, "fast" uses grid_sample + GEMM from this batch size on (see forward)
 IMPLS = ("fast", "reference", "export")  # "export": grid_sample + matmul (models/deform_export.py), for ONNX
 
 
@@ -267,16 +267,17 @@ class DyHeadBlock(nn.Module):
         on_cpu = features[0].device.type == "cpu"
         if trace is None and self.impl == "fast" and on_cpu:
             return self.forward_fast(features, workspace)
-        if trace is None and self.impl == "fast" and self.fast_fused and fused_path_applies(features):
+        fused = self.impl == "fast" and self.fast_fused and not dyhead_cuda.sampled_path_applies(features)
+        if trace is None and fused and fused_path_applies(features):
             try:
                 return block_forward_fused(self, features)  # CUDA inference: fused Triton convs
             except KernelFailed as e:  # an old Triton or GPU: torchvision's op from now on, said once
                 warnings.warn(f"fused deformable conv kernel unavailable, using torchvision's op: {e}", stacklevel=2)
         outs = []
-        # Off CPU with autograd, "fast" is one grid_sample + one GEMM per conv (models/deform_export.py) for
-        # batches of SAMPLED_MIN_BATCH or more, torchvision's op below: on an H100 (benchmarks/gpu_tower.py,
-        # 800x1333, 6 x 256) the former took 85 ms vs 102 ms at batch 8 but 58 ms vs 35 ms at batch 1.
-        sampled = self.impl == "fast" and not on_cpu and features[0].shape[0] >= SAMPLED_MIN_BATCH
+        # Off CPU, "fast" is one grid_sample + one GEMM per conv (models/deform_export.py) where the convs
+        # compute in float32 from dyhead_cuda.SAMPLED_MIN_BATCH images on (and with autograd in any dtype from
+        # there: autocast runs it in the autocast dtype), torchvision's op otherwise (see dyhead_cuda).
+        sampled = self.impl == "fast" and not on_cpu and features[0].shape[0] >= dyhead_cuda.SAMPLED_MIN_BATCH
         exportable: bool | str = self.impl == "export" or ("sampled" if sampled else False)
         mode = self.offset_mode
         for level, x in enumerate(features):
@@ -426,7 +427,7 @@ class DyHead(nn.Module):
         # its kernel is compiled by the first, eager call of a signature, before any capture
         graphable = traces is None and self.cuda_graphs and self.impl == "fast" and len(self.blocks) > 0
         graphable = graphable and all(block.fast_fused and block.impl == "fast" for block in self.blocks)
-        if graphable and features[0].is_cuda and fused_path_applies(features):
+        if graphable and dyhead_cuda.inference_path(features) is not None:
             return self.graphs(self._forward_blocks, features)
         return self._forward_blocks(features, traces)
 

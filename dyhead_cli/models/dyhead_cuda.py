@@ -20,6 +20,14 @@ from torch import Tensor
 
 from dyhead_cli.models import deform_triton
 
+# Off CPU, "fast" uses grid_sample + GEMM (models/deform_export.deform_conv2d_sampled) from this batch size
+# on where the convs compute in float32: with autograd (the fused kernel has none) and without it. On an H100
+# (benchmarks/gpu_tower.py, 800x1333, 6 x 256, fp32) at batch 8: grid_sample + GEMM 86 ms (81 ms as a CUDA
+# graph), the fused kernel 123-140 ms, torchvision's op 102 ms; at batch 1 grid_sample + GEMM took 123 ms
+# eagerly (launch-bound), the fused kernel 50 ms, torchvision's op 67 ms. In bf16 / fp16 the fused kernel won
+# at both batch sizes (66 ms vs 90-122 ms at batch 8).
+SAMPLED_MIN_BATCH = 8
+
 
 def compute_dtype(features: list[Tensor]) -> torch.dtype:
     """The dtype the fused convs run in: the autocast dtype under autocast, else the features' own."""
@@ -37,6 +45,22 @@ def fused_path_applies(features: list[Tensor]) -> bool:
         and deform_triton.available(features[0].device)
         and compute_dtype(features) in deform_triton.DTYPES
     )
+
+
+def sampled_path_applies(features: list[Tensor]) -> bool:
+    """True where "fast" off CPU runs grid_sample + GEMM: float32 convs from ``SAMPLED_MIN_BATCH`` images on."""
+    return features[0].shape[0] >= SAMPLED_MIN_BATCH and compute_dtype(features) == torch.float32
+
+
+def inference_path(features: list[Tensor]) -> str | None:
+    """What "fast" runs on CUDA without autograd, by the H100 measurements above: "sampled" (grid_sample +
+    GEMM), "fused" (the Triton kernel), or None (autograd, CPU, no working Triton for this dtype): the
+    reference code. Both named paths can be captured in CUDA graphs; torchvision's op cannot."""
+    if torch.is_grad_enabled() or not features[0].is_cuda:
+        return None
+    if sampled_path_applies(features):
+        return "sampled"
+    return "fused" if fused_path_applies(features) else None
 
 
 def conv_norm(conv, x_cl: Tensor, offset: Tensor, mask: Tensor, offset_mode: str, weight_mat: Tensor) -> Tensor:

@@ -37,16 +37,19 @@ def interpreted() -> dict:
 
 @needs_triton
 def test_fused_conv_float32_equals_torchvision(interpreted):
-    assert len(interpreted["convs"]) == 6
-    for case, diff, scale in interpreted["convs"]:
-        assert diff <= 2e-6 * max(1.0, scale), case  # float32 rounding of a 9 C-term sum
+    assert set(interpreted["convs"]) == set(deform_triton.LOOPS)
+    for loop, rows in interpreted["convs"].items():
+        assert len(rows) == 6
+        for case, diff, scale in rows:
+            assert diff <= 2e-6 * max(1.0, scale), (loop, case)  # float32 rounding of a 9 C-term sum
 
 
 @needs_triton
 def test_fused_conv_float16_within_its_rounding(interpreted):
-    for case, diff, scale in interpreted["fp16"]:
-        # inputs rounded alike; the columns and the output are rounded to float16 (2^-11 relative)
-        assert 0 < diff <= 1e-3 * max(1.0, scale), case
+    for loop, rows in interpreted["fp16"].items():
+        for case, diff, scale in rows:
+            # inputs rounded alike; the columns and the output are rounded to float16 (2^-11 relative)
+            assert 0 < diff <= 1e-3 * max(1.0, scale), (loop, case)
 
 
 @needs_triton
