@@ -68,6 +68,7 @@ SWEEP = {
         (64, 256, 64, 8, 3, "flat"),
         (64, 128, 64, 4, 3, "flat"),
         (64, 256, 64, 8, 4, "flat"),
+        (64, 256, 32, 8, 3, "flat"),
         (128, 128, 64, 8, 3, "flat"),
         (64, 128, 64, 4, 2, "taps"),
     ],
@@ -216,6 +217,8 @@ def machine(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "cuda": torch.version.cuda,
+        "triton": getattr(deform_triton.triton, "__version__", None),
+        "fused_kernel": {str(k): [*v, deform_triton.LOOP[k]] for k, v in deform_triton.CONFIG.items()},
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -279,6 +282,8 @@ def time_variant(
             fn = run_variant(tower, name.split(" ")[0], feats, args, PRECISIONS[precision])
             times, out, peak = measure(fn, args.device, args.warmup, args.iters, args.budget_s)
             diff = max_abs_diff(out, reference)
+        if name.startswith("fused") and deform_triton.unavailable_reason is not None:  # torchvision's op ran
+            raise RuntimeError(f"the fused kernel failed, so torchvision's op ran: {deform_triton.unavailable_reason}")
     except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
         first = next((line for line in str(e).splitlines() if line.strip()), "")
         report["errors"].append(f"{where}: {type(e).__name__}: {first[:300]}")
@@ -362,7 +367,11 @@ def sweep(tower, args, batches, precisions, sizes, references, report, start) ->
                         continue
                     deform_triton.CONFIG[dtype], deform_triton.LOOP[dtype] = config[:5], config[5]
                     name = "fused-graph " + "(" + ", ".join(map(str, config)) + ")"
+                    errors = len(report["errors"])
                     time_variant(tower, name, feats, args, precision, batch, references[batch], report, None)
+                    deform_triton.unavailable_reason = None  # a configuration that failed to build: try the next
+                    for i in range(errors, len(report["errors"])):
+                        report["errors"][i] += " (not fatal)"  # a candidate, not the default
                 del feats
         finally:
             deform_triton.CONFIG[dtype], deform_triton.LOOP[dtype] = default, default_loop

@@ -173,6 +173,13 @@ def make_divisible(v: float, divisor: int = 4) -> int:
     return new_v
 
 
+def dyrelu_whole_map_(x: Tensor, a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
+    """max(x * a1 + b1, x * a2 + b2) written into x (B, C, H, W), coefficients (B, C, 1, 1): four kernels
+    over the whole map (``DyReLU.forward_fused`` off CPU)."""
+    first = torch.addcmul(b1, x, a1)
+    return torch.maximum(first, x.mul_(a2).add_(b2), out=x)
+
+
 class DyReLU(nn.Module):
     """Task-aware attention, DyReLU-B with K=2: two per-channel linear pieces, take the max."""
 
@@ -198,11 +205,14 @@ class DyReLU(nn.Module):
 
     def forward_fused(self, x: Tensor) -> Tensor:
         """``forward`` in 3 passes over x instead of 5 (b + x * a fused by addcmul). Without autograd it
-        overwrites x, a slab of channels at a time: the slab's first piece goes to a small buffer that stays
-        in cache, so a large map is read and written once from memory instead of three times."""
+        overwrites x: on CPU a slab of channels at a time (the slab's first piece goes to a small buffer that
+        stays in cache, so a large map is read and written once from memory instead of three times), on other
+        devices in four whole-map kernels (a slab loop would be hundreds of tiny launches there)."""
         a1, b1, a2, b2 = self.coefficients(x)
         if torch.is_grad_enabled() and (x.requires_grad or a2.requires_grad):  # autograd: nothing in place
             return torch.maximum(torch.addcmul(b1, x, a1), torch.addcmul(b2, x, a2))
+        if x.device.type != "cpu":
+            return dyrelu_whole_map_(x, a1, b1, a2, b2)
         step = max(1, SLAB_FLOATS // (x.shape[0] * x.shape[2] * x.shape[3]))  # channels per slab
         buf = x.new_empty(x.shape[0], min(step, x.shape[1]), *x.shape[2:])
         for c in range(0, x.shape[1], step):
