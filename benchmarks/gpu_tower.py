@@ -60,8 +60,9 @@ from dyhead_cli.models.dyhead import DyHead
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (fast, fast-lowp, fast-cl and fast-tf32: slower than sampled on an H100, still selectable by --variants)
 BASE_VARIANTS = ("reference", "sampled", "fused", "fused-graph")
-# the fused kernel's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, K loop) tried by --sweep, per precision, the
-# current default first (deform_triton.CONFIG / LOOP); batch 8 first, where the tower's time is
+# the (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, method) tried by --sweep, per precision, the current default
+# first (deform_triton.CONFIG / METHOD; "columns" reads BLOCK_K as its channels per program and ignores
+# BLOCK_N and stages); batch 8 first, where the tower's time is
 SWEEP = {
     "bf16": [
         (64, 256, 64, 8, 2, "taps"),
@@ -69,10 +70,17 @@ SWEEP = {
         (64, 128, 64, 4, 3, "flat"),
         (64, 256, 64, 8, 4, "flat"),
         (64, 256, 32, 8, 3, "flat"),
+        (64, 256, 64, 4, 1, "columns"),
+        (128, 256, 128, 8, 1, "columns"),
         (128, 128, 64, 8, 3, "flat"),
         (64, 128, 64, 4, 2, "taps"),
     ],
-    "fp32": [(32, 128, 32, 4, 2, "taps"), (32, 128, 32, 4, 3, "flat"), (64, 128, 32, 4, 3, "flat")],
+    "fp32": [
+        (32, 128, 32, 4, 2, "taps"),
+        (32, 128, 32, 4, 3, "flat"),
+        (64, 128, 32, 4, 3, "flat"),
+        (64, 128, 64, 4, 1, "columns"),
+    ],
 }
 Features = list[Tensor]
 
@@ -218,7 +226,7 @@ def machine(device: str) -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         "cuda": torch.version.cuda,
         "triton": getattr(deform_triton.triton, "__version__", None),
-        "fused_kernel": {str(k): [*v, deform_triton.LOOP[k]] for k, v in deform_triton.CONFIG.items()},
+        "fused_kernel": {str(k): [*v, deform_triton.METHOD[k]] for k, v in deform_triton.CONFIG.items()},
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -354,10 +362,10 @@ def profile_fused(tower, args, batches, precisions, sizes, rows: int = 20) -> li
 
 def sweep(tower, args, batches, precisions, sizes, references, report, start) -> None:
     """fused-graph under each kernel configuration of SWEEP (rows named "fused-graph (BM, BN, BK, warps,
-    stages, loop)"); the module's configuration is restored afterwards."""
+    stages, method)"); the module's configuration is restored afterwards."""
     for precision in [q for q in precisions if q in SWEEP]:
         dtype = PRECISIONS[precision] or torch.float32
-        default, default_loop = deform_triton.CONFIG[dtype], deform_triton.LOOP[dtype]
+        default, default_loop = deform_triton.CONFIG[dtype], deform_triton.METHOD[dtype]
         try:
             for batch in sorted(batches, reverse=True):
                 feats = make_features(batch, args.channels, sizes, args.device)
@@ -365,7 +373,7 @@ def sweep(tower, args, batches, precisions, sizes, references, report, start) ->
                     if time.perf_counter() - start > args.max_seconds:
                         report["skipped"].append(f"sweep {precision} b{batch} {config}")
                         continue
-                    deform_triton.CONFIG[dtype], deform_triton.LOOP[dtype] = config[:5], config[5]
+                    deform_triton.CONFIG[dtype], deform_triton.METHOD[dtype] = config[:5], config[5]
                     name = "fused-graph " + "(" + ", ".join(map(str, config)) + ")"
                     errors = len(report["errors"])
                     time_variant(tower, name, feats, args, precision, batch, references[batch], report, None)
@@ -374,7 +382,7 @@ def sweep(tower, args, batches, precisions, sizes, references, report, start) ->
                         report["errors"][i] += " (not fatal)"  # a candidate, not the default
                 del feats
         finally:
-            deform_triton.CONFIG[dtype], deform_triton.LOOP[dtype] = default, default_loop
+            deform_triton.CONFIG[dtype], deform_triton.METHOD[dtype] = default, default_loop
 
 
 def main(argv: list[str] | None = None) -> int:

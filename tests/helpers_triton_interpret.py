@@ -3,7 +3,7 @@
 Run as a script with ``TRITON_INTERPRET=1`` set (tests/models/test_deform_triton.py does): the variable must
 be set before Triton compiles anything, so it cannot be switched on inside the test process. Prints
 {"convs": {loop: [[case, max abs diff, max abs reference], ...]}, "fp16": {loop: [...]}, "blocks": {mode: [diff,
-scale]}}, for each K loop of ``deform_triton.LOOPS``.
+scale]}}, for each method of ``deform_triton.METHODS``.
 """
 
 from __future__ import annotations
@@ -46,16 +46,17 @@ def conv_case(b, c, c_out, in_h, in_w, stride, with_bias, dtype=torch.float32, s
 
 
 def conv_errors(dtype: torch.dtype) -> dict:
-    return {loop: conv_errors_with(dtype, loop) for loop in deform_triton.LOOPS}
+    return {method: conv_errors_with(dtype, method) for method in deform_triton.METHODS}
 
 
-def conv_errors_with(dtype: torch.dtype, loop: str) -> list:
-    saved = deform_triton.LOOP[dtype]
-    deform_triton.LOOP[dtype] = loop
+def conv_errors_with(dtype: torch.dtype, method: str) -> list:
+    saved = deform_triton.METHOD[dtype], deform_triton.COLUMN_BYTES
+    deform_triton.METHOD[dtype] = method
+    deform_triton.COLUMN_BYTES = 1  # "columns": one image per chunk, so the batch-2 cases take two chunks
     try:
         return conv_rows(dtype)
     finally:
-        deform_triton.LOOP[dtype] = saved
+        deform_triton.METHOD[dtype], deform_triton.COLUMN_BYTES = saved
 
 
 def conv_rows(dtype: torch.dtype) -> list:

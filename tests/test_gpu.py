@@ -204,11 +204,17 @@ def test_fast_tower_low_precision_gather_under_autocast(dtype, strict_fp32):
     assert max_diff(got[True], got[False]) > 0, "the switch changes the gather's dtype"
 
 
+@pytest.mark.parametrize("method", ["taps", "flat", "columns"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fused_triton_conv_on_cuda_matches_torchvision(dtype, strict_fp32):
+def test_fused_triton_conv_on_cuda_matches_torchvision(dtype, method, strict_fp32, monkeypatch):
     from torchvision.ops import deform_conv2d
 
+    from dyhead_cli.models import deform_triton
     from dyhead_cli.models.deform_triton import deform_conv3x3_triton, weight_rows
+
+    monkeypatch.setitem(deform_triton.METHOD, dtype, method)
+    monkeypatch.setattr(deform_triton, "COLUMN_BYTES", 8 << 20)  # "columns": several chunks at batch 2-3
+    monkeypatch.setattr(deform_triton, "unavailable_reason", None)  # a method that fails cannot leak into others
 
     g = torch.Generator().manual_seed(0)
     for b, c, c_out, h, w, stride in [(2, 64, 256, 25, 42, 1), (1, 256, 256, 50, 84, 2), (3, 40, 24, 7, 11, 1)]:
@@ -224,6 +230,7 @@ def test_fused_triton_conv_on_cuda_matches_torchvision(dtype, strict_fp32):
         scale = want.abs().max().item()
         tol = 1e-5 if dtype == torch.float32 else 2e-2  # columns and output rounded to 8 / 11 mantissa bits
         assert got.dtype == dtype and (got.float().cpu() - want).abs().max().item() < tol * scale, (b, c, h, w, stride)
+    assert deform_triton.unavailable_reason is None
 
 
 def test_tower_cuda_graphs_replay_what_eager_computes():

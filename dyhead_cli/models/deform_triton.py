@@ -46,11 +46,15 @@ CONFIG: dict[torch.dtype, tuple[int, int, int, int, int]] = {
     torch.float16: (64, 256, 64, 8, 2),
     torch.bfloat16: (64, 256, 64, 8, 2),
 }
-# The K loop: "taps" (9 unrolled taps, each a short loop over channel slices; what the H100 figures above
-# measured) or "flat" (one loop over 9 x C / BLOCK_K (tap, slice) steps, software-pipelined by Triton with
-# NUM_STAGES stages; a candidate not yet timed on a GPU: benchmarks/gpu_tower.py --sweep times both).
-LOOPS = ("taps", "flat")
-LOOP: dict[torch.dtype, str] = dict.fromkeys(CONFIG, "taps")
+# How: "taps", the fused kernel with 9 unrolled taps, each a short loop over channel slices (what the H100
+# figures above measured); "flat", the fused kernel with one loop over 9 x C / BLOCK_K (tap, slice) steps,
+# software-pipelined by Triton with NUM_STAGES stages; "columns", a sampling kernel that writes the (h w, 9 C)
+# columns of a few images at a time in x's dtype, then one cuBLAS GEMM per image straight into NCHW (the
+# columns touch memory, but each kernel does one simple thing). "flat" and "columns" are candidates not yet
+# timed on a GPU: ``benchmarks/gpu_tower.py --sweep`` times them against "taps".
+METHODS = ("taps", "flat", "columns")
+METHOD: dict[torch.dtype, str] = dict.fromkeys(CONFIG, "taps")
+COLUMN_BYTES = 256 << 20  # "columns": at most this much column buffer (whole images; at least one)
 DTYPES = tuple(CONFIG)
 unavailable_reason: str | None = None if triton is not None else "Triton is not installed"
 
@@ -187,6 +191,38 @@ if triton is not None:
         out_offs = (b * C_out * hw + p)[:, None] + rn[None, :].to(tl.int64) * hw
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
+    @triton.jit(do_not_specialize=["M", "H", "W", "h", "w", "stride"])
+    def _sample_columns_kernel(
+        x_ptr,  # (B, H, W, C) channels-last input
+        off_ptr,  # (B, 18, h, w)
+        mask_ptr,  # (B, 9, h, w)
+        cols_ptr,  # (B h w, 9 C): row b * h * w + y * w + x, column tap * C + c
+        M,  # B * h * w
+        H,
+        W,
+        C,
+        h,
+        w,
+        stride,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """Program (i, tap, j): the columns of BLOCK_M positions for one tap and BLOCK_C channels."""
+        tap = tl.program_id(1)
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cc = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        m_ok = rm < M
+        hw = h * w
+        b = (rm // hw).to(tl.int64)
+        p = rm % hw
+        a00, ok00, ok01, ok10, ok11, w00, w01, w10, w11, mk = _tap_points(
+            off_ptr, mask_ptr, b * (18 * hw) + p, b * (9 * hw) + p, hw, p // w, p % w, m_ok, tap, stride, H, W, C,
+            b * H * W * C,
+        )  # fmt: skip
+        col = _column_tile(x_ptr, a00, W, C, cc, ok00, ok01, ok10, ok11, w00, w01, w10, w11, mk)
+        dst = cols_ptr + rm.to(tl.int64)[:, None] * (9 * C) + tap * C + cc[None, :]
+        tl.store(dst, col.to(cols_ptr.dtype.element_ty), mask=m_ok[:, None] & (cc[None, :] < C))
+
 
 def weight_rows(weight: Tensor, dtype: torch.dtype) -> Tensor:
     """(C_out, C, 3, 3) -> (9 C, C_out) in ``dtype``, row tap * C + c (tap = ky * 3 + kx): the kernel's B
@@ -224,16 +260,19 @@ def deform_conv3x3_triton(
     has_bias = bias is not None
     bias_arg = bias.detach().float().contiguous() if has_bias else out
     block_m, block_n, block_k, num_warps, num_stages = CONFIG[x.dtype]
-    flat = LOOP[x.dtype] == "flat"
-    grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
+    method = METHOD[x.dtype]
     try:
-        _deform_conv3x3_kernel[grid](
-            x, offset, mask, weight_mat, bias_arg, out, m, in_h, in_w, c, h, w, c_out, stride,
-            HAS_BIAS=has_bias,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # an IEEE float32 dot: no TF32 rounding
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FLAT=flat, NUM_STAGES=num_stages,
-            num_warps=num_warps, num_stages=1 if flat else num_stages,
-        )  # fmt: skip
+        if method == "columns":
+            _conv_by_columns(x, offset, mask, weight_mat, bias, stride, out, block_m, block_k, num_warps)
+        else:
+            flat = method == "flat"
+            _deform_conv3x3_kernel[(triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))](
+                x, offset, mask, weight_mat, bias_arg, out, m, in_h, in_w, c, h, w, c_out, stride,
+                HAS_BIAS=has_bias,
+                DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # an IEEE float32 dot: no TF32
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FLAT=flat, NUM_STAGES=num_stages,
+                num_warps=num_warps, num_stages=1 if flat else num_stages,
+            )  # fmt: skip
     except Exception as e:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             raise  # inside a CUDA-graph capture: let the capture fail (GraphCache falls back to eager)
@@ -242,3 +281,35 @@ def deform_conv3x3_triton(
         unavailable_reason = f"{type(e).__name__}: {first_line}"
         raise KernelFailed(unavailable_reason) from e
     return out
+
+
+def _conv_by_columns(
+    x: Tensor, offset: Tensor, mask: Tensor, weight_mat: Tensor, bias: Tensor | None, stride: int, out: Tensor,
+    block_m: int, block_c: int, num_warps: int,
+) -> None:  # fmt: skip
+    """METHOD "columns": sample the columns of a few whole images at a time (at most ``COLUMN_BYTES``), then
+    per image out (C_out, h w) = weight_mat^T (C_out, 9 C) @ columns^T (9 C, h w) [+ bias], written into
+    ``out`` (B, C_out, h, w) as it is (cuBLAS reads the transposed operands in place). The GEMM accumulates
+    in float32; float32 inputs give a float32 GEMM (TF32 only where the user allowed it for matmuls)."""
+    b, c, in_h, in_w = x.shape
+    _, c_out, h, w = out.shape
+    row = h * w * 9 * c * x.element_size()  # one image's columns
+    per_chunk = max(1, min(b, COLUMN_BYTES // row))
+    cols = torch.empty(per_chunk * h * w, 9 * c, dtype=x.dtype, device=x.device)
+    weight_t = weight_mat.t()  # (C_out, 9 C), a view
+    bias_col = None if bias is None else bias.detach().to(x.dtype)[:, None]
+    for b0 in range(0, b, per_chunk):
+        b1 = min(b, b0 + per_chunk)
+        m = (b1 - b0) * h * w
+        grid = (triton.cdiv(m, block_m), 9, triton.cdiv(c, block_c))
+        _sample_columns_kernel[grid](
+            x[b0:b1], offset[b0:b1], mask[b0:b1], cols, m, in_h, in_w, c, h, w, stride,
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+        )  # fmt: skip
+        for i in range(b0, b1):
+            image_cols = cols[(i - b0) * h * w : (i - b0 + 1) * h * w].t()  # (9 C, h w), a view
+            dest = out[i].view(c_out, h * w)
+            if bias_col is None:
+                torch.mm(weight_t, image_cols, out=dest)
+            else:
+                torch.addmm(bias_col, weight_t, image_cols, out=dest)

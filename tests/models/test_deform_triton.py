@@ -37,7 +37,7 @@ def interpreted() -> dict:
 
 @needs_triton
 def test_fused_conv_float32_equals_torchvision(interpreted):
-    assert set(interpreted["convs"]) == set(deform_triton.LOOPS)
+    assert set(interpreted["convs"]) == set(deform_triton.METHODS)
     for loop, rows in interpreted["convs"].items():
         assert len(rows) == 6
         for case, diff, scale in rows:
