@@ -3,10 +3,11 @@
 Why: a 6-block DyHead tower makes about 1,500 small kernel launches per call (5 levels x ~50 ops per
 block); at batch 1 on an H100 the GPU waits on Python and the launch queue most of the time. A CUDA graph
 replays all of them with one launch. ``GraphCache`` captures ``fn`` for an input signature (shapes, strides,
-dtypes, device, autocast state, inference mode) the ``capture_after``-th time it sees that signature (so a
-stream of differently sized images, as ``dyhead predict`` may see, stays eager), keeps at most
-``max_graphs`` (least recently used dropped), copies each call's inputs into the graph's static inputs,
-replays, and returns clones of the static outputs (the next replay overwrites them).
+dtypes, device, autocast state, inference mode) the ``capture_after``-th time it sees that signature, copies
+each call's inputs into the graph's static inputs, replays, and returns clones of the static outputs (the
+next replay overwrites them). It keeps the first ``max_graphs`` graphs and never evicts: a stream of more
+shapes than that (``dyhead eval`` on images of many sizes) runs the rest eagerly instead of capturing again
+and again (a capture costs about three eager calls).
 
 What ``fn`` must be: free of host synchronisation and of data-dependent shapes, reading parameters by
 address (a module whose parameters are replaced, by ``.to()`` or ``.half()``, must ``clear()`` the cache;
@@ -19,7 +20,7 @@ correctness first.
 from __future__ import annotations
 
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -44,11 +45,11 @@ class GraphCache:
     The cache holds no reference to ``fn`` (a module's bound method would keep a copied module calling the
     original): each call passes it."""
 
-    def __init__(self, max_graphs: int = 4, capture_after: int = 2, warmup: int = 2):
+    def __init__(self, max_graphs: int = 4, capture_after: int = 2, warmup: int = 1):
         self.max_graphs = max_graphs
         self.capture_after = capture_after
         self.warmup = warmup
-        self.graphs: OrderedDict[tuple, tuple[Tensors, torch.cuda.CUDAGraph, Tensors]] = OrderedDict()
+        self.graphs: dict[tuple, tuple[Tensors, torch.cuda.CUDAGraph, Tensors]] = {}
         self.seen: Counter[tuple] = Counter()
         self.disabled = False
         self.replays = 0  # calls answered from a graph (tests and benchmarks read it)
@@ -87,7 +88,7 @@ class GraphCache:
         entry = self.graphs.get(key)
         if entry is None:
             self.seen[key] += 1
-            if self.seen[key] < self.capture_after:
+            if self.seen[key] < self.capture_after or len(self.graphs) >= self.max_graphs:
                 return fn(inputs)
             try:
                 entry = self._capture(fn, inputs)
@@ -97,9 +98,6 @@ class GraphCache:
                 warnings.warn(f"CUDA graph capture failed, running eagerly from now on: {e}", stacklevel=2)
                 return fn(inputs)
             self.graphs[key] = entry
-            while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
         static_inputs, graph, static_outputs = entry
         for static, t in zip(static_inputs, inputs):
             static.copy_(t)

@@ -1,13 +1,11 @@
 """The fused Triton deformable conv (models/deform_triton.py) against torchvision's op, on CPU through
-Triton's interpreter (a subprocess: TRITON_INTERPRET must be set before Triton compiles), and the CUDA-graph
-cache's bookkeeping that runs without a GPU. The same kernel on CUDA: tests/test_gpu.py (``-m gpu``)."""
+Triton's interpreter (a subprocess: TRITON_INTERPRET must be set before Triton compiles). The same kernel on
+CUDA: tests/test_gpu.py (``-m gpu``)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +14,6 @@ import pytest
 import torch
 
 from dyhead_cli.models import deform_triton
-from dyhead_cli.models.cuda_graph import GraphCache
-from dyhead_cli.models.dyhead import DyHead
 
 TESTS = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(deform_triton.triton is None, reason="Triton is not installed (CPU-only PyTorch)")
@@ -85,36 +81,6 @@ def test_weight_rows_layout():
     for tap in range(9):
         ky, kx = divmod(tap, 3)
         assert torch.equal(mat[tap * 4 : (tap + 1) * 4], weight[:, :, ky, kx].T)
-
-
-def test_graph_cache_stays_eager_until_a_signature_repeats_and_copies_empty():
-    cache = GraphCache(capture_after=3)
-    calls = []
-
-    def fn(xs):
-        calls.append(1)
-        return [x * 2 for x in xs]
-
-    x = [torch.ones(2)]
-    for _ in range(2):  # below capture_after: plain calls, nothing captured (no CUDA needed)
-        assert torch.equal(cache(fn, x)[0], torch.full((2,), 2.0))
-    assert len(calls) == 2 and cache.replays == 0 and not cache.graphs
-    assert cache.seen[GraphCache.signature(x)] == 2
-    assert GraphCache.signature(x) != GraphCache.signature([torch.ones(3)])
-    copied = copy.deepcopy(cache)
-    assert isinstance(copied, GraphCache) and not copied.seen and copied.capture_after == 3
-    assert pickle.loads(pickle.dumps(cache)).capture_after == 3
-
-
-def test_tower_on_cpu_never_captures_and_deepcopies():
-    tower = DyHead(16, 1).eval()
-    feats = [torch.randn(1, 16, 8, 8), torch.randn(1, 16, 4, 4)]
-    with torch.no_grad():
-        for _ in range(3):
-            tower(feats)
-    assert tower.graphs.replays == 0 and not tower.graphs.seen
-    clone = copy.deepcopy(tower)
-    assert clone.graphs is not tower.graphs
 
 
 def test_dyrelu_whole_map_in_place_equals_dyrelu():
