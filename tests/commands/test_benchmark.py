@@ -288,3 +288,24 @@ def test_fp16_on_cuda():
     assert report["machine"]["gpu"] and report["settings"]["precision"] == "fp16"
     assert 0 < row["latency_ms"]["p50"] <= row["latency_ms"]["p90"] <= row["latency_ms"]["p99"]
     assert row["peak_memory_bytes"] > 0 and row["peak_memory_kind"].startswith("CUDA")
+
+
+def test_gpu_info_names_triton_and_the_fused_kernel(monkeypatch):
+    """What ``dyhead benchmark --gpu`` records about the CUDA software, without a GPU (device properties faked)."""
+    from types import SimpleNamespace
+
+    from dyhead_cli.commands.benchmark import machine
+    from dyhead_cli.models import deform_triton
+
+    props = SimpleNamespace(name="Fake GPU", total_memory=80 << 30, major=9, minor=0, multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(machine, "nvidia_driver", lambda: "580.159.04")
+    info = machine.gpu_info()
+    assert info["gpu"] == "Fake GPU" and info["gpu_capability"] == "9.0" and info["driver"] == "580.159.04"
+    assert info["triton"] == getattr(deform_triton.triton, "__version__", None)
+    assert info["fused_deform_conv"]["bfloat16"] == {
+        "method": deform_triton.METHOD[torch.bfloat16],
+        "tiles": list(deform_triton.CONFIG[torch.bfloat16]),
+    }
+    assert set(info["fused_deform_conv"]) == {"float32", "float16", "bfloat16"}

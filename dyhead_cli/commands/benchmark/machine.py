@@ -80,7 +80,10 @@ def nvidia_driver() -> str | None:
 
 
 def gpu_info() -> dict[str, Any]:
-    """The CUDA device and its software: name, memory, compute capability, driver, CUDA, cuDNN, TF32 flags."""
+    """The CUDA device and its software: name, memory, compute capability, driver, CUDA, cuDNN, TF32 flags,
+    Triton and the fused deformable conv's configuration (or why it is unavailable)."""
+    from dyhead_cli.models import deform_triton
+
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return {
         "gpu": props.name,
@@ -91,6 +94,12 @@ def gpu_info() -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version(),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "triton": getattr(deform_triton.triton, "__version__", None),
+        "fused_deform_conv": {
+            str(dtype).removeprefix("torch."): {"method": deform_triton.METHOD[dtype], "tiles": list(config)}
+            for dtype, config in deform_triton.CONFIG.items()
+        },
+        "fused_deform_conv_unavailable": deform_triton.unavailable_reason,
     }
 
 
