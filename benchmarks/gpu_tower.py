@@ -15,6 +15,8 @@ fp16 autocast. Variants:
   fused             impl "fast" without autograd, CUDA graphs off: one Triton kernel per deformable conv,
                     bilinear sampling inside the GEMM (models/deform_triton.py), in the autocast dtype;
   fused-graph       the same through ``DyHead``'s own CUDA-graph cache (what ``dyhead predict/benchmark`` run);
+  fused-folded(-graph)  fused with the block's end folded into two Triton passes per conv output
+                    (``dyhead_cuda.EPILOGUE = "folded"``, models/fold_triton.py);
   sampled           one grid_sample + one GEMM per conv (``deform_conv2d_sampled``, the autograd path from
                     batch 8);
   fast              ``forward_fast`` on each block: one sampling table per block, per conv one
@@ -59,7 +61,7 @@ from dyhead_cli.models.dyhead import DyHead
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (fast, fast-lowp, fast-cl and fast-tf32: slower than sampled on an H100, still selectable by --variants)
-BASE_VARIANTS = ("reference", "sampled", "fused", "fused-graph")
+BASE_VARIANTS = ("reference", "sampled", "fused", "fused-graph", "fused-folded", "fused-folded-graph")
 # the (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, method) tried by --sweep, per precision, the current default
 # first (deform_triton.CONFIG / METHOD; "columns" reads BLOCK_K as its channels per program and ignores
 # BLOCK_N and stages); batch 8 first, where the tower's time is
@@ -146,6 +148,7 @@ def tower_call(
     # set up once here, not per call: set_impl drops the tower's CUDA graphs
     # "sampled" at every batch size, "fused" at every batch size (float32 from batch 8 would take grid_sample)
     dyhead_cuda.SAMPLED_MIN_BATCH = 1 if variant == "sampled" else (1 << 30 if fused else 8)
+    dyhead_cuda.EPILOGUE = "folded" if "folded" in variant else "modules"
     tower.set_impl(impl)
     tower.cuda_graphs = variant == "fused-graph"
     for block in tower.blocks:
@@ -258,7 +261,7 @@ def variant_names(precision: str, device: str, graphs: bool, compile_: bool) -> 
     if device == "cpu":
         names = ["reference", "fast"] if precision == "fp32" else ["fast"]
         return names + (["fast-compile"] if compile_ else [])
-    names = [v for v in BASE_VARIANTS if graphs or v != "fused-graph"]
+    names = [v for v in BASE_VARIANTS if graphs or not v.endswith("-graph")]
     if graphs:
         # torchvision's op under CUDA-graph capture gave wrong outputs on an H100 (max diff 1.4): not graphed
         names.append("sampled-graph")
@@ -270,7 +273,7 @@ def variant_names(precision: str, device: str, graphs: bool, compile_: bool) -> 
 def run_variant(tower: DyHead, name: str, feats: Features, args, dtype: torch.dtype | None) -> Callable[[], Features]:
     """A no-argument call for variant ``name`` (built, captured or compiled here)."""
     base = name.removesuffix("-graph").removesuffix("-compile")
-    if name.endswith("-graph") and base != "fused":  # fused-graph: the tower's own graph cache
+    if name.endswith("-graph") and not base.startswith("fused"):  # fused*-graph: the tower's own graph cache
         with torch.inference_mode():
             return graphed(tower_call(tower, base, args.device, dtype, cache=False), feats)
     if name.endswith("-compile"):
@@ -457,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             references[batch] = tower_call(tower, "reference", args.device, None)(feats)
         feats = make_features(1, args.channels, sizes, args.device)
         scale = max(r.abs().max().item() for r in references[1])
-        for name in ("fused", "sampled") if args.device == "cuda" else ("fast",):
+        for name in ("fused", "fused-folded", "sampled") if args.device == "cuda" else ("fast",):
             out = tower_call(tower, name, args.device, None)(feats)
             report["fp32_strict"][name] = {
                 "batch": 1,

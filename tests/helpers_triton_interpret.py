@@ -2,7 +2,8 @@
 
 Run as a script with ``TRITON_INTERPRET=1`` set (tests/models/test_deform_triton.py does): the variable must
 be set before Triton compiles anything, so it cannot be switched on inside the test process. Prints
-{"convs": {loop: [[case, max abs diff, max abs reference], ...]}, "fp16": {loop: [...]}, "blocks": {mode: [diff,
+{"convs": {method: [[case, max abs diff, max abs reference], ...]}, "fp16": {method: [...]}, "blocks" and
+"blocks_folded": {mode: [diff, scale]} (the two epilogues of ``dyhead_cuda.EPILOGUES``), "fold": {kernel: [diff,
 scale]}}, for each method of ``deform_triton.METHODS``.
 """
 
@@ -14,7 +15,7 @@ import os
 import torch
 from torchvision.ops import deform_conv2d
 
-from dyhead_cli.models import deform_triton
+from dyhead_cli.models import deform_triton, dyhead_cuda, fold_triton
 from dyhead_cli.models.deform_triton import deform_conv3x3_triton, weight_rows
 from dyhead_cli.models.dyhead import OFFSET_MODES, DyHeadBlock
 from dyhead_cli.models.dyhead_cuda import block_forward_fused
@@ -71,7 +72,8 @@ def conv_rows(dtype: torch.dtype) -> list:
     return rows
 
 
-def block_errors() -> dict:
+def block_errors(epilogue: str) -> dict:
+    dyhead_cuda.EPILOGUE = epilogue
     out = {}
     g = torch.Generator().manual_seed(3)
     sizes = [(9, 11), (5, 6), (3, 3)]  # odd sizes: the "high" conv's offsets must be fitted
@@ -88,9 +90,31 @@ def block_errors() -> dict:
     return out
 
 
+def fold_errors() -> dict:
+    """fold_triton's kernels against the PyTorch expressions: [max abs diff, max abs value] per kernel."""
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(2, 6, 37, 41, generator=g) * 3 + 1  # rows longer than one STATS_BLOCK step
+    mean, var = fold_triton.channel_stats(y)
+    want_var, want_mean = torch.var_mean(y, dim=(2, 3), correction=0)
+    maps = [torch.randn(2, 6, 9, 7, generator=g) for _ in range(3)]
+    per = [torch.randn(2, 6, generator=g) for _ in range(8)]  # 3 scales, shift, a1, b1, a2, b2
+    out = {"stats": [max((mean - want_mean).abs().max().item(), (var - want_var).abs().max().item()), want_var.max().item()]}
+    for k in (1, 2, 3):
+        got = fold_triton.scaled_sum_dyrelu(maps[:k], per[:k], per[3], per[4:], torch.float32)
+        f = per[3][..., None, None] + sum(m * s[..., None, None] for m, s in zip(maps[:k], per[:k]))
+        a1, b1, a2, b2 = (t[..., None, None] for t in per[4:])
+        want = torch.maximum(f * a1 + b1, f * a2 + b2)
+        out[f"sum{k}"] = [(got - want).abs().max().item(), want.abs().max().item()]
+    return out
+
+
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    print(json.dumps({"convs": conv_errors(torch.float32), "fp16": conv_errors(torch.float16), "blocks": block_errors()}))
+    result = {"convs": conv_errors(torch.float32), "fp16": conv_errors(torch.float16)}
+    result["blocks"] = block_errors("modules")
+    result["blocks_folded"] = block_errors("folded")
+    result["fold"] = fold_errors()
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

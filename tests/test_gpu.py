@@ -256,6 +256,23 @@ def test_tower_cuda_graphs_replay_what_eager_computes():
     assert not tower.graphs.graphs
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_folded_epilogue_on_cuda_equals_reference(mode, strict_fp32, monkeypatch):
+    from dyhead_cli.models import dyhead_cuda
+
+    monkeypatch.setattr(dyhead_cuda, "EPILOGUE", "folded")
+    tower = make_tower(mode).cuda()
+    feats = features(ODD_LEVELS, device="cuda")
+    with torch.no_grad():
+        want = tower.set_impl("reference")(feats)
+        got = tower.set_impl("fast")(feats)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got_bf16 = tower(feats)
+    scale = max(1.0, max(w.abs().max().item() for w in want))
+    assert max_diff(got, want) < 1e-4 * scale
+    assert all(torch.isfinite(o).all() for o in got_bf16) and max_diff(got_bf16, want) < 0.05 * scale
+
+
 def test_fused_tower_under_bf16_autocast_near_float32_reference(strict_fp32):
     tower = make_tower("official").cuda()
     feats = features(LEVELS, device="cuda")

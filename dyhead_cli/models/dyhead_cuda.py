@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dyhead_cli.models import deform_triton
+from dyhead_cli.models import deform_triton, fold_triton
+from dyhead_cli.models.dyhead_cpu import group_norm_affine
 
 if TYPE_CHECKING:  # dyhead.py imports this module
     from dyhead_cli.models.dyhead import DeformConvNorm, DyHeadBlock
@@ -34,6 +35,14 @@ if TYPE_CHECKING:  # dyhead.py imports this module
 # eagerly (launch-bound), the fused kernel 50 ms, torchvision's op 67 ms. In bf16 / fp16 the fused kernel won
 # at both batch sizes (66 ms vs 90-122 ms at batch 8).
 SAMPLED_MIN_BATCH = 8
+# After the convs: "modules", GroupNorm modules and the reference's attention code (with the weighted mean
+# and DyReLU in place; what the README's H100 figures measured), or "folded", two Triton passes per conv
+# output with GroupNorm and the attentions folded into per-channel numbers (models/fold_triton.py; a
+# candidate not yet timed on a GPU, benchmarks/gpu_tower.py times it as "fused-folded"). Like
+# deform_triton.METHOD / CONFIG, set it before a tower's first call: captured CUDA graphs replay what they
+# captured (``DyHead.set_impl`` drops them).
+EPILOGUES = ("modules", "folded")
+EPILOGUE = "modules"
 
 
 def compute_dtype(features: list[Tensor]) -> torch.dtype:
@@ -78,6 +87,43 @@ def conv_norm(conv: DeformConvNorm, x_cl: Tensor, offset: Tensor, mask: Tensor, 
     return conv.norm(y)
 
 
+def raw_conv(conv: DeformConvNorm, x_cl: Tensor, offset: Tensor, mask: Tensor, offset_mode: str, weight_mat: Tensor) -> Tensor:
+    """The deformable conv of ``conv`` without its GroupNorm: (B, C, H, W) channels-last -> (B, C_out, h, w)."""
+    offset, mask = conv.fit_offset(offset, mask, tuple(x_cl.shape[-2:]), offset_mode)
+    return deform_triton.deform_conv3x3_triton(x_cl, offset, mask, weight_mat, conv.bias, conv.stride)
+
+
+def folded_level(
+    block: DyHeadBlock, convs: list[DeformConvNorm], ys: list[Tensor], size: tuple[int, int], has_high: bool
+) -> Tensor:
+    """One level's output from its 2-3 raw conv outputs ``ys`` (mid, [low], [high at level l+1's size, when
+    ``has_high``]) -> (B, C, *size),
+    with GroupNorm, the scale-aware weights and DyReLU folded into per-(image, channel) numbers.
+
+    GroupNorm is ``y * scale + shift`` from y's channel statistics (``dyhead_cpu.group_norm_affine``); it is
+    affine per channel, so it commutes with the "high" map's bilinear upsampling, which therefore runs on the
+    raw conv output; the scale-aware weights need each normalised map's mean, DyReLU's coefficients the mean
+    of their weighted sum; one kernel then sums the raw maps and applies DyReLU (``fold_triton``).
+    """
+    norms = [conv.norm for conv in convs]
+    stats = [fold_triton.channel_stats(y) for y in ys]
+    maps, pooled = list(ys), [mean for mean, _ in stats]
+    if has_high:
+        maps[-1] = F.interpolate(ys[-1], size=size, mode="bilinear", align_corners=True)
+        pooled[-1] = torch.mean(maps[-1], dim=(2, 3), dtype=torch.float32)
+    weight = torch.stack([norm.weight.float() for norm in norms])[:, None]  # (k, 1, C)
+    bias = torch.stack([norm.bias.float() for norm in norms])[:, None]
+    mean, var = (torch.stack(t) for t in zip(*stats))  # (k, B, C)
+    scale, shift = group_norm_affine(mean, var, weight, bias, norms[0].num_groups, norms[0].eps)
+    pooled = torch.stack(pooled) * scale + shift  # (k, B, C): the mean of each normalised map
+    param = block.scale_attn.weight.dtype  # float16 for a .half() model, else float32
+    weights = block.scale_weight_from_mean(pooled.to(param)).float() / len(maps)  # (k, B, 1): pi_L / k
+    coefficients = block.task_attn.coefficients_from_mean((pooled * weights).sum(0).to(param))
+    out_dtype = torch.promote_types(ys[0].dtype, norms[0].weight.dtype)  # float32 under autocast, as GroupNorm
+    scales = list((scale * weights).unbind())
+    return fold_triton.scaled_sum_dyrelu(maps, scales, (shift * weights).sum(0), list(coefficients), out_dtype)
+
+
 def block_forward_fused(block: DyHeadBlock, features: list[Tensor]) -> list[Tensor]:
     """levels (B, C_in, H_l, W_l), P3 first -> the same levels with C channels (NCHW), as ``block.forward``.
 
@@ -92,6 +138,12 @@ def block_forward_fused(block: DyHeadBlock, features: list[Tensor]) -> list[Tens
     outs = []
     for level, x in enumerate(features):
         offset, mask = block.offset_and_mask(x)
+        if EPILOGUE == "folded":
+            convs = [(mid, level)] + [(low, level - 1)] * (level > 0) + [(high, level + 1)] * (level + 1 < len(features))
+            ys = [raw_conv(conv, xs[i], offset, mask, mode, mats[conv]) for conv, i in convs]
+            size, has_high = tuple(x.shape[-2:]), level + 1 < len(features)
+            outs.append(folded_level(block, [conv for conv, _ in convs], ys, size, has_high))
+            continue
         maps = [conv_norm(mid, xs[level], offset, mask, mode, mats[mid])]
         if level > 0:
             maps.append(conv_norm(low, xs[level - 1], offset, mask, mode, mats[low]))

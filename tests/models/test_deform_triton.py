@@ -1,5 +1,5 @@
-"""The fused Triton deformable conv (models/deform_triton.py) against torchvision's op, on CPU through
-Triton's interpreter (a subprocess: TRITON_INTERPRET must be set before Triton compiles). The same kernel on
+"""The fused Triton deformable conv (models/deform_triton.py) against torchvision's op, and the folded block
+end (models/fold_triton.py) against the reference block, on CPU through Triton's interpreter (a subprocess: TRITON_INTERPRET must be set before Triton compiles). The same kernel on
 CUDA: tests/test_gpu.py (``-m gpu``)."""
 
 from __future__ import annotations
@@ -49,10 +49,19 @@ def test_fused_conv_float16_within_its_rounding(interpreted):
 
 
 @needs_triton
-def test_fused_block_equals_reference_block_in_every_offset_mode(interpreted):
-    assert set(interpreted["blocks"]) == {"official", "mmdet", "aligned"}
-    for mode, (diff, scale) in interpreted["blocks"].items():
+@pytest.mark.parametrize("epilogue", ["modules", "folded"])
+def test_fused_block_equals_reference_block_in_every_offset_mode(interpreted, epilogue):
+    blocks = interpreted["blocks" if epilogue == "modules" else "blocks_folded"]
+    assert set(blocks) == {"official", "mmdet", "aligned"}
+    for mode, (diff, scale) in blocks.items():
         assert diff < 2e-6 * max(1.0, scale), mode
+
+
+@needs_triton
+def test_folded_epilogue_kernels_equal_their_pytorch_expressions(interpreted):
+    assert set(interpreted["fold"]) == {"stats", "sum1", "sum2", "sum3"}  # statistics; sums of 1, 2, 3 maps
+    for kernel, (diff, scale) in interpreted["fold"].items():
+        assert diff < 1e-6 * max(1.0, scale), kernel
 
 
 def test_fused_path_not_taken_on_cpu_or_with_autograd():
