@@ -228,8 +228,7 @@ def machine(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "cuda": torch.version.cuda,
-        "triton": getattr(deform_triton.triton, "__version__", None),
-        "fused_kernel": {str(k): [*v, deform_triton.METHOD[k]] for k, v in deform_triton.CONFIG.items()},
+        **deform_triton.describe(),
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)

@@ -64,6 +64,19 @@ class KernelFailed(RuntimeError):
     back to torchvision's op. Once raised, ``available()`` is False for the rest of the process."""
 
 
+def describe() -> dict:
+    """What benchmark reports record: the Triton version, each dtype's method and tiles, and why the kernel
+    is unavailable (None when it is not)."""
+    return {
+        "triton": getattr(triton, "__version__", None),
+        "fused_deform_conv": {
+            str(dtype).removeprefix("torch."): {"method": METHOD[dtype], "tiles": list(config)}
+            for dtype, config in CONFIG.items()
+        },
+        "fused_deform_conv_unavailable": unavailable_reason,
+    }
+
+
 def available(device: torch.device | str) -> bool:
     """True where the kernel can run on tensors of ``device``: Triton importable and working, and a CUDA
     device (or any device under the interpreter)."""

@@ -18,8 +18,8 @@ faster on 2 cores and equal to the reference to float32 rounding. On CUDA withou
 each deformable conv as one Triton kernel with the bilinear sampling fused into the GEMM
 (``models/dyhead_cuda.py``, ``models/deform_triton.py``; float32 from batch 8 on: grid_sample + GEMM, faster
 there on an H100) and ``DyHead`` replays the tower from CUDA graphs (``models/cuda_graph.py``); with autograd
-on CUDA it is grid_sample + GEMM from batch 8 on, torchvision's op below. ``DyHeadBlock.forward_fast`` (gather + GEMM) also runs on CUDA when called directly, measured by
-benchmarks/gpu_tower.py.
+on CUDA it is grid_sample + GEMM from batch 8 on, torchvision's op below. ``DyHeadBlock.forward_fast``
+(gather + GEMM) also runs on CUDA when called directly, measured by benchmarks/gpu_tower.py.
 
 Initialisation follows the official code: the DCN weights keep the DCN's own init (uniform in
 +-1/sqrt(9 C_in), bias 0), the offset conv keeps PyTorch's default, the scale branch's 1x1 conv is
@@ -50,7 +50,7 @@ from dyhead_cli.models.deform import (
 from dyhead_cli.models.deform_export import deform_conv2d_export, deform_conv2d_sampled
 from dyhead_cli.models.deform_triton import KernelFailed
 from dyhead_cli.models.dyhead_cpu import SLAB_FLOATS, block_forward_cpu
-from dyhead_cli.models.dyhead_cuda import block_forward_fused, fused_path_applies
+from dyhead_cli.models.dyhead_cuda import block_forward_fused
 
 OFFSET_MODES = ("official", "mmdet", "aligned")
 IMPLS = ("fast", "reference", "export")  # "export": grid_sample + matmul (models/deform_export.py), for ONNX
@@ -277,8 +277,7 @@ class DyHeadBlock(nn.Module):
         on_cpu = features[0].device.type == "cpu"
         if trace is None and self.impl == "fast" and on_cpu:
             return self.forward_fast(features, workspace)
-        fused = self.impl == "fast" and self.fast_fused and not dyhead_cuda.sampled_path_applies(features)
-        if trace is None and fused and fused_path_applies(features):
+        if trace is None and self.impl == "fast" and self.fast_fused and dyhead_cuda.inference_path(features) == "fused":
             try:
                 return block_forward_fused(self, features)  # CUDA inference: fused Triton convs
             except KernelFailed as e:  # an old Triton or GPU: torchvision's op from now on, said once

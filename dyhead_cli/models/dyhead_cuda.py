@@ -79,18 +79,16 @@ def inference_path(features: list[Tensor]) -> str | None:
     return "fused" if fused_path_applies(features) else None
 
 
-def conv_norm(conv: DeformConvNorm, x_cl: Tensor, offset: Tensor, mask: Tensor, offset_mode: str, weight_mat: Tensor) -> Tensor:
-    """``DeformConvNorm.forward`` on a channels-last x already in the compute dtype: (B, C, H, W) ->
-    (B, C_out, h, w), GroupNorm applied (float32 under autocast, as the reference)."""
-    offset, mask = conv.fit_offset(offset, mask, tuple(x_cl.shape[-2:]), offset_mode)
-    y = deform_triton.deform_conv3x3_triton(x_cl, offset, mask, weight_mat, conv.bias, conv.stride)
-    return conv.norm(y)
-
-
 def raw_conv(conv: DeformConvNorm, x_cl: Tensor, offset: Tensor, mask: Tensor, offset_mode: str, weight_mat: Tensor) -> Tensor:
     """The deformable conv of ``conv`` without its GroupNorm: (B, C, H, W) channels-last -> (B, C_out, h, w)."""
     offset, mask = conv.fit_offset(offset, mask, tuple(x_cl.shape[-2:]), offset_mode)
     return deform_triton.deform_conv3x3_triton(x_cl, offset, mask, weight_mat, conv.bias, conv.stride)
+
+
+def conv_norm(conv: DeformConvNorm, x_cl: Tensor, offset: Tensor, mask: Tensor, offset_mode: str, weight_mat: Tensor) -> Tensor:
+    """``DeformConvNorm.forward`` on a channels-last x already in the compute dtype: (B, C, H, W) ->
+    (B, C_out, h, w), GroupNorm applied (float32 under autocast, as the reference)."""
+    return conv.norm(raw_conv(conv, x_cl, offset, mask, offset_mode, weight_mat))
 
 
 def folded_level(

@@ -94,12 +94,7 @@ def gpu_info() -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version(),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-        "triton": getattr(deform_triton.triton, "__version__", None),
-        "fused_deform_conv": {
-            str(dtype).removeprefix("torch."): {"method": deform_triton.METHOD[dtype], "tiles": list(config)}
-            for dtype, config in deform_triton.CONFIG.items()
-        },
-        "fused_deform_conv_unavailable": deform_triton.unavailable_reason,
+        **deform_triton.describe(),
     }
 
 
