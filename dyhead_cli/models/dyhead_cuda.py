@@ -35,8 +35,8 @@ if TYPE_CHECKING:  # dyhead.py imports this module
 # eagerly (launch-bound), the fused kernel 50 ms, torchvision's op 67 ms. In bf16 / fp16 the fused kernel won
 # at both batch sizes (66 ms vs 90-122 ms at batch 8).
 SAMPLED_MIN_BATCH = 8
-# After the convs: "modules", GroupNorm modules and the reference's attention code (with the weighted mean
-# and DyReLU in place; what the README's H100 figures measured), or "folded", two Triton passes per conv
+# After the convs: "modules", GroupNorm modules and the reference's attention code (what the README's H100
+# figures measured; the weighted mean and DyReLU in place since then), or "folded", two Triton passes per conv
 # output with GroupNorm and the attentions folded into per-channel numbers (models/fold_triton.py; a
 # candidate not yet timed on a GPU, benchmarks/gpu_tower.py times it as "fused-folded"). Like
 # deform_triton.METHOD / CONFIG, set it before a tower's first call: captured CUDA graphs replay what they
