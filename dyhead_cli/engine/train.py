@@ -44,6 +44,7 @@ from dyhead_cli.engine.checkpoint import (
     save_train_state,
     save_weights,
 )
+from dyhead_cli.engine.distributed import destroy_process_group_at_exit
 from dyhead_cli.engine.env_info import write_env
 from dyhead_cli.engine.evaluate import (
     coco_evaluate,
@@ -140,6 +141,8 @@ def train(
     t.device = accelerator.device.type if accelerator.device.type in ("cpu", "cuda") else t.device
     main = accelerator.is_main_process
     world = accelerator.num_processes
+    if world > 1:
+        destroy_process_group_at_exit()  # else Gloo's threads may abort the process as it exits
     reporter = reporter if reporter is not None and main else Reporter()
     if main:
         if not resume:

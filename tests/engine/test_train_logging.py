@@ -148,10 +148,12 @@ import json, sys, torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from dyhead_cli.data.coco import build_dataset
+from dyhead_cli.engine.distributed import destroy_process_group_at_exit
 from dyhead_cli.engine.evaluate import coco_evaluate, predict_shard
 from dyhead_cli.engine.inference import load_detector
 torch.set_num_threads(1)
 acc = Accelerator(cpu=True)
+destroy_process_group_at_exit()  # as engine.train does: no abort at exit
 det = load_detector(sys.argv[1])
 data = build_dataset(det.recipe.data, "val")
 results = predict_shard(det.model, data, det.recipe, acc.device, acc.process_index, acc.num_processes)
