@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dyhead_cli.models.deform import conv_rows, cpu_gemm_dtype, gemm_weight, sampling_table
 from dyhead_cli.models.deform_batch import Segment, bilinear_taps_many
@@ -56,6 +56,29 @@ def group_norm_affine(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, g
     scale = weight.unflatten(-1, (groups, -1)) * torch.rsqrt(group_var + eps)  # (..., B, G, C/G)
     shift = bias - (group_mean * scale).reshape(shape)
     return scale.reshape(shape), shift
+
+
+def fold_attention(
+    block: DyHeadBlock, norms: list[nn.GroupNorm], stats: list[tuple[Tensor, Tensor]], pooled: list[Tensor]
+) -> tuple[list[Tensor], Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """A level's GroupNorms, scale-aware weights and DyReLU coefficients as per-(image, channel) numbers.
+
+    norms: the 2-3 maps' GroupNorms; stats: each map's (mean, var) from ``channel_stats``, (B, C) each;
+    pooled: each map's mean as the level sees it, (B, C) (for an upsampled map the mean after upsampling).
+    Returns the maps' scales (B, C) and one shift (B, C) such that the scale-aware weighted mean of the
+    normalised maps is ``shift + sum_i map_i * scales[i]``, and DyReLU's a1, b1, a2, b2 of that sum. Numbers in
+    the statistics' dtype; the attention layers run in their parameters' dtype (and the caller's autocast).
+    """
+    mean, var = (torch.stack(t) for t in zip(*stats))  # (k, B, C)
+    dtype = mean.dtype
+    weight = torch.stack([norm.weight.to(dtype) for norm in norms])[:, None]  # (k, 1, C)
+    bias = torch.stack([norm.bias.to(dtype) for norm in norms])[:, None]
+    scale, shift = group_norm_affine(mean, var, weight, bias, norms[0].num_groups, norms[0].eps)
+    pooled = torch.stack(pooled).to(dtype) * scale + shift  # (k, B, C): the mean of each normalised map
+    param = block.scale_attn.weight.dtype  # float16 for a .half() model on CUDA
+    weights = block.scale_weight_from_mean(pooled.to(param)).to(dtype) / len(norms)  # (k, B, 1): pi_L / k
+    coefficients = block.task_attn.coefficients_from_mean((pooled * weights).sum(0).to(param))  # of the sum
+    return list((scale * weights).unbind()), (shift * weights).sum(0), coefficients
 
 
 @functools.lru_cache(maxsize=64)
@@ -190,15 +213,6 @@ def block_forward_cpu(block: DyHeadBlock, features: list[Tensor], workspace: dic
                     y = upsample_into(y, up.permute(0, 3, 1, 2))
                 maps.append(y)
                 norms.append(conv.norm)
-            # the 2-3 maps at once: (k, B, C) statistics, (k, 1, C) GroupNorm parameters
-            weight = torch.stack([norm.weight for norm in norms])[:, None]
-            bias = torch.stack([norm.bias for norm in norms])[:, None]
-            mean, var = (torch.stack(t) for t in zip(*stats))
-            scale, shift = group_norm_affine(mean, var, weight, bias, norms[0].num_groups, norms[0].eps)
-            pooled = torch.stack(pooled) * scale + shift  # (k, B, C): the mean of each normalised map
-            weights = block.scale_weight_from_mean(pooled) / len(maps)  # (k, B, 1): pi_L / k
-            coefficients = block.task_attn.coefficients_from_mean((pooled * weights).sum(0))  # of the scaled sum
-            scales = list((scale * weights).unbind())
-            shift = (shift * weights).sum(0)  # (B, C)
+            scales, shift, coefficients = fold_attention(block, norms, stats, pooled)
             outs.append(scaled_sum_dyrelu_(maps, scales, shift, [t.flatten(1) for t in coefficients]))
     return outs

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dyhead_cli.models import deform_triton, fold_triton
-from dyhead_cli.models.dyhead_cpu import group_norm_affine
+from dyhead_cli.models.dyhead_cpu import fold_attention
 
 if TYPE_CHECKING:  # dyhead.py imports this module
     from dyhead_cli.models.dyhead import DeformConvNorm, DyHeadBlock
@@ -98,7 +98,8 @@ def folded_level(
     ``has_high``]) -> (B, C, *size),
     with GroupNorm, the scale-aware weights and DyReLU folded into per-(image, channel) numbers.
 
-    GroupNorm is ``y * scale + shift`` from y's channel statistics (``dyhead_cpu.group_norm_affine``); it is
+    GroupNorm is ``y * scale + shift`` from y's channel statistics (``dyhead_cpu.fold_attention``, shared with
+    the CPU path); it is
     affine per channel, so it commutes with the "high" map's bilinear upsampling, which therefore runs on the
     raw conv output; the scale-aware weights need each normalised map's mean, DyReLU's coefficients the mean
     of their weighted sum; one kernel then sums the raw maps and applies DyReLU (``fold_triton``).
@@ -109,17 +110,9 @@ def folded_level(
     if has_high:
         maps[-1] = F.interpolate(ys[-1], size=size, mode="bilinear", align_corners=True)
         pooled[-1] = torch.mean(maps[-1], dim=(2, 3), dtype=torch.float32)
-    weight = torch.stack([norm.weight.float() for norm in norms])[:, None]  # (k, 1, C)
-    bias = torch.stack([norm.bias.float() for norm in norms])[:, None]
-    mean, var = (torch.stack(t) for t in zip(*stats))  # (k, B, C)
-    scale, shift = group_norm_affine(mean, var, weight, bias, norms[0].num_groups, norms[0].eps)
-    pooled = torch.stack(pooled) * scale + shift  # (k, B, C): the mean of each normalised map
-    param = block.scale_attn.weight.dtype  # float16 for a .half() model, else float32
-    weights = block.scale_weight_from_mean(pooled.to(param)).float() / len(maps)  # (k, B, 1): pi_L / k
-    coefficients = block.task_attn.coefficients_from_mean((pooled * weights).sum(0).to(param))
+    scales, shift, coefficients = fold_attention(block, norms, stats, pooled)  # float32 (the statistics')
     out_dtype = torch.promote_types(ys[0].dtype, norms[0].weight.dtype)  # float32 under autocast, as GroupNorm
-    scales = list((scale * weights).unbind())
-    return fold_triton.scaled_sum_dyrelu(maps, scales, (shift * weights).sum(0), list(coefficients), out_dtype)
+    return fold_triton.scaled_sum_dyrelu(maps, scales, shift, list(coefficients), out_dtype)
 
 
 def block_forward_fused(block: DyHeadBlock, features: list[Tensor]) -> list[Tensor]:
