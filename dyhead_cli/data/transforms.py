@@ -11,14 +11,19 @@ dict with the same keys.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
-import albumentations as A
-import cv2
-import numpy as np
+# albumentations asks PyPI for a newer version of itself on import, unless this is set: a request on every
+# run (a warning offline, a 2-second wait where the network drops packets). Users may still set it to 0.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from dyhead_cli.errors import DyheadError
+import albumentations as A  # noqa: E402  (after the line above)
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dyhead_cli.errors import DyheadError  # noqa: E402
 
 MIN_BOX_SIDE = 1e-3  # px; narrower boxes after a transform carry no signal and break box encodings
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +263,25 @@ def test_workers_get_their_own_augmentation_streams(tmp_path: Path) -> None:
     sizes = [batch["image_sizes"][0][0] for batch in loader]  # items alternate between worker 0 and 1
     assert len(sizes) == 8
     assert sizes[0::2] != sizes[1::2]
+
+
+NO_NETWORK_ON_IMPORT = """
+import urllib.request, warnings
+calls = []
+def refuse(self, url, *args, **kwargs):
+    calls.append(getattr(url, "full_url", url))
+    raise OSError("no network in this test")
+urllib.request.OpenerDirector.open = refuse
+warnings.simplefilter("error")
+import dyhead_cli.data.transforms
+import albumentations
+assert not calls, calls
+print("no request")
+"""
+
+
+def test_importing_the_transforms_asks_nothing_of_the_network() -> None:
+    # albumentations checks PyPI for a newer version at import unless NO_ALBUMENTATIONS_UPDATE is set
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    result = subprocess.run([sys.executable, "-c", NO_NETWORK_ON_IMPORT], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and "no request" in result.stdout, result.stderr[-2000:]
