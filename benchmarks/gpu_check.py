@@ -1,8 +1,9 @@
 """One GPU check of dyhead, in about 6 minutes on one CUDA GPU; a summary table at the end, non-zero exit on failure.
 
 (The last full run, on an H100 with ``--sweep`` and 300 training steps one after the other, took 7 min 50 s:
-pytest 138 s alone, the trainings 105-114 s each, the tower 130 s, each benchmark 27 s. Since then: 150
-training steps, the bf16 training alongside the fp16 one; not re-timed.)
+pytest 138 s alone (96 s of it the trained-run CLI tests, one process after another), the trainings 105-114
+s each, the tower 130 s, each benchmark 27 s. Since then, not re-timed: 150 training steps, the bf16
+training alongside the fp16 one, pytest as two runs side by side, the CLI test's four processes at once.)
 
 On the device machine (Python 3.12 with torch; albumentations and pycocotools carried as wheels in .whl/):
 
@@ -13,7 +14,8 @@ What it runs, in order, each step a subprocess with its own timeout (a hung step
 all under one overall budget (``--budget-s``; a step that no longer fits is skipped, which counts as failed).
 Steps 1-3 check behaviour and share the GPU (pytest runs alongside 2-3); steps 4-5 time things and run alone:
 
-  1. ``pytest -m gpu`` (tests/test_gpu.py and the other gpu-marked tests);
+  1. ``pytest -m gpu`` (tests/test_gpu.py and the other gpu-marked tests), as two runs side by side: the
+     tests of a CLI-trained run (train, then predict on CUDA / CPU / --half and eval at once) and the rest;
   2. the synthetic quickstart data (``data synth``, 200 train / 50 val, 128 px, --colour-by-class), then a
      short bf16 (in the background) and a short fp16 training of ``recipes/quickstart.toml`` on it through
      ``accelerate launch --num_processes 1 --mixed_precision ...`` (finite logged losses, an AP at the end);
@@ -52,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 CLI = [PY, "-m", "dyhead_cli.cli"]
 PRECISIONS = ("fp32", "bf16", "fp16")
+CLI_TESTS = "checkpoint_written_on_cuda or predict_and_eval_on_cuda"  # tests/test_gpu.py's trained-run tests
 INSTALL = (
     "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
     ".whl/*.whl && export PYTHONPATH=/tmp/site:$PWD"
@@ -213,14 +216,12 @@ def plan(out: Path, work: Path, args: argparse.Namespace) -> list[Step]:
         "data.synthetic=false",
         f"data.num_workers={args.workers}",
     ]
+    pytest = [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--durations", "8", "tests", "-k"]
     steps = [
-        Step(
-            "pytest -m gpu",
-            [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
-            300,  # 138 s alone on an H100 machine; killed at 200 s alongside the trainings
-            check_pytest,
-            background=True,
-        ),
+        # 138 s alone on an H100 machine, 96 s of it in the CLI tests (train, then predict x 3 and eval, which
+        # now run at once): those and the others as two steps alongside each other and the trainings
+        Step("pytest -m gpu (CLI)", [*pytest, CLI_TESTS], 300, check_pytest, background=True),
+        Step("pytest -m gpu (others)", [*pytest, f"not ({CLI_TESTS})"], 300, check_pytest, background=True),
         Step(
             "data synth",
             [

@@ -20,6 +20,8 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -61,11 +63,34 @@ def fresh_accelerate():
 
 def run_cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m dyhead_cli.cli ARGS`` with this checkout first on PYTHONPATH; fails the test on a non-zero exit."""
+    return run_clis([args], timeout)[0]
+
+
+def run_clis(calls: list[tuple], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Several CLI calls at once (each process starts CUDA and builds its model: run together, they overlap),
+    each checked as ``run_cli`` checks one; outputs go through files, so no full pipe can block a process."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), COLUMNS="200")
-    cmd = [sys.executable, "-m", "dyhead_cli.cli", *map(str, args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT, check=False)
-    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
+    started = []
+    for args in calls:
+        cmd = [sys.executable, "-m", "dyhead_cli.cli", *map(str, args)]
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        started.append((cmd, subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=ROOT), out, err))
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for cmd, proc, out, err in started:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            out.seek(0), err.seek(0)
+            results.append(subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()))
+    finally:
+        for _, proc, out, err in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            out.close(), err.close()
+    for r in results:
+        assert r.returncode == 0, f"{' '.join(r.args)}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -402,16 +427,31 @@ def test_checkpoint_written_on_cuda_loads_on_cpu(cuda_run):
 
 def test_predict_and_eval_on_cuda_agree_with_cpu(cuda_run, tmp_path):
     r = cuda_run
-    preds = {}
-    for name, extra in (("cuda", ["--device", "cuda"]), ("cpu", ["--device", "cpu"]), ("half", ["--device", "cuda", "--half"])):
-        out = tmp_path / f"{name}.json"
-        run_cli("predict", r["val_ann"], "--weights", r["weights"], "--images", r["val_images"], "--out", out, *extra)
-        preds[name] = json.loads(out.read_text())
-        assert preds[name], f"{name}: no detections"
-        assert all(0 <= p["score"] <= 1 and all(math.isfinite(v) for v in p["bbox"]) for p in preds[name])
-
+    devices = {"cuda": ["--device", "cuda"], "cpu": ["--device", "cpu"], "half": ["--device", "cuda", "--half"]}
     metrics = tmp_path / "metrics.json"
-    run_cli("eval", r["run"] / "recipe.toml", "--weights", r["weights"], "--json", metrics, "--set", "train.device=auto")
+    run_clis(
+        [
+            *(
+                (
+                    "predict",
+                    r["val_ann"],
+                    "--weights",
+                    r["weights"],
+                    "--images",
+                    r["val_images"],
+                    "--out",
+                    tmp_path / f"{name}.json",
+                    *extra,
+                )
+                for name, extra in devices.items()
+            ),
+            ("eval", r["run"] / "recipe.toml", "--weights", r["weights"], "--json", metrics, "--set", "train.device=auto"),
+        ]
+    )
+    preds = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in devices}
+    for name, rows in preds.items():
+        assert rows, f"{name}: no detections"
+        assert all(0 <= p["score"] <= 1 and all(math.isfinite(v) for v in p["bbox"]) for p in rows)
     eval_ap = json.loads(metrics.read_text())["AP"]
     ap = {name: coco_ap(r["val_ann"], rows) for name, rows in preds.items()}
     assert ap["cuda"] == pytest.approx(eval_ap, abs=1e-3), "eval and predict on CUDA disagree"
