@@ -216,6 +216,8 @@ def read_annotation_file(path: str | Path, require_annotations: bool = False) ->
     if not data["images"]:
         raise DyheadError(f"annotation file {path} lists no images")
     fill_evaluation_fields(data["annotations"])
+    for cat in data["categories"]:
+        cat.setdefault("name", str(cat["id"]))  # optional here (``data check`` warns): a category is then its id
     return data
 
 

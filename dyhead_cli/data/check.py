@@ -99,7 +99,7 @@ def _check_categories(categories: list[tuple[int, dict[str, Any]]], report: Chec
     names: dict[Any, str] = {}
     for _, cat in categories:
         if "name" not in cat:
-            report.warnings.append(f"category id {cat['id']!r} has no 'name'")
+            report.warnings.append(f"category id {cat['id']!r} has no 'name' (it is called {str(cat['id'])!r})")
         names[cat["id"]] = str(cat.get("name", cat["id"]))
     report.num_categories = len(names)
     if not names:

@@ -13,9 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from dyhead_cli.data.check import check_dataset
 from dyhead_cli.data.coco import CocoDetection
 from dyhead_cli.data.loaders import build_dataloader, collate
 from dyhead_cli.data.transforms import shortest_edge_size, test_transform, train_transform
+from dyhead_cli.engine.evaluate import coco_evaluate
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.recipe import DataConfig
 
@@ -90,6 +92,23 @@ def test_crowd_and_zero_area_boxes_are_not_targets(tmp_path: Path) -> None:
     item = CocoDetection(tmp_path, ann)[0]
     # zero width, crowd, and a box wholly outside the image (empty once clipped) are dropped
     assert item["boxes"].tolist() == [[1, 1, 6, 6]] and item["labels"].tolist() == [0]
+
+
+def test_a_category_without_a_name_is_called_by_its_id(tmp_path: Path) -> None:
+    # COCO files name their categories, but the name is optional here: training used to fail at its first
+    # evaluation (KeyError 'name') after all its steps, on a file that ``data check`` only warns about
+    Image.new("RGB", (50, 40)).save(tmp_path / "a.png")
+    ann = write_coco(tmp_path, [("a.png", 50, 40)], [(1, 2, [1, 1, 20, 20])])
+    data = json.loads(ann.read_text())
+    del data["categories"][1]["name"]
+    ann.write_text(json.dumps(data))
+    ds = CocoDetection(tmp_path, ann)
+    assert ds.class_names == ["a", "5", "c"]
+    result = {"image_id": 1, "category_id": 2, "bbox": [1, 1, 20, 20], "score": 0.9}
+    metrics = coco_evaluate(ds.coco, [result])
+    assert list(metrics["per_class"]) == ["a", "5", "c"] and metrics["AP"] == pytest.approx(100.0)
+    report = check_dataset(ann, tmp_path)
+    assert "category id 5 has no 'name' (it is called '5')" in report.warnings and not report.errors
 
 
 def test_corrupt_and_missing_images(tmp_path: Path) -> None:
