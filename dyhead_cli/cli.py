@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,7 +17,7 @@ import typer
 
 from dyhead_cli.commands.console import fail
 from dyhead_cli.engine.paths import describe_os_error
-from dyhead_cli.errors import DyheadError
+from dyhead_cli.errors import DyheadError, Terminated
 
 app = typer.Typer(
     name="dyhead",
@@ -53,15 +54,19 @@ def run_guarded(fn, *args, **kwargs):
     """Call ``fn``; turn every failure into one readable line on stderr and a non-zero exit, never a traceback.
 
     ``DyheadError`` (the user's mistake): exit 1. ``OSError`` (a full disk, a read-only folder, a file that
-    vanished): exit 1, naming the path. Ctrl-C: exit 130. Anything else is our bug: one line asking for a
-    report, exit 2; ``DYHEAD_DEBUG=1`` re-raises it with its traceback.
+    vanished): exit 1, naming the path. Ctrl-C: exit 130; SIGTERM the same way (``Terminated``), exit 143.
+    Anything else is our bug: one line asking for a report, exit 2; ``DYHEAD_DEBUG=1`` re-raises it with its
+    traceback.
     """
+    previous = terminate_as_interrupt()
     try:
         return fn(*args, **kwargs)
     except (typer.Exit, typer.Abort, SystemExit):
         raise
     except DyheadError as e:
         fail(last_line(e))
+    except Terminated:
+        fail("terminated (SIGTERM)", 128 + signal.SIGTERM)
     except KeyboardInterrupt:
         fail("interrupted", 130)
     except OSError as e:
@@ -84,6 +89,22 @@ def run_guarded(fn, *args, **kwargs):
             f"(DYHEAD_DEBUG=1 shows the traceback)",
             2,
         )
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def terminate_as_interrupt():
+    """SIGTERM raises ``Terminated`` (a ``KeyboardInterrupt``) until ``run_guarded`` returns: a command's
+    cleanup runs as after Ctrl-C. Returns the handler to put back (None outside the main thread)."""
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread: leave the signal alone
+        return None
 
 
 def debug() -> bool:

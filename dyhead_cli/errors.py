@@ -13,6 +13,11 @@ class DyheadError(Exception):
     """
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, Slurm, ``docker stop``, Kubernetes) raised in the main thread as an
+    interrupt, so that a command cleans up after it as after Ctrl-C (temporary files, a run's lock)."""
+
+
 def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest choices, or ``""`` when none is close."""
     close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.6)

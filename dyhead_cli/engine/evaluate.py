@@ -116,8 +116,18 @@ def write_plots(metrics: dict[str, Any], coco_gt: COCO, results: list[dict], fol
     return paths
 
 
-def predict_shard(model, dataset, recipe, device, rank: int = 0, world: int = 1, reporter: Reporter | None = None) -> list[dict]:
-    """COCO results of process ``rank``'s share of ``dataset`` (see ``data.loaders.ShardBatches``)."""
+def predict_shard(
+    model,
+    dataset,
+    recipe,
+    device,
+    rank: int = 0,
+    world: int = 1,
+    reporter: Reporter | None = None,
+    cat_ids: list[int] | None = None,
+) -> list[dict]:
+    """COCO results of process ``rank``'s share of ``dataset`` (see ``data.loaders.ShardBatches``); label k
+    is category ``cat_ids[k]`` (default: the data set's k-th smallest category id)."""
     from dyhead_cli.data.loaders import clean_worker_errors, val_loader
     from dyhead_cli.engine.inference import predict_coco
 
@@ -126,7 +136,9 @@ def predict_shard(model, dataset, recipe, device, rank: int = 0, world: int = 1,
     share = sum(len(b) for b in loader.batch_sampler)
     reporter.eval_start(share)
     start = time.perf_counter()
-    results = predict_coco(model, clean_worker_errors(loader), device, list(dataset.cat_ids), progress=reporter.eval_advance)
+    results = predict_coco(
+        model, clean_worker_errors(loader), device, cat_ids or list(dataset.cat_ids), progress=reporter.eval_advance
+    )
     reporter.eval_end(time.perf_counter() - start)
     return results
 
@@ -145,19 +157,22 @@ def evaluate_checkpoint(
     from dyhead_cli.engine import recipes
     from dyhead_cli.engine.checkpoint import load_model_weights, load_weights
     from dyhead_cli.engine.inference import choose_device
+    from dyhead_cli.engine.recipe_fit import check_recipe_fits, checkpoint_category_ids
     from dyhead_cli.models.build import build_model
 
     recipe = recipes.load(recipe_path, overrides)
     dev = choose_device(device)
-    state, _ = load_weights(weights)
+    state, meta = load_weights(weights)
+    check_recipe_fits(recipe, meta, recipe_path, weights)
     dataset = build_dataset(recipe.data, "val")
+    cat_ids = checkpoint_category_ids(meta, dataset, weights)
     if not recipe.model.class_names:
         recipe.model.class_names = list(dataset.class_names)
         recipe.model.num_classes = len(dataset.class_names)
     model = build_model(recipe.model)
     load_model_weights(model, state, source=str(weights))
     model.to(dev)
-    results = predict_shard(model, dataset, recipe, dev, reporter=reporter)
+    results = predict_shard(model, dataset, recipe, dev, reporter=reporter, cat_ids=cat_ids)
     metrics = coco_evaluate(dataset.coco, results)
     if plots_dir is not None:
         write_plots(metrics, dataset.coco, results, plots_dir)

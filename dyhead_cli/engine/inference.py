@@ -21,6 +21,7 @@ from torch import nn
 
 from dyhead_cli.engine import recipes
 from dyhead_cli.engine.checkpoint import load_model_weights, load_weights
+from dyhead_cli.engine.recipe_fit import check_recipe_fits
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.models.build import build_model
 from dyhead_cli.recipe import ModelConfig, Recipe
@@ -46,6 +47,7 @@ def load_detector(weights: Path, recipe_path: Path | None = None, overrides: Seq
     stored = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else None
     if recipe_path is not None:
         recipe = recipes.load(recipe_path, list(overrides))
+        check_recipe_fits(recipe, meta, recipe_path, weights)
         names = (stored or {}).get("model", {}).get("class_names") or []
         if not recipe.model.class_names and names and recipe.model.num_classes in (len(names), 80):
             recipe.model.class_names, recipe.model.num_classes = list(names), len(names)

@@ -20,6 +20,7 @@ drawn with its detections (a video: an annotated video).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -141,6 +142,13 @@ def predict(
         collate_fn=list,  # the predictor collates (collate_images), as for in-memory images
     )
 
+    saver = AnnotatedOutput(
+        Path(o.save_dir) if o.save_dir is not None else None,
+        images,
+        o.vid_stride,
+        o.score_thr if o.score_thr is not None else o.draw_score_thr,
+    )
+    saver.check()
     out = Path(out)
     summary = PredictSummary(
         out=out,
@@ -148,7 +156,7 @@ def predict(
         num_images=len(images.entries),
         ignored=list(images.ignored),
         id_rule=images.id_rule,
-        save_dir=Path(o.save_dir) if o.save_dir is not None else None,
+        save_dir=saver.folder,
     )
     info = {"description": f"images predicted by dyhead with {weights}"}
     if images.ann_file is not None:
@@ -163,7 +171,6 @@ def predict(
     except BaseException:
         results.abort()
         raise
-    saver = AnnotatedOutput(summary.save_dir, images, o.vid_stride, o.score_thr if o.score_thr is not None else o.draw_score_thr)
     if on_skip is not None:
         for message in images.ignored:
             on_skip(message)
@@ -220,27 +227,46 @@ class AnnotatedOutput:
         self.fps = {path: fps / vid_stride for path, fps in images.video_fps.items()}
         self.videos: dict[Path, VideoWriter] = {}
 
+    def check(self) -> None:
+        """Refuse, before any work, a DIR that is a file or where a drawing would replace an input (``--save``
+        naming the images' own folder would draw over the user's photos and videos)."""
+        if self.folder is None:
+            return
+        if os.path.lexists(self.folder) and not self.folder.is_dir():
+            raise DyheadError(f"--save {self.folder} is a file, not a folder: give a folder path")
+        inputs = {os.path.realpath(e.path) for e in self.entries.values()}
+        for entry in self.entries.values():
+            target = self.target(entry.file_name, video=entry.frame is not None)
+            if os.path.realpath(target) in inputs:
+                raise DyheadError(
+                    f"--save {self.folder} would draw over the input {entry.path} (it holds the images read): choose another folder"
+                )
+
     def save(self, item: dict, found) -> None:
         if self.folder is None:
             return
         picture = np.asarray(draw_detections(Image.fromarray(item["original"]), found, self.min_score))
         entry = self.entries.get(item["file_name"])
         if entry is not None and entry.frame is not None:
-            name = item["file_name"].split("#frame=")[0]
             if entry.path not in self.videos:
-                self.videos[entry.path] = VideoWriter(self.target(name), self.fps.get(entry.path, 25.0))
+                self.videos[entry.path] = VideoWriter(self.target(item["file_name"], video=True), self.fps.get(entry.path, 25.0))
             self.videos[entry.path].write(picture)
             return
         target = self.target(item["file_name"])
-        if target.suffix.lower() not in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"):
-            target = target.with_name(target.name + ".png")
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(picture).save(target)
 
-    def target(self, file_name: str) -> Path:
-        """DIR/<file name>, kept inside DIR (no absolute parts, no '..')."""
+    def target(self, file_name: str, video: bool = False) -> Path:
+        """Where ``file_name``'s drawing goes: DIR/<file name>, kept inside DIR (no absolute parts, no '..');
+        a video's frames (``clip.mp4#frame=000012``) go to DIR/clip.mp4; images not in a format PIL writes get
+        ``.png`` added."""
+        if video:
+            file_name = file_name.split("#frame=")[0]
         parts = [p for p in Path(file_name).parts if p not in ("..", ".") and not Path(p).is_absolute() and p != Path(p).anchor]
-        return self.folder.joinpath(*parts) if parts else self.folder / "image.png"
+        target = self.folder.joinpath(*parts) if parts else self.folder / "image.png"
+        if not video and target.suffix.lower() not in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"):
+            target = target.with_name(target.name + ".png")
+        return target
 
     def close(self) -> None:
         for writer in self.videos.values():

@@ -68,6 +68,7 @@ from dyhead_cli.engine.preflight import (
     check_val_images,
 )
 from dyhead_cli.engine.progress import Reporter
+from dyhead_cli.engine.recipe_fit import category_difference
 from dyhead_cli.engine.run_clock import Clock, autocast_dtype, evals_left, memory_mb
 from dyhead_cli.engine.run_dir import (
     STATE_FILE,
@@ -153,6 +154,13 @@ def train(
     dataset = build_dataset(recipe.data, "train", seed=t.seed)
     resolve_classes(recipe, dataset)
     val_data = build_dataset(recipe.data, "val")
+    difference = category_difference(
+        list(zip(dataset.cat_ids, dataset.class_names)), list(zip(val_data.cat_ids, val_data.class_names))
+    )
+    if difference:  # labels are positions among each file's sorted ids: they would not line up
+        raise DyheadError(
+            f"validation annotation file {recipe.data.val_ann} lists other categories than {recipe.data.train_ann}: it {difference}"
+        )
     check_val_images(val_data)
     category_ids = list(dataset.cat_ids)  # label i <-> the data set's category id, for predict
 

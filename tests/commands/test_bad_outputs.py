@@ -81,6 +81,19 @@ def predict_cases(w: dict[str, Path], t: Path) -> dict[str, tuple[list, str]]:
             "--score-thr",
         ),
         "device-bogus": (["predict", img, "--weights", w["weights"], "--device", "tpu", "--out", t / "p.json"], "--device"),
+        # --save naming the images' own folder would draw over the photos (a file given alone: its folder)
+        "save-into-the-input-folder": (
+            ["predict", w["images"], "--weights", w["weights"], "--out", t / "p.json", "--save", w["images"]],
+            "would draw over the input",
+        ),
+        "save-beside-the-input-file": (
+            ["predict", img, "--weights", w["weights"], "--out", t / "p.json", "--save", w["images"]],
+            f"would draw over the input {img}",
+        ),
+        "save-is-a-file": (
+            ["predict", img, "--weights", w["weights"], "--out", t / "p.json", "--save", t / "notes.txt"],
+            "is a file, not a folder",
+        ),
     }
 
 
@@ -109,6 +122,9 @@ PREDICT_CASES = [
     "batch-size-zero",
     "score-thr-nan",
     "device-bogus",
+    "save-into-the-input-folder",
+    "save-beside-the-input-file",
+    "save-is-a-file",
 ]
 
 
@@ -512,3 +528,21 @@ def test_snapshot_sees_a_changed_file(tmp_path):
     (tmp_path / "a").write_text("1")
     (tmp_path / "b").write_text("new")
     assert snapshot(tmp_path) != before
+
+
+def test_sigterm_is_an_interrupt_that_cleans_up(monkeypatch, world, tmp_path):
+    """SIGTERM (kill, timeout, Slurm, docker stop) in the middle of predict: one line, exit 143, and no
+    temporary file left beside --out (it used to kill the process where it stood)."""
+    import signal
+
+    from dyhead_cli.engine import predictor
+
+    def terminated_while_detecting(self, items):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(predictor.Predictor, "detect", terminated_while_detecting)
+    args = ["predict", world["images"], "--weights", world["weights"], "--out", tmp_path / "p.json"]
+    expect_refusal(args, "error: terminated (SIGTERM)", code=143, protect=_protect(world, tmp_path))
+    assert signal.getsignal(signal.SIGTERM) == before  # put back when the command ends

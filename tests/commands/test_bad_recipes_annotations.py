@@ -290,3 +290,46 @@ def test_data_check_of_a_deeply_nested_file_is_one_error(tmp_path):
     ann.write_bytes(b"[" * 100000 + b"]" * 100000)
     result = invoke(["data", "check", ann, "--images", tmp_path])
     assert result.exit_code == 1 and "nested too deeply" in result.output and "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------------------------------
+# a recipe or a validation file that does not fit the checkpoint or the training file
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_a_recipe_that_changes_the_checkpoints_model_is_refused(world, tmp_path, command):
+    # offset_mode changes what the tower computes, not a tensor's shape: the weights would load and mislead
+    recipe = _bad_recipe(world["root"], f"{command}-offsets", "model.dyhead.offset_mode", "aligned")
+    args = ["eval", recipe, "--weights", world["weights"]]
+    if command == "predict":
+        args = ["predict", world["image"], "--weights", world["weights"], "--recipe", recipe, "--out", tmp_path / "p.json"]
+    expect = ("does not describe the model in", "model.dyhead.offset_mode is 'aligned' in the recipe but 'official'")
+    expect_refusal(args, expect, protect=(world["root"], tmp_path))
+
+
+def test_eval_matches_the_checkpoints_classes_by_name(world, tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}]
+    ann = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 30, 30], "area": 900.0, "iscrowd": 0}
+    base = ["eval", world["recipe"], "--weights", world["weights"], "--set", f"data.val_images={world['root'] / 'images'}"]
+    other = coco_file(tmp_path / "other.json", images, [ann], [{"id": 1, "name": "person"}, {"id": 2, "name": "square"}])
+    expect = (f"annotation file {other} does not name the classes of", "calls id 1 'person', not 'circle'")
+    expect_refusal([*base, "--set", f"data.val_ann={other}"], expect, protect=(world["root"], tmp_path))
+    # the same classes under other ids are matched by name
+    swapped = coco_file(tmp_path / "swapped.json", images, [ann], [{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}])
+    out = tmp_path / "m.json"
+    result = invoke([*base, "--set", f"data.val_ann={swapped}", "--json", out])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert list(json.loads(out.read_text())["per_class"]) == ["square", "circle"]
+
+
+def test_train_refuses_a_validation_file_with_other_categories(world, tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}]
+    ann = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 30, 30], "area": 900.0, "iscrowd": 0}
+    cats = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]
+    train = coco_file(tmp_path / "train.json", images, [ann], cats)
+    val = coco_file(tmp_path / "val.json", images, [ann], [*cats, {"id": 3, "name": "cross"}])
+    sets = [f"data.train_ann={train}", f"data.val_ann={val}", f"data.train_images={world['root'] / 'images'}"]
+    sets.append(f"data.val_images={world['root'] / 'images'}")
+    args = ["train", world["recipe"], "--out", tmp_path / "run", *(x for s in sets for x in ("--set", s))]
+    expect = (f"validation annotation file {val} lists other categories than {train}", "adds 'cross' (id 3)")
+    expect_refusal(args, expect, protect=(world["root"], tmp_path))
