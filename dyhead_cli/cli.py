@@ -228,7 +228,7 @@ def predict(
     from dyhead_cli.commands import predict as command
     from dyhead_cli.engine.predict import PredictOptions
 
-    wanted = [c for c in (classes or "").split(",") if c.strip()] or None
+    wanted = None if classes is None else [c for c in classes.split(",") if c.strip()]
     options = PredictOptions(
         recipe_path=recipe,
         overrides=overrides or [],

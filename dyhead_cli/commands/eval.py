@@ -13,7 +13,7 @@ from rich.table import Table
 from dyhead_cli.commands.console import console, say
 from dyhead_cli.commands.progress import reporter_for_console
 from dyhead_cli.engine.evaluate import STAT_NAMES, evaluate_checkpoint, metrics_json
-from dyhead_cli.engine.paths import check_output_file, write_text_atomic
+from dyhead_cli.engine.paths import check_output_dir, check_output_file, write_text_atomic
 
 
 def _num(value: float | None) -> str:
@@ -51,6 +51,8 @@ def run(
     inputs = [("recipe", recipe_path), ("checkpoint --weights", weights)]
     if json_out is not None:  # refused before any work when it would overwrite an input or is a folder
         json_out = check_output_file(json_out, "--json", inputs, suffixes=(".json",))
+    if plots is not None:  # likewise a --plots that is a file
+        plots = check_output_dir(plots, "--plots", inputs)
     reporter = reporter_for_console("eval")
     try:
         metrics = evaluate_checkpoint(recipe_path, weights, overrides, device, reporter=reporter, plots_dir=plots)

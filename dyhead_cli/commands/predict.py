@@ -62,7 +62,7 @@ def check_outputs(paths: list[Path], weights: Path, out: Path, recipe_path: Path
     """Refuse, before any work, a ``--out`` (or its ``.images.json``) that is an input or not a JSON file."""
     inputs = [("checkpoint --weights", weights), ("--recipe", recipe_path), ("--images folder", images_dir)]
     inputs += [("input", p) for p in paths]
-    images_json = images_json_path(out)
     check_output_file(out, "--out", inputs, suffixes=(".json",))
+    images_json = images_json_path(out)
     check_output_file(images_json, "--out's image list", inputs, suffixes=(".json",))
     check_distinct({"--out": out, "its image list": images_json})

@@ -77,6 +77,8 @@ def check_output_file(
     ``suffixes``: the kinds of file the command writes there (``(".json",)``); an existing file with one of
     them is replaced, any other existing file only with ``force``. No suffixes: any existing file needs ``force``.
     """
+    if not Path(path).name:  # "" (Path(".")), "/", "..": no file name at all
+        raise DyheadError(f"{option} must name a file, got {str(path)!r}")
     path = Path(path)
     refuse_inputs(path, option, inputs)
     if path.is_dir():

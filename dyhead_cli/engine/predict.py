@@ -100,6 +100,8 @@ class PredictOptions:
             raise DyheadError(f"--workers must be within 0..{MAX_WORKERS}, got {self.workers}")
         if self.score_thr is not None and not 0.0 <= self.score_thr <= 1.0:
             raise DyheadError(f"--score-thr must be within 0..1, got {self.score_thr}")
+        if self.classes is not None and not self.classes:
+            raise DyheadError("--classes names no class: give class names or category ids, e.g. --classes person,car")
 
 
 @torch.no_grad()

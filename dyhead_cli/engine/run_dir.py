@@ -239,6 +239,10 @@ def _why(key: str) -> str:
 
 def saved_recipe(run: Path) -> Recipe:
     """The run's effective recipe: ``recipe.toml`` plus the changes earlier resumes recorded."""
+    if not run.exists():
+        raise DyheadError(f"--resume {run}: no such folder")
+    if not run.is_dir():
+        raise DyheadError(f"--resume {run} is a file: give the run's folder (the --out of the training)")
     if not (run / STATE_FILE).is_file():
         raise DyheadError(f"--resume {run}: no {STATE_FILE} there (was a checkpoint ever written?)")
     if not (run / RECIPE_FILE).is_file():

@@ -57,6 +57,8 @@ def predict_cases(w: dict[str, Path], t: Path) -> dict[str, tuple[list, str]]:
         "out-is-recipe": (["predict", img, "--weights", w["weights"], "--recipe", w["recipe"], "--out", w["recipe"]], "--recipe"),
         "out-is-image": (["predict", img, "--weights", w["weights"], "--out", img], "input"),
         "out-is-a-folder": (["predict", img, "--weights", w["weights"], "--out", t / "afolder"], "is a folder"),
+        "out-empty": (["predict", img, "--weights", w["weights"], "--out", ""], "--out must name a file"),
+        "classes-empty": (["predict", img, "--weights", w["weights"], "--classes", ",", "--out", t / "p.json"], "--classes"),
         "out-replaces-other-checkpoint": (
             ["predict", img, "--weights", w["weights"], "--out", t / "other.safetensors"],
             "already exists",
@@ -109,6 +111,8 @@ PREDICT_CASES = [
     "out-is-recipe",
     "out-is-image",
     "out-is-a-folder",
+    "out-empty",
+    "classes-empty",
     "out-replaces-other-checkpoint",
     "out-replaces-other-file",
     "out-under-a-file",
@@ -293,7 +297,20 @@ def visualize_cases(w: dict[str, Path], t: Path) -> dict[str, tuple[list, str]]:
         ),
         "preds-not-a-list": (["visualize", "--preds", notlist, "--ann", w["ann"], "--out", t / "vis"], "not a COCO results list"),
         "preds-without-image-list": (["visualize", "--preds", _good_preds(t), "--out", t / "vis"], "image list not found"),
+        "video": (["visualize", _video(t), "--weights", w["weights"], "--out", t / "vis"], "clip.avi is a video"),
     }
+
+
+def _video(t: Path) -> Path:
+    import cv2
+    import numpy as np
+
+    path = t / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (64, 48))
+    for k in range(2):
+        writer.write(np.full((48, 64, 3), 40 * k, np.uint8))
+    writer.release()
+    return path
 
 
 def _good_preds(t: Path) -> Path:
@@ -313,6 +330,7 @@ VISUALIZE_CASES = [
     "preds-row-lacks-category",
     "preds-not-a-list",
     "preds-without-image-list",
+    "video",
     "attention-bad-point",
 ]
 
@@ -335,6 +353,16 @@ def test_visualize_refuses_before_any_work(world, tmp_path, case):
         return
     args, expect = visualize_cases(world, tmp_path)[case]
     expect_refusal(args, expect, protect=_protect(world, tmp_path))
+
+
+def test_visualize_with_every_image_unreadable_exits_non_zero(world, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.jpg").write_bytes(b"not a jpeg")
+    result = invoke(["visualize", bad, "--weights", world["weights"], "--out", tmp_path / "vis"])
+    check_clean_run(result)
+    assert result.exit_code == 1 and "error: none of the 1 images could be read" in result.stderr  # was exit 0
+    assert not (tmp_path / "vis").exists() or not any((tmp_path / "vis").iterdir())  # nothing drawn
 
 
 def test_visualize_never_draws_over_an_input_image(world, tmp_path):

@@ -235,8 +235,9 @@ def test_timing_percentiles_and_measure_calls():
 def test_option_parsing():
     assert parse_size("800x1333") == (800, 1333) and parse_size("640") == (640, 640)
     assert parse_batch_sizes("1, 8") == [1, 8]
-    for bad in ("800by1333", "16x16", ""):
-        with pytest.raises(DyheadError):
+    assert parse_size("4096x32") == (4096, 32)
+    for bad in ("800by1333", "16x16", "", "99999999", "800x4097"):  # a huge size was an internal error (alloc)
+        with pytest.raises(DyheadError, match="--size"):
             parse_size(bad)
     for bad in ("0", "a,b", ""):
         with pytest.raises(DyheadError):

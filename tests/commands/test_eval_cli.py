@@ -56,6 +56,7 @@ def test_eval_and_benchmark_refuse_to_write_over_their_inputs(run, tmp_path):
         ["eval", str(recipe), "--weights", str(weights), "--json", str(weights)],
         ["eval", str(recipe), "--weights", str(weights), "--json", str(recipe)],
         ["eval", str(recipe), "--weights", str(weights), "--json", str(tmp_path)],
+        ["eval", str(recipe), "--weights", str(weights), "--plots", str(recipe)],  # a file: refused before evaluating
         ["benchmark", "--recipe", str(recipe), "--size", "64", "--iters", "1", "--warmup", "0", "--json", str(recipe)],
         ["benchmark", "--recipe", str(recipe), "--size", "64", "--iters", "1", "--warmup", "0", "--markdown", str(recipe)],
     ]

@@ -98,8 +98,15 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, data_root):
 
 def test_resume_without_checkpoint_is_clear(tmp_path, data_root):
     recipe = write_tiny_recipe(tmp_path, data_root)
-    result = run_cli(["train", str(recipe), "--resume", str(tmp_path / "nothing")])
+    (tmp_path / "empty").mkdir()
+    result = run_cli(["train", str(recipe), "--resume", str(tmp_path / "empty")])
     assert result.returncode == 1 and "no state.safetensors" in result.stderr and "Traceback" not in result.stderr
+    from dyhead_cli.engine.run_dir import saved_recipe
+
+    with pytest.raises(DyheadError, match="nothing: no such folder"):
+        saved_recipe(tmp_path / "nothing")
+    with pytest.raises(DyheadError, match="is a file: give the run's folder"):
+        saved_recipe(recipe)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path, data_root, monkeypatch):

@@ -15,7 +15,7 @@ from torch import nn
 from dyhead_cli.engine import recipes
 from dyhead_cli.errors import DyheadError, check_choice
 from dyhead_cli.models.dyhead import IMPLS
-from dyhead_cli.recipe import ModelConfig
+from dyhead_cli.recipe import MAX_IMAGE_SIDE, ModelConfig
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 STAGES = ("backbone", "fpn", "dyhead", "head", "postprocess")
@@ -90,8 +90,8 @@ def parse_size(text: str) -> tuple[int, int]:
         raise DyheadError(f"--size must look like HxW (e.g. 800x1333) or one number, got {text!r}")
     h = int(parts[1])
     w = int(parts[2] or parts[1])
-    if min(h, w) < 32:
-        raise DyheadError(f"--size must be at least 32x32, got {h}x{w}")
+    if min(h, w) < 32 or max(h, w) > MAX_IMAGE_SIDE:
+        raise DyheadError(f"--size must be within 32..{MAX_IMAGE_SIDE} on each side, got {h}x{w}")
     return h, w
 
 

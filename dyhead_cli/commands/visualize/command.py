@@ -315,6 +315,9 @@ def visualize(
 
     if images:
         listed_images = collect_images(list(images))
+        video = next((e.path for e in listed_images.entries if e.frame is not None), None)
+        if video is not None:
+            raise DyheadError(f"{video} is a video: visualize draws images ('dyhead predict VIDEO --save DIR' draws a video)")
         todo, root = [e.path for e in listed_images.entries], listed_images.root
     elif sources.gt_index is not None or sources.preds_index is not None:
         index = sources.gt_index or sources.preds_index
@@ -357,6 +360,8 @@ def visualize(
             title = f"predictions ({len(found or [])}, score >= {score_thr:g})"
             panels.append(titled(draw_boxes(image, found or [], sources.cats, size), title, size=title_size))
         summary.written.append(save_png(hstack(panels, gap=12), out / stem))
+    if summary.skipped and not summary.written:
+        raise DyheadError(f"none of the {len(todo)} images could be read (first: {summary.skipped[0]}): nothing drawn")
     return summary
 
 
