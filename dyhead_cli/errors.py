@@ -18,12 +18,13 @@ class Terminated(KeyboardInterrupt):
     interrupt, so that a command cleans up after it as after Ctrl-C (temporary files, a run's lock)."""
 
 
-def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
-    """Return ``" (did you mean 'x'?)"`` for the closest choices, or ``""`` when none is close."""
+def suggest(name: str, choices: Iterable[str], n: int = 3, prefix: str = "") -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest choices, or ``""`` when none is close; ``prefix``
+    goes before each (``"train."``: a recipe key is suggested with its table)."""
     close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.6)
     if not close:
         return ""
-    return " (did you mean " + " or ".join(f"'{c}'" for c in close) + "?)"
+    return " (did you mean " + " or ".join(f"'{prefix}{c}'" for c in close) + "?)"
 
 
 def check_choice(what: str, value: object, choices: Iterable[str]) -> None:

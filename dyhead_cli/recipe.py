@@ -265,7 +265,7 @@ def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
     for key, value in values.items():
         dotted = f"{where}{key}"
         if key not in names:
-            raise DyheadError(f"unknown recipe key '{dotted}'{suggest(key, names)}")
+            raise DyheadError(f"unknown recipe key '{dotted}'{suggest(key, names, prefix=where)}")
         kwargs[key] = _convert(hints[key], value, dotted)
     return cls(**kwargs)
 
@@ -390,7 +390,10 @@ def _resolve_extends(values: dict[str, Any], where: Path | None, chain: list[str
         raise DyheadError(f"recipe key 'extends' must be a recipe name or file, got {base_ref!r}")
     candidate = (where.parent / base_ref) if where is not None else None
     ref: str | Path = candidate if candidate is not None and candidate.is_file() else base_ref
-    text, base_where, base_name = read_recipe_source(ref)
+    try:
+        text, base_where, base_name = read_recipe_source(ref)
+    except DyheadError as e:
+        raise DyheadError(f"recipe {where or chain[-1]}: extends = {base_ref!r}: {e}") from None
     key = str(base_where.resolve() if base_where is not None else base_name)
     if key in chain:
         raise DyheadError(f"recipe 'extends' goes round in a circle: {' -> '.join(chain + [key])}")

@@ -23,9 +23,9 @@ def test_recipe_maps_onto_dataclasses(tmp_path):
 
 
 def test_unknown_key_names_it_and_suggests(tmp_path):
-    with pytest.raises(DyheadError, match=r"unknown recipe key 'train\.lrr' \(did you mean 'lr'\?\)"):
+    with pytest.raises(DyheadError, match=r"unknown recipe key 'train\.lrr' \(did you mean 'train\.lr'\?\)"):
         load_recipe(write(tmp_path, "[train]\nlrr = 0.1\n"))
-    with pytest.raises(DyheadError, match=r"'model\.dyhead\.num_block'.*'num_blocks'"):
+    with pytest.raises(DyheadError, match=r"'model\.dyhead\.num_block'.*'model\.dyhead\.num_blocks'"):
         load_recipe(write(tmp_path, "[model.dyhead]\nnum_block = 3\n"))
 
 

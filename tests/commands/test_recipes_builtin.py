@@ -57,8 +57,12 @@ def test_extends_merges_tables_over_a_builtin_or_a_relative_file(tmp_path):
         load_recipe(loop_a)
     bad = tmp_path / "bad.toml"
     bad.write_text('extends = "quickstrt"\n')
-    with pytest.raises(DyheadError, match="did you mean 'quickstart'"):
+    with pytest.raises(DyheadError, match="bad.toml: extends = 'quickstrt': no recipe .*did you mean 'quickstart'"):
         load_recipe(bad)
+    missing = tmp_path / "missing.toml"
+    missing.write_text('extends = "gone/base.toml"\n')
+    with pytest.raises(DyheadError, match=r"missing.toml: extends = 'gone/base.toml': recipe file not found"):
+        load_recipe(missing)  # the file that names the missing base is named
     typo = tmp_path / "typo.toml"
     typo.write_text('extends = "quickstart"\n[train]\nlrr = 1.0\n')
     with pytest.raises(DyheadError, match="unknown recipe key 'train.lrr'"):
