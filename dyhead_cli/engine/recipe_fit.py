@@ -13,13 +13,15 @@ boxes: ``category_difference`` says how two lists differ, for a one-line refusal
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from dyhead_cli.engine import recipes
 from dyhead_cli.engine.run_dir import flatten
 from dyhead_cli.errors import DyheadError
-from dyhead_cli.recipe import Recipe, _toml_value, to_dict
+from dyhead_cli.models.build import resolve_model_config
+from dyhead_cli.recipe import ModelConfig, Recipe, _toml_value, to_dict
 
 # Model keys that may differ from the checkpoint's: how detections are picked at inference, what training
 # alone reads (losses, assignment, initialisation, frozen layers), where pretrained weights come from, the
@@ -55,15 +57,16 @@ FREE_MODEL_KEYS = frozenset(
 )
 
 
-def model_conflicts(recipe: Recipe, stored: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, recipe's value, checkpoint's value) for each model key outside ``FREE_MODEL_KEYS`` where they
-    differ; both resolved (head defaults filled in). Keys one side does not know (another version) are
+def model_conflicts(model: ModelConfig, stored: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, ``model``'s value, the stored recipe's value) for each model key outside ``FREE_MODEL_KEYS`` where
+    they differ; both resolved (head defaults filled in). Keys one side does not know (another version) are
     passed over, and so is a stored recipe this version cannot read."""
     try:
         saved = recipes.from_dict(stored)
+        model = resolve_model_config(model)
     except DyheadError:
         return []
-    here, there = flatten(to_dict(recipe)["model"], "model."), flatten(to_dict(saved)["model"], "model.")
+    here, there = flatten(dataclasses.asdict(model), "model."), flatten(to_dict(saved)["model"], "model.")
     raw = flatten(stored.get("model", {}), "model.")
     return [(k, here[k], there[k]) for k in here if k in raw and k not in FREE_MODEL_KEYS and here[k] != there[k]]
 
@@ -73,7 +76,7 @@ def check_recipe_fits(recipe: Recipe, meta: dict[str, Any], recipe_path: Path, w
     stored = meta.get("recipe")
     if not isinstance(stored, dict):
         return  # a checkpoint without its recipe: nothing to compare with
-    conflicts = model_conflicts(recipe, stored)
+    conflicts = model_conflicts(recipe.model, stored)
     if not conflicts:
         return
     key, here, there = conflicts[0]

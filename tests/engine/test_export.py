@@ -193,6 +193,14 @@ def test_export_predict_and_benchmark_commands(tmp_path):
     assert [r["key"] for r in rows] == ["dyhead", "onnx"] and all(r["latency_ms"]["p50"] > 0 for r in rows)
     assert "onnxruntime" in rows[1]["model"] and "onnxruntime" in result.output
 
+    # an ONNX file of another model than the one timed beside it is refused (the ratio would mislead)
+    other = tmp_path / "other.toml"
+    changed = tiny_config("atss", 0, score_thresh=0.02)
+    changed.pixel_mean = [0.0, 0.0, 0.0]
+    save_recipe(Recipe(model=changed), other)
+    result = runner.invoke(app, [*args[:2], str(other), *args[3:]])
+    assert "holds another model than" in _one_line_error(result) and "model.pixel_mean" in result.output
+
 
 def _one_line_error(result) -> str:
     assert result.exit_code == 1, result.output

@@ -18,24 +18,24 @@ def stored_with(*overrides: str) -> dict:
 
 def test_model_keys_that_change_the_function_conflict_and_free_ones_do_not() -> None:
     recipe = recipes.from_dict({}, ["model.head_options.score_thresh=0.3", "model.dyhead.impl='reference'"])
-    assert model_conflicts(recipe, stored_with()) == []  # inference options and the implementation are free
+    assert model_conflicts(recipe.model, stored_with()) == []  # inference options and the implementation are free
     stored = stored_with("model.dyhead.offset_mode='aligned'", "model.pixel_mean=[1.0, 2.0, 3.0]", "model.fpn.p7_relu=false")
-    assert [c[0] for c in model_conflicts(recipe, stored)] == [
+    assert [c[0] for c in model_conflicts(recipe.model, stored)] == [
         "model.fpn.p7_relu",
         "model.dyhead.offset_mode",
         "model.pixel_mean",
     ]
-    assert ("model.dyhead.offset_mode", "official", "aligned") in model_conflicts(recipe, stored)
+    assert ("model.dyhead.offset_mode", "official", "aligned") in model_conflicts(recipe.model, stored)
     # head defaults are compared resolved: None in the recipe equals the ATSS default stored explicitly
-    assert model_conflicts(recipes.from_dict({}), stored_with("model.head_options.anchor_offset=0.5")) == []
+    assert model_conflicts(recipes.from_dict({}).model, stored_with("model.head_options.anchor_offset=0.5")) == []
 
 
 def test_keys_one_side_does_not_know_and_unreadable_recipes_are_passed_over() -> None:
     recipe = recipes.from_dict({}, ["model.fpn.channels=64"])
     older = stored_with()
     del older["model"]["fpn"]["channels"]  # a checkpoint from a version without the key
-    assert model_conflicts(recipe, older) == []
-    assert model_conflicts(recipe, {"model": {"no_such_key": 1}}) == []
+    assert model_conflicts(recipe.model, older) == []
+    assert model_conflicts(recipe.model, {"model": {"no_such_key": 1}}) == []
 
 
 def test_free_keys_are_model_keys() -> None:

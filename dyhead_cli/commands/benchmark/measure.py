@@ -234,12 +234,13 @@ def run_benchmark(cfg: ModelConfig, source: str, s: Settings, log: Callable[[str
     busy = busy_warning(machine_start)
     if busy:
         log(busy)
-    loaded = [load_candidate(c, s, log) for c in candidates_for(cfg, s)]
     onnx = None
-    if s.onnx is not None:
-        from dyhead_cli.commands.benchmark.onnx import load_onnx
+    if s.onnx is not None:  # first: a file of another model is refused before any model is built
+        from dyhead_cli.commands.benchmark.onnx import check_same_model, load_onnx
 
         onnx = load_onnx(s.onnx, torch.get_num_threads())
+        check_same_model(cfg, source, onnx[0])
+    loaded = [load_candidate(c, s, log) for c in candidates_for(cfg, s)]
     rows = [row for batch in s.batch_sizes for row in measure_batch(loaded, batch, s, log, onnx)]
     models = {x.c.key: x.info for x in loaded} | ({"onnx": onnx[1]} if onnx is not None else {})
     settings = dataclasses.asdict(s)

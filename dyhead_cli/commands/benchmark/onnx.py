@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from dyhead_cli.errors import DyheadError
+from dyhead_cli.recipe import ModelConfig
 
 
 def load_onnx(path: Path, threads: int) -> tuple[Any, dict[str, Any]]:
@@ -31,6 +32,21 @@ def load_onnx(path: Path, threads: int) -> tuple[Any, dict[str, Any]]:
         "config": {k: model.meta[k] for k in ("size", "dynamic", "batch", "postprocess", "half")},
     }
     return model, info
+
+
+def check_same_model(cfg: ModelConfig, source: str, model: Any) -> None:
+    """Refuse an ONNX file that holds another model than the one timed beside it: the two timings are
+    printed as a ratio, which would compare two different networks."""
+    from dyhead_cli.engine.recipe_fit import model_conflicts
+
+    conflicts = model_conflicts(cfg, model.meta["recipe"])
+    if conflicts:
+        key, here, there = conflicts[0]
+        more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+        raise DyheadError(
+            f"--onnx {model.path} holds another model than {source}: {key} is {there!r} there, {here!r} here{more}; "
+            f"give the recipe it was exported from (--recipe)"
+        )
 
 
 def _ort_version() -> str:

@@ -36,7 +36,7 @@ def result_cells(r: dict) -> list[str]:
         f"{lat['p90']:.1f}",
         f"{lat['p99']:.1f}",
         f"{r['images_per_s']:.2f}",
-        _mb(r["peak_memory_bytes"]),
+        "-" if r.get("peak_memory_kind") == "not measured" else _mb(r["peak_memory_bytes"]),
     ]
 
 
