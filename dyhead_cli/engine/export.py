@@ -99,6 +99,18 @@ class ExportOptions:
             )
 
 
+def check_opset(opset: int) -> None:
+    """The installed onnx package knows opsets up to ``onnx_opset_version()``: a later one is refused here,
+    in one line, rather than failing deep inside the exporter."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise DyheadError(
+            f"--opset must be within {MIN_OPSET}..{newest} (the newest opset of the installed onnx {onnx.__version__}), got {opset}"
+        )
+
+
 def zero_padding_mask(image_sizes: Tensor, height: int, width: int, dtype: torch.dtype) -> Tensor:
     """(B, 2) int64 (h, w) -> (B, 1, H, W): 1 inside each image's top-left (h, w), 0 on the padding."""
     rows = torch.arange(height, device=image_sizes.device)[None, :] < image_sizes[:, :1]  # (B, H)
@@ -272,10 +284,14 @@ def export_model(weights: Path, opts: ExportOptions, out: Path | None = None) ->
     opts.check()
     if opts.format == "onnx":
         require_onnx()
+        check_opset(opts.opset)
     weights = Path(weights)
     out = Path(out) if out is not None else default_out(weights, opts.format)
     if out.is_dir():
         raise DyheadError(f"--out {out} is a folder; give a file name (e.g. {out / (weights.stem + SUFFIXES[opts.format])})")
+    suffix = SUFFIXES[opts.format]
+    if out.suffix.lower() != suffix:  # predict and benchmark tell the formats apart by the suffix
+        raise DyheadError(f"--out {out}: --format {opts.format} writes a {suffix} file; name it {out.with_suffix(suffix).name}")
     det, wrapper = prepare(weights, opts)
     num_levels = len(getattr(det.model.head, "strides", (8, 16, 32, 64, 128)))
     names = wrapper.output_names(num_levels)

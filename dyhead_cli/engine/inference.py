@@ -82,10 +82,16 @@ def load_checkpoint(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     try:
         return load_weights(weights)
     except DyheadError:
+        if weights.is_file() and weights.suffix.lower() == ".pt2":
+            raise DyheadError(
+                f"{weights} is a torch.export program (dyhead export --format torch-export), which predict does not run: "
+                f"give the .safetensors checkpoint it came from, or an ONNX export (.onnx)"
+            ) from None
         if weights.is_file() and (weights.suffix.lower() in REFERENCE_SUFFIXES or not is_safetensors(weights)):
+            target = weights.with_name(f"{weights.stem}_dyhead.safetensors")  # never the source's own name
             raise DyheadError(
                 f"{weights} is not a dyhead checkpoint (.safetensors); an official or MMDetection checkpoint must be "
-                f"converted first: dyhead convert {weights} {weights.with_suffix('.safetensors').name} --from official|mmdet"
+                f"converted first: dyhead convert {weights} {target.name} --from official|mmdet"
             ) from None
         raise
 

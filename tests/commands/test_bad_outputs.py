@@ -70,6 +70,14 @@ def predict_cases(w: dict[str, Path], t: Path) -> dict[str, tuple[list, str]]:
         ),
         "weights-is-pth": (["predict", img, "--weights", _pth(t), "--out", t / "p.json"], "dyhead convert"),
         "weights-is-garbage": (["predict", img, "--weights", t / "notes.txt", "--out", t / "p.json"], "dyhead convert"),
+        "weights-is-not-safetensors": (  # the hint's DST is never the source itself (convert refuses that)
+            ["predict", img, "--weights", _garbage(t / "bad.safetensors"), "--out", t / "p.json"],
+            "dyhead convert " + str(t / "bad.safetensors") + " bad_dyhead.safetensors",
+        ),
+        "weights-is-pt2": (
+            ["predict", img, "--weights", _garbage(t / "m.pt2"), "--out", t / "p.json"],
+            "is a torch.export program",
+        ),
         "weights-is-folder": (["predict", img, "--weights", t / "afolder", "--out", t / "p.json"], "is a folder"),
         "weights-missing": (["predict", img, "--weights", t / "none.safetensors", "--out", t / "p.json"], "not found"),
         "image-missing": (["predict", t / "none.png", "--weights", w["weights"], "--out", t / "p.json"], "no such file"),
@@ -99,6 +107,11 @@ def predict_cases(w: dict[str, Path], t: Path) -> dict[str, tuple[list, str]]:
     }
 
 
+def _garbage(path: Path) -> Path:
+    path.write_text("not a checkpoint")
+    return path
+
+
 def _pth(t: Path) -> Path:
     path = t / "model.pth"
     torch.save({"model": {"w": torch.zeros(2)}}, path)
@@ -119,6 +132,8 @@ PREDICT_CASES = [
     "image-list-is-annotation-input",
     "weights-is-pth",
     "weights-is-garbage",
+    "weights-is-not-safetensors",
+    "weights-is-pt2",
     "weights-is-folder",
     "weights-missing",
     "image-missing",

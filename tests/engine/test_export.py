@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -222,7 +223,10 @@ def test_bad_input_is_one_line_and_leaves_no_file(tmp_path):
         (["export", str(weights), "--size", "128x128", "--dynamic", "--out", str(out)], "at least 256"),
         (["export", str(weights), "--format", "onx", "--out", str(out)], "did you mean 'onnx'"),
         (["export", str(weights), "--opset", "13", "--out", str(out)], "--opset"),
+        (["export", str(weights), "--format", "torch-export", "--out", str(out)], "writes a .pt2 file; name it m.pt2"),
     ]
+    if importlib.util.find_spec("onnx") is not None:  # the newest opset is the installed onnx's
+        cases.append((["export", str(weights), "--opset", "99", "--out", str(out)], "--opset must be within 17.."))
     for args, expected in cases:
         line = _one_line_error(runner.invoke(app, args))
         assert expected in line, line
