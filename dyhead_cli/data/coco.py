@@ -91,6 +91,19 @@ class CocoDetection(Dataset):
     def image_path(self, index: int) -> Path:
         return self.images_dir / self.coco.imgs[self.ids[index]]["file_name"]
 
+    def _check_size(self, index: int, width: int, height: int) -> None:
+        """The image as loaded (EXIF orientation applied) must be as large as the file says, else its boxes
+        land elsewhere: refused, as detectron2's ``check_image_size`` does (``dyhead data check`` lists all)."""
+        record = self.coco.imgs[self.ids[index]]
+        said = record.get("width"), record.get("height")
+        if None in said or said == (width, height):
+            return
+        turned = " (the size before its EXIF rotation: give the size as shown)" if said == (height, width) else ""
+        raise DyheadError(
+            f"image {self.image_path(index)} is {width}x{height} but {self.ann_file} says {said[0]}x{said[1]}{turned}; "
+            f"its boxes would not fit it (dyhead data check lists every such image)"
+        )
+
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         image_id = self.ids[index]
         try:
@@ -101,6 +114,7 @@ class CocoDetection(Dataset):
             self.num_skipped += 1
             return None
         width, height = image.size
+        self._check_size(index, width, height)
         boxes, labels = self._targets[image_id]
         boxes = boxes.copy()
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)  # annotations may overhang the image a little

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,25 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def drop_torn_tail(path: Path) -> None:
+    """Cut a line-per-record file back to its last complete line (no-op when it ends with a newline)."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            f.seek(0)
+            data = f.read()
+            f.truncate(data.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
 class MetricsLog:
     """``metrics.jsonl`` + ``metrics.csv`` + trackers; silent on every process but the main one.
 
@@ -51,6 +71,9 @@ class MetricsLog:
         self.enabled = enabled
         self.tracker = tracker
         self.columns: list[str] | None = None
+        if enabled:  # a run killed mid-write left half a line: appending after it would break the file
+            drop_torn_tail(self.path)
+            drop_torn_tail(self.csv_path)
         if self.csv_path.is_file():  # a resumed run keeps the columns it started with
             with open(self.csv_path, newline="") as f:
                 self.columns = next(csv.reader(f), None)

@@ -241,6 +241,13 @@ def _run(
     optimizer = build_optimizer(t, model)
     state = RunState()
     ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
+    seeded = EpochSeeded(dataset, t.seed)
+    groups = aspect_groups(dataset) if recipe.data.group_by_aspect else None
+    steps_per_epoch = (
+        len(EpochSampler(len(dataset), t.batch_size, t.seed, 0, rank, world, 0, t.grad_accum, groups)) // t.grad_accum
+    )
+    total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
+    last_epoch = min(t.epochs, math.ceil(total_steps / max(1, steps_per_epoch)))
     if resume:
         tensors, _ = read_safetensors(run_dir / STATE_FILE)
         load_model_weights(
@@ -251,18 +258,16 @@ def _run(
         state.best_ap = max(state.best_ap, best_ap(run_dir))  # an evaluation after the last checkpoint may have set a best
         if ema is not None and ema_tensors:
             ema.shadow = ema_tensors
+        if state.step > total_steps:  # refused before the resume (and its changes) is recorded
+            raise DyheadError(
+                f"--resume {run_dir}: the run is at step {state.step}, past the end (step {total_steps}) that train.epochs = "
+                f"{t.epochs}" + (f" and train.max_steps = {t.max_steps}" if t.max_steps else "") + " give; nothing to train"
+            )
         log.write("resume", step=state.step, epoch=state.epoch, changed=changes)
         said = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
         reporter.message(f"resuming {run_dir} at step {state.step} (epoch {state.epoch})" + (f" with {said}" if said else ""))
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    seeded = EpochSeeded(dataset, t.seed)
-    groups = aspect_groups(dataset) if recipe.data.group_by_aspect else None
-    steps_per_epoch = (
-        len(EpochSampler(len(dataset), t.batch_size, t.seed, 0, rank, world, 0, t.grad_accum, groups)) // t.grad_accum
-    )
-    total_steps = min(t.max_steps or 10**12, t.epochs * steps_per_epoch)
-    last_epoch = min(t.epochs, math.ceil(total_steps / max(1, steps_per_epoch)))
     if main and not resume:
         log.write(
             "start",

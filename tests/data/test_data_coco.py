@@ -83,6 +83,22 @@ def test_exif_rotated_image_is_loaded_as_displayed(tmp_path: Path) -> None:
     assert item["labels"].tolist() == [0, 2]
 
 
+def test_an_image_of_another_size_than_its_record_is_refused(tmp_path: Path) -> None:
+    # the loaded image (EXIF applied) must be as large as the JSON says, else its boxes land elsewhere;
+    # training took such an image silently (detectron2 raises SizeMismatchError)
+    Image.new("RGB", (30, 20)).save(tmp_path / "a.png")
+    stored = Image.new("RGB", (40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown 20 wide, 40 tall
+    stored.save(tmp_path / "rot.jpg", exif=exif)
+    ann = write_coco(tmp_path, [("a.png", 60, 20), ("rot.jpg", 40, 20)], [(1, 2, [1, 1, 5, 5])])
+    ds = CocoDetection(tmp_path, ann)
+    with pytest.raises(DyheadError, match=r"a.png is 30x20 but .*ann.json says 60x20; its boxes would not fit"):
+        ds[0]
+    with pytest.raises(DyheadError, match=r"rot.jpg is 20x40 but .* says 40x20 \(the size before its EXIF rotation"):
+        ds[1]
+
+
 def test_crowd_and_zero_area_boxes_are_not_targets(tmp_path: Path) -> None:
     Image.new("RGB", (50, 40)).save(tmp_path / "a.png")
     ann = write_coco(tmp_path, [("a.png", 50, 40)], [(1, 2, [1, 1, 5, 5]), (1, 5, [3, 3, 0, 4]), (1, 9, [60, 1, 5, 5])])

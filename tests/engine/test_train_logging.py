@@ -186,3 +186,19 @@ def test_two_process_evaluation_equals_one_process(tmp_path, run):
         outs[n] = json.loads(out.read_text())
     assert outs[2]["n"] == outs[1]["n"] > 0 and outs[2]["mine"] < outs[2]["n"]  # rank 0 ran only its share
     assert outs[2]["stats"] == pytest.approx(outs[1]["stats"], nan_ok=True) and outs[1]["AP"] > 0
+
+
+def test_a_torn_last_line_is_cut_before_a_resumed_run_appends(tmp_path):
+    # a run killed mid-write leaves half a record; appending after it made metrics.jsonl invalid JSONL
+    from dyhead_cli.engine.run_log import MetricsLog, read_events
+
+    (tmp_path / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n{"event": "train", "step": ')
+    (tmp_path / "metrics.csv").write_text("event,step,epoch,loss\ntrain,1,0,2.5\ntrain,2,0")
+    log = MetricsLog(tmp_path, enabled=True)
+    log.write("resume", step=1)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["event"] for x in lines] == ["train", "resume"]  # every line whole
+    assert [e["step"] for e in read_events(tmp_path / "metrics.jsonl")] == [1, 1]
+    assert (tmp_path / "metrics.csv").read_text() == "event,step,epoch,loss\ntrain,1,0,2.5\n"
+    MetricsLog(tmp_path, enabled=True)  # whole files are left as they are
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2

@@ -116,6 +116,11 @@ def test_resume_takes_the_runs_recipe_and_refuses_unsafe_changes(tmp_path, recip
     # a later resume replays the recorded change: nothing left to do at step 3 of 3
     train_from_files(None, None, run, [])
     assert [e["step"] for e in events(run, "train")] == [1, 2, 3]
+    # shortened below where the run is: refused, and not recorded (a later resume would replay it)
+    resumes = len(events(run, "resume"))
+    with pytest.raises(DyheadError, match=r"the run is at step 3, past the end \(step 1\) that train.epochs = .*max_steps = 1 give"):
+        train_from_files(None, None, run, ["train.max_steps=1"])
+    assert len(events(run, "resume")) == resumes
 
 
 def test_resume_with_a_recipe_file_that_disagrees_names_the_key(tmp_path, recipe):
