@@ -187,7 +187,9 @@ def predict(
         help="Checkpoint (.safetensors; its metadata carries the recipe) or a model from dyhead export (.onnx, run by onnxruntime).",
     ),
     out: Path = typer.Option(
-        Path("preds.json"), "--out", help="COCO results JSON to write (the image list goes to <stem>.images.json)."
+        Path("preds.json"),
+        "--out",
+        help="COCO results JSON to write (the image list beside it: preds.json -> preds.images.json; a name not ending in .json gets .images.json added).",
     ),
     recipe: Optional[Path] = RecipeOpt,
     images_dir: Optional[Path] = typer.Option(

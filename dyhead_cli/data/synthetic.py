@@ -169,6 +169,7 @@ def _write_split(images_dir: Path, ann_file: Path, split: str, settings: dict[st
     for folder in (images_dir, ann_file.parent):
         with _writing(folder, folder / ".none"):
             folder.mkdir(parents=True, exist_ok=True)
+    previous = _generated_files(ann_file)  # what the set being replaced listed
     images, annotations = [], []
     seed, size = settings["seed"], settings["image_size"]
     for index in range(settings["num_images"]):
@@ -199,7 +200,21 @@ def _write_split(images_dir: Path, ann_file: Path, split: str, settings: dict[st
     with _writing(ann_file, tmp):
         tmp.write_text(json.dumps(data, indent=None, separators=(",", ":")))
         os.replace(tmp, ann_file)
+    for name in previous - {im["file_name"] for im in images}:  # a smaller set: its stale images go
+        (images_dir / name).unlink(missing_ok=True)
     return len(annotations)
+
+
+def _generated_files(ann_file: Path) -> set[str]:
+    """The image file names an earlier synthetic split's JSON lists (ours: it records its generator);
+    an empty set when there is none or it is not ours."""
+    try:
+        data = json.loads(ann_file.read_bytes())
+        if not isinstance(data.get("info", {}).get("generator"), dict):
+            return set()
+        return {Path(im["file_name"]).name for im in data["images"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
 
 
 def _atomic_save(image: Image.Image, path: Path) -> None:

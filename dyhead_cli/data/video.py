@@ -8,6 +8,7 @@ decodes it once; a jump backwards reopens the file.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,9 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".m
 
 
 def _cv2():
+    # FFmpeg's own messages ("moov atom not found") go straight to stderr, beside the one line we print
+    # about the same file: quiet (AV_LOG_QUIET) unless the user set a level. Read when a video is opened.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     try:
         import cv2
     except ImportError:  # pragma: no cover - albumentations depends on opencv

@@ -89,6 +89,10 @@ class ExportOptions:
         check_choice("--format", self.format, FORMATS)
         if self.batch < 1:
             raise DyheadError(f"--batch must be at least 1, got {self.batch}")
+        if self.dynamic and self.batch != 1:
+            raise DyheadError(
+                f"--batch {self.batch} fixes the batch of a static export; with --dynamic the batch is free: drop --batch"
+            )
         if self.dynamic and min(self.size) < MIN_DYNAMIC_SIZE:
             raise DyheadError(
                 f"--size {self.size[0]}x{self.size[1]}: with --dynamic both sides must be at least {MIN_DYNAMIC_SIZE}"

@@ -320,3 +320,23 @@ def test_importing_the_transforms_asks_nothing_of_the_network() -> None:
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
     result = subprocess.run([sys.executable, "-c", NO_NETWORK_ON_IMPORT], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and "no request" in result.stdout, result.stderr[-2000:]
+
+
+FFMPEG_QUIET = """
+import sys
+from pathlib import Path
+from dyhead_cli.data.video import video_info
+path = Path(sys.argv[1])
+path.write_bytes(b"\\x00\\x00\\x00\\x18ftypmp42\\x00\\x00\\x00\\x00mp42isom" + bytes(range(256)) * 8)
+print(video_info(path))
+"""
+
+
+def test_a_broken_video_gets_no_ffmpeg_line_on_stderr(tmp_path: Path) -> None:
+    # FFmpeg printed "[mov,mp4,...] moov atom not found" beside our own one-line message
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_LOGLEVEL"}
+    result = subprocess.run(
+        [sys.executable, "-c", FFMPEG_QUIET, str(tmp_path / "broken.mp4")], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "None", result.stderr
+    assert "moov" not in result.stderr and "mov,mp4" not in result.stderr, result.stderr

@@ -166,3 +166,11 @@ def test_bad_sizes_are_user_errors(tmp_path: Path) -> None:
         make_synthetic_coco(tmp_path, 2, 1, image_size=8)
     with pytest.raises(DyheadError):
         make_synthetic_coco(tmp_path, -1, 1)
+
+
+def test_a_smaller_set_over_a_larger_one_leaves_no_stale_image(tmp_path: Path) -> None:
+    make_synthetic_coco(tmp_path, 5, 2, image_size=32)
+    (tmp_path / "train" / "mine.jpg").write_bytes(b"the user's own file")
+    make_synthetic_coco(tmp_path, 2, 1, image_size=32)
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["000001.jpg", "000002.jpg", "mine.jpg"]
+    assert sorted(p.name for p in (tmp_path / "val").iterdir()) == ["000001.jpg"]

@@ -223,6 +223,7 @@ def test_bad_input_is_one_line_and_leaves_no_file(tmp_path):
         (["export", str(weights), "--size", "128x128", "--dynamic", "--out", str(out)], "at least 256"),
         (["export", str(weights), "--format", "onx", "--out", str(out)], "did you mean 'onnx'"),
         (["export", str(weights), "--opset", "13", "--out", str(out)], "--opset"),
+        (["export", str(weights), "--dynamic", "--size", "256x256", "--batch", "4", "--out", str(out)], "drop --batch"),
         (["export", str(weights), "--format", "torch-export", "--out", str(out)], "writes a .pt2 file; name it m.pt2"),
     ]
     if importlib.util.find_spec("onnx") is not None:  # the newest opset is the installed onnx's

@@ -118,7 +118,9 @@ def test_resume_takes_the_runs_recipe_and_refuses_unsafe_changes(tmp_path, recip
     assert [e["step"] for e in events(run, "train")] == [1, 2, 3]
     # shortened below where the run is: refused, and not recorded (a later resume would replay it)
     resumes = len(events(run, "resume"))
-    with pytest.raises(DyheadError, match=r"the run is at step 3, past the end \(step 1\) that train.epochs = .*max_steps = 1 give"):
+    with pytest.raises(
+        DyheadError, match=r"the run is at step 3, past the end \(step 1\) that train.epochs = .*max_steps = 1 give"
+    ):
         train_from_files(None, None, run, ["train.max_steps=1"])
     assert len(events(run, "resume")) == resumes
 
