@@ -230,16 +230,16 @@ def run_benchmark(cfg: ModelConfig, source: str, s: Settings, log: Callable[[str
     )
     if s.threads is not None:
         torch.set_num_threads(s.threads)
-    machine_start = machine_info(s.device)
-    busy = busy_warning(machine_start)
-    if busy:
-        log(busy)
     onnx = None
-    if s.onnx is not None:  # first: a file of another model is refused before any model is built
+    if s.onnx is not None:  # first: a file of another model is refused before anything is measured
         from dyhead_cli.commands.benchmark.onnx import check_same_model, load_onnx
 
         onnx = load_onnx(s.onnx, torch.get_num_threads())
         check_same_model(cfg, source, onnx[0])
+    machine_start = machine_info(s.device)
+    busy = busy_warning(machine_start)
+    if busy:
+        log(busy)
     loaded = [load_candidate(c, s, log) for c in candidates_for(cfg, s)]
     rows = [row for batch in s.batch_sizes for row in measure_batch(loaded, batch, s, log, onnx)]
     models = {x.c.key: x.info for x in loaded} | ({"onnx": onnx[1]} if onnx is not None else {})
