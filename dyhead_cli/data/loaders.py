@@ -6,6 +6,7 @@ image's real size; the detector normalises and zeroes the padding itself.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -59,7 +60,13 @@ def collate_images(items: list[dict[str, Any]], size_divisibility: int) -> dict[
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Give each DataLoader worker its own augmentation stream (forked workers would share the parent's)."""
+    """Give each DataLoader worker its own augmentation stream (forked workers would share the parent's).
+
+    Ctrl-C reaches every process of the terminal's foreground group; the main process decides what it
+    means (a training stops after its step, ``engine/interrupts.py``), so a worker ignores it rather than
+    dying under the batch the main process still needs. The main process's exit still ends the workers.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     info = torch.utils.data.get_worker_info()
     transform = getattr(info.dataset, "transform", None) if info is not None else None
     if hasattr(transform, "set_random_seed"):

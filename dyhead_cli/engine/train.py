@@ -22,7 +22,7 @@ import os
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +52,7 @@ from dyhead_cli.engine.evaluate import (
     predict_shard,
     write_plots,
 )
+from dyhead_cli.engine.interrupts import StopRequests
 from dyhead_cli.engine.optim import (  # noqa: F401 (re-exported)
     EMA,
     build_optimizer,
@@ -335,6 +336,16 @@ def _run(
     reporter.start(total_steps, state.step)
     clock.restart(state.step)
     skipped = 0
+    stop = StopRequests()
+
+    def stop_here() -> NoReturn:
+        """At a step boundary after Ctrl-C / SIGTERM: checkpoint, record it, interrupt."""
+        checkpoint()
+        log.write("interrupted", step=state.step, epoch=state.epoch, signal=stop.name)
+        reporter.message(f"stopped at step {state.step} ({stop.name}); continue with: dyhead train --resume {run_dir}")
+        stop.interrupt()
+
+    stop.__enter__()  # the loop below is long; a with-block would indent it once more
     try:
         while state.step < total_steps and state.epoch < t.epochs:
             loader = train_loader(seeded, recipe, state.epoch, rank, world, state.batch_in_epoch, groups)
@@ -393,6 +404,8 @@ def _run(
                     reporter.step(state.step, None)
                 if t.checkpoint_every and state.step % t.checkpoint_every == 0:
                     checkpoint()
+                if stop.requested(accelerator):
+                    stop_here()
                 if state.step >= total_steps:
                     break
             if state.batch_in_epoch >= steps_per_epoch * t.grad_accum:  # the epoch is complete
@@ -409,8 +422,17 @@ def _run(
             checkpoint()  # before the evaluation: a crash there loses no training
             if state.step >= total_steps or (t.eval_every > 0 and state.epoch % t.eval_every == 0):
                 metrics = evaluate_now()
+            if state.step < total_steps and stop.requested(accelerator):  # asked during the evaluation
+                stop_here()
             clock.restart(state.step)
+    except Exception:
+        # after a signal, workers of another process group may die under the next batch (Slurm signals every
+        # process): at a step boundary the state is whole, so save it as if the loop had reached its check
+        if stop.signum is None or state.batch_in_epoch % t.grad_accum or world > 1:
+            raise
+        stop_here()
     finally:
+        stop.__exit__()
         reporter.finish()
     if world > 1:
         # DDP broadcasts rank 0's buffers (BatchNorm statistics) at each forward; after the last one every

@@ -192,3 +192,45 @@ def test_lr_schedule_warmup_steps_and_cosine():
     assert lr_factor(80, 100, cfg) == pytest.approx(0.01)
     cos = TrainConfig(warmup_steps=0, schedule="cosine")
     assert lr_factor(50, 100, cos) == pytest.approx(0.5) and lr_factor(100, 100, cos) == pytest.approx(0.0)
+
+
+def test_sigterm_and_ctrl_c_stop_after_the_step_with_a_checkpoint(tmp_path, data_root):
+    """The first SIGTERM / Ctrl-C ends training after its step with a checkpoint there (it lost everything
+    since the last periodic one); --resume then continues as if nothing had happened. Sent to the whole
+    process group, as a terminal's Ctrl-C or Slurm does, so the DataLoader workers get it too."""
+    recipe = write_tiny_recipe(tmp_path, data_root)
+    steps = ["--set", "train.max_steps=8", "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0"]
+    full = run_cli(["train", str(recipe), "--out", str(tmp_path / "full")] + steps)
+    assert full.returncode == 0, full.stderr
+    reference = {r["step"]: r["loss"] for r in events(tmp_path / "full", "train")}
+
+    for name, sig, workers, code, line in (
+        ("sigterm", signal.SIGTERM, 0, 143, "error: terminated (SIGTERM)"),
+        ("ctrl_c", signal.SIGINT, 2, 130, "error: interrupted"),
+    ):
+        run = tmp_path / name
+        proc = subprocess.Popen(
+            DYHEAD + ["train", str(recipe), "--out", str(run), *steps, "--set", f"data.num_workers={workers}"],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        deadline = time.time() + 240
+        while time.time() < deadline and not any(e["step"] >= 2 for e in events(run, "train")):
+            time.sleep(0.05)
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == code and err.strip().splitlines()[-1] == line, (name, proc.returncode, err[-2000:])
+        (stopped,) = events(run, "interrupted")
+        assert 2 <= stopped["step"] < 8 and stopped["signal"] == signal.Signals(sig).name, stopped
+        assert events(run, "checkpoint")[-1]["step"] == stopped["step"]  # saved where it stopped
+
+        resumed = run_cli(["train", "--resume", str(run)])
+        assert resumed.returncode == 0, resumed.stderr
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        after = [r for r in rows[rows.index(next(r for r in rows if r["event"] == "resume")) :] if r["event"] == "train"]
+        assert [r["step"] for r in after] == list(range(stopped["step"] + 1, 9)), name
+        for r in after:
+            assert r["loss"] == pytest.approx(reference[r["step"]], rel=1e-4, abs=1e-5), (name, r["step"])
