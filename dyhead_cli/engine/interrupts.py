@@ -5,8 +5,9 @@ and a person with Ctrl-C. Raising at once (what the CLI does for other commands)
 checkpoint, up to an epoch back. While ``train`` runs, ``StopRequests`` turns the first signal into a
 request instead: the loop finishes the optimizer step it is in, writes a checkpoint there, records an
 ``interrupted`` event and only then stops (exit 130 / 143 as before), so ``--resume`` continues from that
-step. A second signal stops at once. With several processes the ranks agree at every step (a sum over
-them), so all stop after the same step.
+step. A second Ctrl-C stops at once; a second SIGTERM does not (torchrun passes the SIGTERM its process
+group already got on to its workers, and a scheduler that loses patience sends SIGKILL anyway). With
+several processes the ranks agree at every step (a sum over them), so all stop after the same step.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopRequests:
-    """A context: while inside it (main thread only), SIGINT / SIGTERM set ``signum`` the first time and
-    interrupt the second time; the previous handlers come back on exit."""
+    """A context: while inside it (main thread only), SIGINT / SIGTERM set ``signum`` the first time; a later
+    SIGINT interrupts; the previous handlers come back on exit."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -45,8 +46,10 @@ class StopRequests:
         if self.signum is None:
             self.signum = signum
             # os.write, not print: a signal handler may run in the middle of the console's own writing
-            os.write(2, b"\nstopping after this step, with a checkpoint (signal it again to stop at once)\n")
+            os.write(2, b"\nstopping after this step, with a checkpoint (Ctrl-C again to stop at once)\n")
             return
+        if signum != signal.SIGINT:
+            return  # SIGTERM again: a launcher passing it on (torchrun does), or a scheduler repeating it
         self.__exit__()
         self.signum = signum
         self.interrupt()
