@@ -6,6 +6,7 @@ image's real size; the detector normalises and zeroes the padding itself.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
@@ -60,17 +61,29 @@ def collate_images(items: list[dict[str, Any]], size_divisibility: int) -> dict[
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Give each DataLoader worker its own augmentation stream (forked workers would share the parent's).
-
-    Ctrl-C reaches every process of the terminal's foreground group; the main process decides what it
-    means (a training stops after its step, ``engine/interrupts.py``), so a worker ignores it rather than
-    dying under the batch the main process still needs. The main process's exit still ends the workers.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Give each DataLoader worker its own augmentation stream (forked workers would share the parent's)."""
     info = torch.utils.data.get_worker_info()
     transform = getattr(info.dataset, "transform", None) if info is not None else None
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(info.seed % 2**32)
+
+
+def _main_process_decides(worker_id: int) -> None:
+    """``worker_init_fn`` of the training and validation loaders: the main process decides what a signal
+    means (a training stops after its step with a checkpoint, ``engine/interrupts.py``), so a worker must not
+    die under the batch the main process still needs. Ctrl-C reaches the terminal's whole process group: a
+    worker ignores it. torchrun and Slurm send SIGTERM to every process: a worker outlives the first one
+    (DataLoader reports a worker killed by a signal at once, wherever the main process is, which would end
+    the training mid-step) and ends at the second (``Process.terminate`` when the loader shuts down).
+    Otherwise a worker ends as always: when its loader is done or its parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _end_at_second_sigterm)
+
+
+def _end_at_second_sigterm(signum: int, frame: object) -> None:
+    if getattr(_end_at_second_sigterm, "seen", False):
+        os._exit(128 + signum)
+    _end_at_second_sigterm.seen = True  # type: ignore[attr-defined]
 
 
 class EpochSampler(Sampler[list[int]]):
@@ -191,6 +204,7 @@ def train_loader(
         batch_sampler=sampler,
         num_workers=recipe.data.num_workers,
         collate_fn=partial(collate, size_divisibility=recipe.data.size_divisibility),
+        worker_init_fn=_main_process_decides if recipe.data.num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
     )
 
@@ -223,6 +237,7 @@ def val_loader(
         batch_sampler=ShardBatches(len(dataset), recipe.eval.batch_size, rank, world),
         num_workers=recipe.data.num_workers,
         collate_fn=partial(collate, size_divisibility=recipe.data.size_divisibility),
+        worker_init_fn=_main_process_decides if recipe.data.num_workers > 0 else None,
     )
     return loader, dataset
 

@@ -332,6 +332,11 @@ def _run(
         clock.evaluated(time.perf_counter() - started)
         return out
 
+    if resume and state.step > 0 and state.batch_in_epoch == 0:
+        due = state.step >= total_steps or (t.eval_every > 0 and state.epoch % t.eval_every == 0)
+        done = any(e.get("event") == "eval" and e.get("step") == state.step for e in read_events(run_dir / "metrics.jsonl"))
+        if due and not done:  # the run was stopped in the evaluation that follows its checkpoint: do it now
+            metrics = evaluate_now()
     model.train()
     reporter.start(total_steps, state.step)
     clock.restart(state.step)

@@ -335,3 +335,21 @@ def test_preflight_builds_on_cpu_when_the_meta_device_cannot(monkeypatch):
     assert devices == ["meta", "cpu"]
     with pytest.raises(DyheadError, match="unknown|timm"):
         preflight.check_model(ModelConfig(backbone=BackboneConfig(name="resnet5O")))
+
+
+def test_resume_redoes_an_evaluation_the_stop_cut_short(tmp_path, recipe):
+    # killed in the evaluation after its last checkpoint: the resume said "done" and never evaluated
+    run = tmp_path / "run"
+    train_from_files(recipe, run, None, QUICK)
+    (final,) = events(run, "eval")
+    assert final["step"] == 2
+    # the run as the kill left it: the checkpoint at step 2, no eval event, no best.safetensors
+    kept = [r for r in events(run) if r["event"] != "eval"]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    (run / "best.safetensors").unlink()
+    train_from_files(None, None, run, [])
+    (again,) = events(run, "eval")
+    assert again["step"] == 2 and again["AP"] == pytest.approx(final["AP"], abs=1e-6)
+    assert (run / "best.safetensors").is_file()
+    train_from_files(None, None, run, [])  # evaluated now: a further resume does not evaluate again
+    assert len(events(run, "eval")) == 1
