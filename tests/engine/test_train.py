@@ -205,7 +205,7 @@ def test_sigterm_and_ctrl_c_stop_after_the_step_with_a_checkpoint(tmp_path, data
     reference = {r["step"]: r["loss"] for r in events(tmp_path / "full", "train")}
 
     for name, sig, workers, code, line in (
-        ("sigterm", signal.SIGTERM, 0, 143, "error: terminated (SIGTERM)"),
+        ("sigterm", signal.SIGTERM, 2, 143, "error: terminated (SIGTERM)"),
         ("ctrl_c", signal.SIGINT, 2, 130, "error: interrupted"),
     ):
         run = tmp_path / name
@@ -223,6 +223,7 @@ def test_sigterm_and_ctrl_c_stop_after_the_step_with_a_checkpoint(tmp_path, data
         os.killpg(proc.pid, sig)
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == code and err.strip().splitlines()[-1] == line, (name, proc.returncode, err[-2000:])
+        assert err.count("stopping after this step") == 1, err  # the main process decides; workers stay quiet
         (stopped,) = events(run, "interrupted")
         assert 2 <= stopped["step"] < 8 and stopped["signal"] == signal.Signals(sig).name, stopped
         assert events(run, "checkpoint")[-1]["step"] == stopped["step"]  # saved where it stopped
