@@ -348,8 +348,8 @@ def builtin_recipe_text(name: str) -> str:
 def read_recipe_source(ref: str | Path) -> tuple[str, Path | None, str]:
     """(TOML text, the file it came from or None for a built-in, default name) for a file or a name.
 
-    An existing file wins. Otherwise a bare name (``quickstart``) or a missing ``.../recipes/NAME.toml``
-    is the built-in recipe ``NAME``.
+    An existing file wins. Otherwise a bare name (``quickstart``), a missing ``NAME.toml`` given without a
+    folder, or a missing ``.../recipes/NAME.toml`` is the built-in recipe ``NAME``.
     """
     path = Path(ref)
     if path.is_dir():
@@ -362,14 +362,16 @@ def read_recipe_source(ref: str | Path) -> tuple[str, Path | None, str]:
         except UnicodeDecodeError as e:
             raise DyheadError(f"recipe {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     text = str(ref)
-    bare = "/" not in text and "\\" not in text and path.suffix == ""
-    in_recipes = path.suffix == ".toml" and path.parent.name == "recipes"  # the repository's old layout
+    no_folder = "/" not in text and "\\" not in text
+    bare = no_folder and path.suffix == ""
+    # NAME.toml alone, as the README's recipe table writes it, or the repository's recipes/NAME.toml
+    as_file = path.suffix == ".toml" and (no_folder or path.parent.name == "recipes")
     names = builtin_recipe_names()
-    if (bare or in_recipes) and path.stem in names:
+    if (bare or as_file) and path.stem in names:
         return builtin_recipe_text(path.stem), None, path.stem
     if bare:
         raise DyheadError(f"no recipe file or built-in recipe '{text}'{suggest(text, names)} (built-in: {', '.join(names)})")
-    raise DyheadError(f"recipe file not found: {path}")
+    raise DyheadError(f"recipe file not found: {path}{suggest(path.stem, names)}")
 
 
 def _parse_toml(text: str, where: Path | None) -> dict[str, Any]:

@@ -47,7 +47,8 @@ def plot_results(events: list[dict[str, Any]], path: Path) -> None:
         if all(e["loss"] > 0 for e in train):
             ax.set_yscale("log")
     ax.set(title="training loss", xlabel="step")
-    ax.legend(fontsize=8)
+    if train:  # an empty legend is a matplotlib warning on stderr (an evaluation before the first logged step)
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     ax = axes[1]
     if train:
@@ -61,7 +62,7 @@ def plot_results(events: list[dict[str, Any]], path: Path) -> None:
         if values:
             ax.plot(*zip(*values), style, label=name)
     ax.set(title="validation (COCO bbox, %)", xlabel="step", ylim=(0, 100))
-    if evals:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

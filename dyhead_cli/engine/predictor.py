@@ -199,7 +199,7 @@ class Predictor:
                 raise DyheadError(listed.ignored[0])
             return [(e, e.path) for e in listed.entries]
         if isinstance(x, Image.Image):
-            return [(np.asarray(_to_rgb(x)), None)]
+            return self._expand(np.asarray(_to_rgb(x)), bgr=False)
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu()
             if t.ndim == 4:
@@ -209,6 +209,11 @@ class Predictor:
             if t.dtype == torch.uint8:
                 arr = t.permute(1, 2, 0).numpy()
             elif t.is_floating_point():
+                top = float(t.max()) if t.numel() else 0.0
+                if top > 1.0 + 1e-3:  # 0..255 floats would all clamp to white
+                    raise DyheadError(
+                        f"a float tensor image must hold 0..1, its largest value is {top:g}: divide it by 255, or give uint8"
+                    )
                 arr = (t.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             else:
                 raise DyheadError(f"a tensor image must be uint8 (0..255) or float (0..1), got {t.dtype}")
@@ -222,6 +227,8 @@ class Predictor:
                 x = np.repeat(x.reshape(x.shape[0], x.shape[1], 1), 3, axis=2)
             if x.ndim != 3 or x.shape[2] != 3:
                 raise DyheadError(f"an array image must be (H, W, 3) or (H, W), got shape {x.shape}")
+            if x.shape[0] == 0 or x.shape[1] == 0:
+                raise DyheadError(f"an image must have at least one pixel, got {x.shape[0]}x{x.shape[1]}")
             return [(np.ascontiguousarray(x[:, :, ::-1] if bgr else x), None)]
         raise DyheadError(f"cannot predict on a {type(x).__name__}: give a path, PIL image, numpy array or tensor")
 

@@ -27,11 +27,12 @@ def test_builtin_recipes_load_by_name_and_by_the_readme_path_from_anywhere(tmp_p
     by_name = load_recipe("quickstart")
     assert by_name.name == "quickstart" and by_name.model.backbone.name == "regnetx_002"
     assert load_recipe("recipes/quickstart.toml") == by_name  # the README's path still works after pip install
+    assert load_recipe("quickstart.toml") == by_name  # as the README's recipe table names them
     assert load_recipe(tmp_path / "old-clone" / "recipes" / "quickstart.toml") == by_name  # the old layout
     assert load_recipe("quickstart", ["train.lr=0.5"]).train.lr == 0.5
     with pytest.raises(DyheadError, match="did you mean 'quickstart'"):
         load_recipe("quickstrat")
-    with pytest.raises(DyheadError, match="recipe file not found: elsewhere/quickstart.toml"):
+    with pytest.raises(DyheadError, match=r"recipe file not found: elsewhere/quickstart.toml \(did you mean 'quickstart'"):
         load_recipe("elsewhere/quickstart.toml")  # only recipes/NAME.toml falls back to the built-in
     (tmp_path / "quickstart").write_text('name = "mine"\n[train]\nlr = 0.25\n')
     assert load_recipe("quickstart").train.lr == 0.25  # an existing file always wins over a built-in name

@@ -119,4 +119,9 @@ def test_api_options_and_mistakes(run):
         model(np.zeros((8, 8, 3), np.float32))
     with pytest.raises(DyheadError, match="cannot predict on a dict"):
         model({"not": "an image"})
+    with pytest.raises(DyheadError, match="must hold 0..1, its largest value is 255: divide it by 255"):
+        model(torch.full((3, 8, 8), 255.0))  # 0..255 floats: all white once clamped, silently
+    for empty in (np.zeros((0, 0, 3), np.uint8), torch.ones(3, 0, 4)):
+        with pytest.raises(DyheadError, match="at least one pixel"):
+            model(empty)  # a ZeroDivisionError in the resize before
     assert dyhead_cli.build_model(dyhead_cli.load_recipe(run["recipe"]).model).__class__.__name__ == "Detector"

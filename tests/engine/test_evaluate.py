@@ -161,3 +161,16 @@ def test_plots_are_written(tmp_path):
     paths = write_plots(coco_evaluate(gt, dets), gt, dets, tmp_path / "plots")
     assert [p.name for p in paths] == ["confusion_matrix.png", "pr_curves.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_results_png_of_a_run_evaluated_before_its_first_logged_step_warns_nothing(tmp_path):
+    # an empty legend was a matplotlib UserWarning on stderr in short runs
+    import warnings
+
+    from dyhead_cli.engine.plots import plot_results
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_results([{"event": "eval", "step": 1, "AP": None, "AP50": None}], tmp_path / "results.png")
+        plot_results([], tmp_path / "empty.png")
+    assert (tmp_path / "results.png").stat().st_size > 1000
