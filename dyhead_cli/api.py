@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dyhead_cli.engine.predictor import Predictor, load_predictor
+from dyhead_cli.errors import DyheadError
 from dyhead_cli.models.build import build_model
 from dyhead_cli.recipe import ModelConfig, Recipe, load_recipe
 
@@ -42,11 +43,14 @@ def load(
     ``score_thr``, ``classes`` (names or category ids), ``iou``, ``max_det``, ``tile`` / ``tile_overlap``,
     ``batch_size`` (default: the recipe's ``eval.batch_size``), ``device`` auto | cpu | cuda[:N].
     """
+    if not isinstance(weights, (str, Path)):
+        raise DyheadError(f"weights must be the path of a .safetensors checkpoint, got {type(weights).__name__}")
     path = Path(weights)
     if path.suffix.lower() in (".onnx", ".pt2", ".engine", ".torchscript"):
-        from dyhead_cli.errors import DyheadError
-
         raise DyheadError(f"{path}: exported models cannot be loaded yet; load the .safetensors checkpoint")
+    device = str(device)  # a torch.device too
+    if isinstance(classes, (str, int)):
+        classes = [classes]  # one class, not the letters of its name
     return load_predictor(
         path,
         device,

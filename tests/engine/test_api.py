@@ -114,6 +114,12 @@ def test_api_options_and_mistakes(run):
     assert torch.equal(some.scores, everything.scores[wanted]) and set(some.names) <= {"square", "cross"}
     with pytest.raises(DyheadError, match="neither a class name"):
         dyhead_cli.load(run["weights"], device="cpu", classes=["sqare"])
+    (one,) = dyhead_cli.load(run["weights"], device=torch.device("cpu"), classes="square", score_thr=0.02)(image)
+    assert torch.equal(
+        one.scores, everything.scores[[n == "square" and float(s) >= 0.02 for n, s in zip(everything.names, everything.scores)]]
+    )
+    with pytest.raises(DyheadError, match="weights must be the path"):
+        dyhead_cli.load(5)
     model = dyhead_cli.load(run["weights"], device="cpu")
     with pytest.raises(DyheadError, match="uint8"):
         model(np.zeros((8, 8, 3), np.float32))
