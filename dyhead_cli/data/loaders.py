@@ -6,7 +6,6 @@ image's real size; the detector normalises and zeroes the padding itself.
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
@@ -69,21 +68,15 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def _main_process_decides(worker_id: int) -> None:
-    """``worker_init_fn`` of the training and validation loaders: the main process decides what a signal
-    means (a training stops after its step with a checkpoint, ``engine/interrupts.py``), so a worker must not
-    die under the batch the main process still needs. Ctrl-C reaches the terminal's whole process group: a
-    worker ignores it. torchrun and Slurm send SIGTERM to every process: a worker outlives the first one
-    (DataLoader reports a worker killed by a signal at once, wherever the main process is, which would end
-    the training mid-step) and ends at the second (``Process.terminate`` when the loader shuts down).
-    Otherwise a worker ends as always: when its loader is done or its parent is gone."""
+    """``worker_init_fn`` of the training and validation loaders: Ctrl-C reaches the terminal's whole process
+    group, and the main process decides what it means (a training stops after its step with a checkpoint,
+    ``engine/interrupts.py``), so a worker ignores it rather than dying under the batch still needed.
+
+    SIGTERM keeps its default: ``Process.terminate`` (how a loader, or Python at exit, ends a worker) sends
+    it, and a worker that outlived it would hang the exit in ``join``. A worker killed by a group-wide
+    SIGTERM (torchrun, Slurm) ends the loop; with one process the training still checkpoints at its step.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _end_at_second_sigterm)
-
-
-def _end_at_second_sigterm(signum: int, frame: object) -> None:
-    if getattr(_end_at_second_sigterm, "seen", False):
-        os._exit(128 + signum)
-    _end_at_second_sigterm.seen = True  # type: ignore[attr-defined]
 
 
 class EpochSampler(Sampler[list[int]]):

@@ -431,10 +431,17 @@ def _run(
                 stop_here()
             clock.restart(state.step)
     except Exception:
-        # after a signal, workers of another process group may die under the next batch (Slurm signals every
-        # process): at a step boundary the state is whole, so save it as if the loop had reached its check
-        if stop.signum is None or state.batch_in_epoch % t.grad_accum or world > 1:
+        # after a signal, DataLoader workers may die of it (torchrun and Slurm signal every process): at a step
+        # boundary of a one-process run the state is whole, so save it as if the loop had reached its check;
+        # otherwise (several processes: another rank may be inside a collective) stop as the signal asked
+        if stop.signum is None:
             raise
+        if state.batch_in_epoch % t.grad_accum or world > 1:
+            reporter.message(
+                f"stopped at step {state.step} without a checkpoint there (a DataLoader worker ended with the signal; "
+                f"with several processes use data.num_workers = 0 for a stop with one): --resume continues from the last"
+            )
+            stop.interrupt()
         stop_here()
     finally:
         stop.__exit__()
