@@ -48,6 +48,12 @@ def load(
     path = Path(weights)
     if path.suffix.lower() in (".onnx", ".pt2", ".engine", ".torchscript"):
         raise DyheadError(f"{path}: exported models cannot be loaded yet; load the .safetensors checkpoint")
+    numbers = {"score_thr": score_thr, "iou": iou, "tile_overlap": tile_overlap}
+    counts = {"max_det": max_det, "tile": tile, "batch_size": batch_size}
+    for name, value in {**numbers, **counts}.items():  # checked here, not as a TypeError deep inside
+        whole = name in counts
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int if whole else (int, float))):
+            raise DyheadError(f"{name} must be {'a whole number' if whole else 'a number'}, got {value!r}")
     device = str(device)  # a torch.device too
     if isinstance(classes, (str, int)):
         classes = [classes]  # one class, not the letters of its name

@@ -120,6 +120,13 @@ def test_api_options_and_mistakes(run):
     )
     with pytest.raises(DyheadError, match="weights must be the path"):
         dyhead_cli.load(5)
+    for option, value, kind in (
+        ("score_thr", "0.5", "a number"),
+        ("batch_size", 1.5, "a whole number"),
+        ("max_det", 2.5, "a whole"),
+    ):
+        with pytest.raises(DyheadError, match=f"{option} must be {kind}"):
+            dyhead_cli.load(run["weights"], device="cpu", **{option: value})
     model = dyhead_cli.load(run["weights"], device="cpu")
     with pytest.raises(DyheadError, match="uint8"):
         model(np.zeros((8, 8, 3), np.float32))
