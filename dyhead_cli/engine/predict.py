@@ -236,8 +236,9 @@ class AnnotatedOutput:
             return
         if os.path.lexists(self.folder) and not self.folder.is_dir():
             raise DyheadError(f"--save {self.folder} is a file, not a folder: give a folder path")
-        inputs = {os.path.realpath(e.path) for e in self.entries.values()}
-        for entry in self.entries.values():
+        files = {e.path: e for e in self.entries.values()}  # a video once, not once per frame
+        inputs = {os.path.realpath(p) for p in files}
+        for entry in files.values():
             target = self.target(entry.file_name, video=entry.frame is not None)
             if os.path.realpath(target) in inputs:
                 raise DyheadError(

@@ -79,13 +79,19 @@ def check_recipe_fits(recipe: Recipe, meta: dict[str, Any], recipe_path: Path, w
     conflicts = model_conflicts(recipe.model, stored)
     if not conflicts:
         return
-    key, here, there = conflicts[0]
-    more = f" (and {len(conflicts) - 1} more: {', '.join(c[0] for c in conflicts[1:4])})" if len(conflicts) > 1 else ""
+    key, _, there = conflicts[0]
     raise DyheadError(
-        f"recipe {recipe_path} does not describe the model in {weights}: {key} is {here!r} in the recipe but "
-        f"{there!r} in the checkpoint{more}; the weights only work with the checkpoint's value: give the run's "
-        f"recipe.toml, or --set {key}={_toml_value(there)}"
+        f"recipe {recipe_path} does not describe the model in {weights}: "
+        f"{first_conflict(conflicts, 'in the recipe', 'in the checkpoint')}; the weights only work with the "
+        f"checkpoint's value: give the run's recipe.toml, or --set {key}={_toml_value(there)}"
     )
+
+
+def first_conflict(conflicts: list[tuple[str, Any, Any]], here: str, there: str) -> str:
+    """``model_conflicts``' first row in words: "KEY is A <here> but B <there> (and N more: ...)"."""
+    key, a, b = conflicts[0]
+    more = f" (and {len(conflicts) - 1} more: {', '.join(c[0] for c in conflicts[1:4])})" if len(conflicts) > 1 else ""
+    return f"{key} is {a!r} {here} but {b!r} {there}{more}"
 
 
 def category_difference(want: list[tuple[Any, str]], have: list[tuple[Any, str]], limit: int = 4) -> str:
@@ -115,14 +121,18 @@ def checkpoint_category_ids(meta: dict[str, Any], dataset: Any, weights: Path) -
     """The category id of each of the checkpoint's labels in ``dataset`` (a ``CocoDetection``), matched by
     the class names the checkpoint's recipe stores; refuses a data set that does not name those classes.
     Without stored names: the data set's own order (the weights' shapes check the count)."""
+    from dyhead_cli.engine.inference import match_categories  # inference checks recipes with this module
+
     stored = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
     names = (stored.get("model") or {}).get("class_names") or []
     have = list(zip(dataset.cat_ids, dataset.class_names))
     if not names or list(dataset.class_names) == list(names):
         return list(dataset.cat_ids)
-    by_name = {n: i for i, n in have}
-    if len(by_name) == len(have) == len(names) and set(by_name) == set(names):
-        return [by_name[n] for n in names]  # the same classes in another id order
+    # the same classes under other ids: matched by name as predict matches an annotation file's, but every
+    # category of the file must be one of the model's (an extra one would count as missed in the AP)
+    cats = match_categories(list(names), True, [{"id": i, "name": n} for i, n in have])
+    if cats is not None and len(cats) == len(have):
+        return [c["id"] for c in cats]
     ids = meta.get("category_ids")
     want = list(zip(ids, names)) if isinstance(ids, list) and len(ids) == len(names) else list(enumerate(names, 1))
     raise DyheadError(

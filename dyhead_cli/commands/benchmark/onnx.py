@@ -37,15 +37,13 @@ def load_onnx(path: Path, threads: int) -> tuple[Any, dict[str, Any]]:
 def check_same_model(cfg: ModelConfig, source: str, model: Any) -> None:
     """Refuse an ONNX file that holds another model than the one timed beside it: the two timings are
     printed as a ratio, which would compare two different networks."""
-    from dyhead_cli.engine.recipe_fit import model_conflicts
+    from dyhead_cli.engine.recipe_fit import first_conflict, model_conflicts
 
     conflicts = model_conflicts(cfg, model.meta["recipe"])
     if conflicts:
-        key, here, there = conflicts[0]
-        more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
         raise DyheadError(
-            f"--onnx {model.path} holds another model than {source}: {key} is {there!r} there, {here!r} here{more}; "
-            f"give the recipe it was exported from (--recipe)"
+            f"--onnx {model.path} holds another model than {source}: "
+            f"{first_conflict(conflicts, f'in {source}', 'in the ONNX file')}; give the recipe it was exported from (--recipe)"
         )
 
 
