@@ -27,6 +27,7 @@ def run(paths: list[Path], weights: Path, out: Path, options: PredictOptions) ->
         TimeRemainingColumn(),
         console=err_console,
         transient=True,  # the summary line replaces it
+        disable=not err_console.is_terminal,  # a bar that is never drawn still left an empty line in logs
     )
     task = None
 
