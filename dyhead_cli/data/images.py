@@ -62,7 +62,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return im
     if im.mode == "P":
         im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if im.mode == "La":  # premultiplied grey + alpha: PIL converts it only to LA
+        im = im.convert("LA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa"):
         im = im.convert("RGBA")
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, im).convert("RGB")

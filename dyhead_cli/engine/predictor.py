@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dyhead_cli.data.images import ImageEntry, ImageFiles, _to_rgb, collect_images
+from dyhead_cli.data.images import IMAGE_ERRORS, ImageEntry, ImageFiles, _to_rgb, collect_images
 from dyhead_cli.data.loaders import collate_images
 from dyhead_cli.engine.detections import Detections
 from dyhead_cli.engine.inference import (
@@ -199,7 +199,11 @@ class Predictor:
                 raise DyheadError(listed.ignored[0])
             return [(e, e.path) for e in listed.entries]
         if isinstance(x, Image.Image):
-            return self._expand(np.asarray(_to_rgb(x)), bgr=False)
+            try:
+                rgb = np.asarray(_to_rgb(x))
+            except IMAGE_ERRORS as e:  # a closed image, a mode PIL cannot convert
+                raise DyheadError(f"cannot read this PIL image (mode {x.mode}, {x.width}x{x.height}): {e}") from None
+            return self._expand(rgb, bgr=False)
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu()
             if t.ndim == 4:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from dyhead_cli.data.check import check_dataset
 from dyhead_cli.data.coco import CocoDetection
+from dyhead_cli.data.images import _to_rgb
 from dyhead_cli.data.loaders import build_dataloader, collate
 from dyhead_cli.data.transforms import shortest_edge_size, test_transform, train_transform
 from dyhead_cli.engine.evaluate import coco_evaluate
@@ -63,6 +64,9 @@ def test_image_modes_load_as_rgb(tmp_path: Path) -> None:
     r, g, b = cmyk[:, 10, 15].tolist()
     assert r > 200 and g < 60 and b < 60
     assert deep[:, 5, 5].tolist() == [255, 255, 255]
+    # premultiplied alpha (in-memory modes only, which the Python API accepts): PIL converts "La" only to "LA"
+    assert _to_rgb(Image.new("La", (2, 2), (100, 255))).getpixel((0, 0)) == (100, 100, 100)
+    assert _to_rgb(Image.new("La", (2, 2), (0, 0))).getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_exif_rotated_image_is_loaded_as_displayed(tmp_path: Path) -> None:

@@ -134,6 +134,12 @@ def test_api_options_and_mistakes(run):
         model({"not": "an image"})
     with pytest.raises(DyheadError, match="must hold 0..1, its largest value is 255: divide it by 255"):
         model(torch.full((3, 8, 8), 255.0))  # 0..255 floats: all white once clamped, silently
+    closed = Image.new("RGB", (8, 8))
+    closed.close()
+    with pytest.raises(DyheadError, match=r"cannot read this PIL image \(mode RGB, 8x8\): Operation on closed image"):
+        model(closed)  # a ValueError from PIL before
+    (premultiplied,) = model(Image.new("La", (16, 16), (0, 0)))  # PIL converts "La" only to "LA"
+    assert premultiplied.image_size == (16, 16)
     for empty in (np.zeros((0, 0, 3), np.uint8), torch.ones(3, 0, 4)):
         with pytest.raises(DyheadError, match="at least one pixel"):
             model(empty)  # a ZeroDivisionError in the resize before
