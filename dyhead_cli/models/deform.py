@@ -317,7 +317,8 @@ def deform_conv2d_from_table(
         # zero-fills a gradient as large as the whole table, so per-chunk calls would pay that once per
         # chunk (70% of a small tower's backward); autograd keeps every chunk's columns anyway.
         # (B*h*w, C_out) -> (B, C_out, h, w)
-        return piece(0, b * hw).view(b, hw, n_out).transpose(1, 2).reshape(b, n_out, h, w)
+        # contiguous: a channels-last view here sends GroupNorm to its CPU channels-last kernel, 50x less exact
+        return piece(0, b * hw).view(b, hw, n_out).transpose(1, 2).reshape(b, n_out, h, w).contiguous()
     out = table.new_empty(b, n_out, hw, dtype=torch.promote_types(table.dtype, offset.dtype))  # bf16 table: fp32 out
     for i in range(b):
         for a in range(0, hw, chunk):
