@@ -7,7 +7,7 @@ image's real size; the detector normalises and zeroes the padding itself.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dyhead_cli.data.coco import CocoDetection, build_dataset
 from dyhead_cli.data.images import ImageEntry, ImageFiles
+from dyhead_cli.data.transforms import shortest_edge_size
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.recipe import Recipe
 
@@ -29,11 +30,10 @@ def collate(batch: Sequence[dict[str, Any] | None], size_divisibility: int = 128
     """
     items = [b for b in batch if b is not None]
     num_skipped = len(batch) - len(items)
-    div = max(1, int(size_divisibility))
     if items:
         max_h = max(it["image"].shape[1] for it in items)
         max_w = max(it["image"].shape[2] for it in items)
-        pad_h, pad_w = -(-max_h // div) * div, -(-max_w // div) * div
+        pad_h, pad_w = padded_size((max_h, max_w), size_divisibility)
     else:
         pad_h = pad_w = 0
     images = torch.zeros((len(items), 3, pad_h, pad_w), dtype=torch.float32)
@@ -48,6 +48,27 @@ def collate(batch: Sequence[dict[str, Any] | None], size_divisibility: int = 128
         "targets": [{"boxes": it["boxes"], "labels": it["labels"]} for it in items],
         "num_skipped": num_skipped,
     }
+
+
+def padded_size(size: tuple[int, int], size_divisibility: int) -> tuple[int, int]:
+    """(h, w) rounded up to multiples of ``size_divisibility``: the size an image is padded to alone."""
+    div = max(1, int(size_divisibility))
+    return -(-int(size[0]) // div) * div, -(-int(size[1]) // div) * div
+
+
+def alone_groups(sizes: Sequence[tuple[int, int]], size_divisibility: int) -> list[tuple[list[int], tuple[int, int]]]:
+    """The images of a batch grouped by the size each is padded to alone: [(indices, (Hp, Wp))], in order
+    of first appearance.
+
+    Inference runs each group as its own batch, cropped to that size. DyHead averages whole maps (scale
+    attention, DyReLU), padding included, and the convs near an image's edge see the padding, so an image
+    padded to a larger neighbour's size gives other detections. The references evaluate one image at a
+    time (padded to the multiple only); per group, a batch gives their numbers whatever it holds.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(padded_size(size, size_divisibility), []).append(i)
+    return [(indices, shape) for shape, indices in groups.items()]
 
 
 def collate_images(items: list[dict[str, Any]], size_divisibility: int) -> dict[str, Any]:
@@ -205,12 +226,27 @@ def train_loader(
 class ShardBatches(Sampler[list[int]]):
     """Batches of ``batch_size`` in data set order; process ``rank`` of ``world`` takes every world-th batch.
 
+    With ``groups`` (a key per index, e.g. ``padded_sizes``) each batch holds one group's images: a batch
+    is filled as its group's images come, and each group's last, partial batch follows. Inference runs a
+    batch of mixed padded sizes one group at a time anyway (``alone_groups``); this keeps the batches full.
     Each batch is the one a single process would form (same images, same padding), so the detections,
     and with them the AP, do not depend on the number of processes.
     """
 
-    def __init__(self, size: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
-        batches = [list(range(i, min(i + batch_size, size))) for i in range(0, size, batch_size)]
+    def __init__(
+        self, size: int, batch_size: int, rank: int = 0, world: int = 1, groups: Sequence[Hashable] | None = None
+    ) -> None:
+        if groups is None:
+            batches = [list(range(i, min(i + batch_size, size))) for i in range(0, size, batch_size)]
+        else:
+            batches, buckets = [], {}
+            for index in range(size):
+                bucket = buckets.setdefault(groups[index], [])
+                bucket.append(index)
+                if len(bucket) == batch_size:
+                    batches.append(list(bucket))
+                    bucket.clear()
+            batches += [bucket for bucket in buckets.values() if bucket]
         self.batches = batches[rank::world]
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -220,17 +256,32 @@ class ShardBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
+def padded_sizes(dataset: CocoDetection, min_size: int, max_size: int, size_divisibility: int) -> list[Hashable]:
+    """Per index of ``dataset``: the (Hp, Wp) its image is padded to alone at test time, from the COCO
+    width and height (checked against the file when read); None where the JSON does not give them."""
+    out: list[Hashable] = []
+    for image_id in dataset.ids:
+        info = dataset.coco.imgs[image_id]
+        w, h = info.get("width"), info.get("height")
+        ok = isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0
+        out.append(padded_size(shortest_edge_size(h, w, min_size, max_size), size_divisibility) if ok else None)
+    return out
+
+
 def val_loader(
     recipe: Recipe, rank: int = 0, world: int = 1, dataset: CocoDetection | None = None
 ) -> tuple[DataLoader, CocoDetection]:
-    """The validation set of ``recipe`` in ``eval.batch_size`` batches, in order (this process's share)."""
-    dataset = dataset if dataset is not None else build_dataset(recipe.data, "val")
+    """The validation set of ``recipe`` in ``eval.batch_size`` batches of one padded size each (this
+    process's share)."""
+    d = recipe.data
+    dataset = dataset if dataset is not None else build_dataset(d, "val")
+    groups = padded_sizes(dataset, d.test_min_size, d.max_size, d.size_divisibility)
     loader = DataLoader(
         dataset,
-        batch_sampler=ShardBatches(len(dataset), recipe.eval.batch_size, rank, world),
-        num_workers=recipe.data.num_workers,
-        collate_fn=partial(collate, size_divisibility=recipe.data.size_divisibility),
-        worker_init_fn=_main_process_decides if recipe.data.num_workers > 0 else None,
+        batch_sampler=ShardBatches(len(dataset), recipe.eval.batch_size, rank, world, groups),
+        num_workers=d.num_workers,
+        collate_fn=partial(collate, size_divisibility=d.size_divisibility),
+        worker_init_fn=_main_process_decides if d.num_workers > 0 else None,
     )
     return loader, dataset
 

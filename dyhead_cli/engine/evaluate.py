@@ -137,7 +137,12 @@ def predict_shard(
     reporter.eval_start(share)
     start = time.perf_counter()
     results = predict_coco(
-        model, clean_worker_errors(loader), device, cat_ids or list(dataset.cat_ids), progress=reporter.eval_advance
+        model,
+        clean_worker_errors(loader),
+        device,
+        cat_ids or list(dataset.cat_ids),
+        progress=reporter.eval_advance,
+        size_divisibility=recipe.data.size_divisibility,
     )
     reporter.eval_end(time.perf_counter() - start)
     return results

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dyhead_cli.data.loaders import alone_groups
 from dyhead_cli.engine import recipes
 from dyhead_cli.engine.checkpoint import load_model_weights, load_weights
 from dyhead_cli.engine.recipe_fit import check_recipe_fits
@@ -177,13 +178,38 @@ def autocast_dtype(half: bool, bf16: bool, device: torch.device) -> torch.dtype 
     return None
 
 
+def forward_alone(model: nn.Module, images: torch.Tensor, sizes, orig_sizes, size_divisibility: int | None) -> list[dict]:
+    """``model(images, sizes)`` with each image padded as if it were alone (see ``data.loaders.alone_groups``):
+    a batch of mixed padded sizes runs one size group at a time, cropped to it. ``images`` (B, 3, Hp, Wp)
+    with each image at the top left; ``size_divisibility`` None runs the batch as it is."""
+    groups = alone_groups(sizes, size_divisibility) if size_divisibility else []
+    if len(groups) <= 1 and (not groups or groups[0][1] == tuple(images.shape[-2:])):
+        return model(images, sizes, original_sizes=orig_sizes)
+    out: list[dict] = [{} for _ in sizes]
+    for indices, (h, w) in groups:
+        part = images if len(indices) == len(sizes) else images[indices]
+        found = model(
+            part[:, :, :h, :w].contiguous(), [sizes[i] for i in indices], original_sizes=[orig_sizes[i] for i in indices]
+        )
+        for i, det in zip(indices, found):
+            out[i] = det
+    return out
+
+
 def run_model(
-    model: nn.Module, images: torch.Tensor, sizes, orig_sizes, device: torch.device, dtype: torch.dtype | None
+    model: nn.Module,
+    images: torch.Tensor,
+    sizes,
+    orig_sizes,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    size_divisibility: int | None = None,
 ) -> list[dict]:
-    """The detector under autocast; an op without a kernel for the autocast type is a user-facing error."""
+    """The detector under autocast (each image padded alone with ``size_divisibility``, see
+    ``forward_alone``); an op without a kernel for the autocast type is a user-facing error."""
     try:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            return model(images, sizes, original_sizes=orig_sizes)
+            return forward_alone(model, images, sizes, orig_sizes, size_divisibility)
     except (RuntimeError, NotImplementedError) as e:
         if dtype is not None and ("BFloat16" in str(e) or "Half" in str(e)):
             flag = "--bf16" if dtype == torch.bfloat16 else "--half"
@@ -195,15 +221,22 @@ def run_model(
 
 @torch.no_grad()
 def predict_coco(
-    model: nn.Module, loader, device: torch.device, cat_of_label: list[int], autocast_dtype=None, progress=None
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    cat_of_label: list[int],
+    autocast_dtype=None,
+    progress=None,
+    size_divisibility: int | None = None,
 ) -> list[dict]:
-    """Run ``model`` over a loader of the data set's collated batches; return COCO result dicts."""
+    """Run ``model`` over a loader of the data set's collated batches (padded with ``size_divisibility``,
+    each image run as if alone: ``forward_alone``); return COCO result dicts."""
     model.eval()
     results: list[dict] = []
     for batch in loader:
         images = batch["images"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            detections = model(images, batch["image_sizes"], original_sizes=batch["orig_sizes"])
+            detections = forward_alone(model, images, batch["image_sizes"], batch["orig_sizes"], size_divisibility)
         for image_id, det in zip(batch["image_ids"], detections):
             results.extend(detections_to_coco(det, int(image_id), cat_of_label))
         if progress is not None:

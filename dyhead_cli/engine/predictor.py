@@ -141,7 +141,15 @@ class Predictor:
     def _run(self, items: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
         batch = collate_images(items, self.recipe.data.size_divisibility)
         images = batch["images"].to(self.device, non_blocking=True)
-        out = run_model(self.model, images, batch["image_sizes"], batch["orig_sizes"], self.device, self.dtype)
+        out = run_model(
+            self.model,
+            images,
+            batch["image_sizes"],
+            batch["orig_sizes"],
+            self.device,
+            self.dtype,
+            self.recipe.data.size_divisibility,
+        )
         return [{k: d[k].detach().cpu() for k in ("boxes", "scores", "labels")} for d in out]
 
     def _filter(self, found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

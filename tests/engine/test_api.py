@@ -144,3 +144,28 @@ def test_api_options_and_mistakes(run):
         with pytest.raises(DyheadError, match="at least one pixel"):
             model(empty)  # a ZeroDivisionError in the resize before
     assert dyhead_cli.build_model(dyhead_cli.load_recipe(run["recipe"]).model).__class__.__name__ == "Detector"
+
+
+def test_a_batch_of_mixed_sizes_gives_each_image_its_own_detections(run):
+    """Each image is padded as if alone (``forward_alone``): DyHead averages whole maps, padding included,
+    so padding a square image to its wide neighbour's size changed its detections."""
+    from dyhead_cli.data.loaders import collate_images
+    from dyhead_cli.engine.inference import forward_alone
+
+    square = np.array(Image.open(run["val_images"] / "000003.jpg").convert("RGB"))
+    wide = np.concatenate([square, square[:, ::-1]], axis=1)  # 128x256: padded to 128x256, the square to 128x128
+    alone = [dyhead_cli.load(run["weights"], device="cpu", batch_size=1)(x)[0] for x in (square, wide, square)]
+    together = dyhead_cli.load(run["weights"], device="cpu", batch_size=3)([square, wide, square])
+    for a, t in zip(alone, together):
+        assert (
+            len(a) == len(t) > 0 and torch.allclose(a.boxes, t.boxes, atol=1e-3) and torch.allclose(a.scores, t.scores, atol=1e-5)
+        )
+
+    model = dyhead_cli.load(run["weights"], device="cpu")
+    dataset = model.dataset([], keep_original=True)
+    items = [dataset.prepare(x, i + 1, f"image {i + 1}") for i, x in enumerate((square, wide))]
+    batch = collate_images(items, 32)
+    with torch.no_grad():
+        padded = forward_alone(model.model, batch["images"], batch["image_sizes"], batch["orig_sizes"], None)
+    assert batch["images"].shape[-2:] == (128, 256)  # both padded to the wide one's size, as before
+    assert not torch.allclose(padded[0]["scores"][:5], alone[0].scores[:5], atol=1e-4)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers_train import write_tiny_recipe
 
-from dyhead_cli.data.loaders import EpochSampler, ShardBatches
+from dyhead_cli.data.loaders import EpochSampler, ShardBatches, alone_groups, padded_size
 from dyhead_cli.engine.train import train_from_files
 from dyhead_cli.errors import DyheadError
 
@@ -141,6 +141,20 @@ def test_shard_batches_are_the_single_process_batches_split():
     one = list(ShardBatches(10, 3))
     two = list(ShardBatches(10, 3, 0, 2)) + list(ShardBatches(10, 3, 1, 2))
     assert sorted(map(tuple, two)) == sorted(map(tuple, one)) and one[-1] == [9]
+
+
+def test_shard_batches_by_padded_size_hold_one_size_each_and_every_image_once():
+    sizes = ["a", "b", "a", "a", "b", "c", "a", "b", None, "a"]  # a key per image (its padded size)
+    one = list(ShardBatches(10, 3, groups=sizes))
+    assert one == [[0, 2, 3], [1, 4, 7], [6, 9], [5], [8]]  # full batches as they fill, then each rest
+    two = list(ShardBatches(10, 3, 0, 2, sizes)) + list(ShardBatches(10, 3, 1, 2, sizes))
+    assert sorted(map(tuple, two)) == sorted(map(tuple, one))
+
+
+def test_alone_groups_and_padded_sizes():
+    assert padded_size((800, 1067), 128) == (896, 1152) and padded_size((800, 1067), 1) == (800, 1067)
+    groups = alone_groups([(800, 1067), (800, 1199), (790, 1100), (1333, 800)], 128)
+    assert groups == [([0, 2], (896, 1152)), ([1], (896, 1280)), ([3], (1408, 896))]
 
 
 SHARDED_EVAL = """
