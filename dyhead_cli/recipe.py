@@ -101,6 +101,9 @@ class BackboneConfig:
     )  # [H, W] for models that need it (Swin); [] = none
     frozen_stages: int = ranged(0, ge=0, le=5)  # stem + this many stages get requires_grad=False (detectron2's freeze_at)
     norm_eval: bool = False  # keep BatchNorm in eval mode while training (frozen statistics)
+    # BatchNorm's weight and bias not trained either (detectron2's FrozenBN, which the official DyHead
+    # trains with; MMDetection's norm_cfg requires_grad=False); implies norm_eval
+    frozen_norm: bool = False
     # MSRA/caffe ResNets (detectron2's STRIDE_IN_1X1, MMDetection style='caffe') put each stage's stride in
     # the first 1x1 conv of its first bottleneck; timm puts it in the 3x3. Bottleneck ResNets/ResNeXts only.
     stride_in_1x1: bool = False

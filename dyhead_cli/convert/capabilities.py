@@ -101,12 +101,11 @@ CAPABILITIES = {
 }
 
 # What our model does today for each capability (per head where it differs).
-# How each reference runs inference beyond the weights: its dense post-processing (models/heads/postprocess.py)
-# and the multiple its batches are padded to (MMDetection's DetDataPreprocessor pad_size_divisor = 32 in the
-# DyHead configs; the official detectron2 configs SIZE_DIVISIBILITY = 128).
+# How each reference runs inference beyond the weights: its dense post-processing (models/heads/postprocess.py).
+# The multiple its images are padded to is read per checkpoint (``ReferenceModel.size_divisibility``).
 REFERENCE_SETTINGS = {
-    "official": {"postprocess": "official", "size_divisibility": 128},
-    "mmdet": {"postprocess": "mmdet", "size_divisibility": 32},
+    "official": {"postprocess": "official"},
+    "mmdet": {"postprocess": "mmdet"},
 }
 
 OURS = {
@@ -156,6 +155,8 @@ class ReferenceModel:
     notes: list[str] = field(default_factory=list)
     fpn_levels: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])  # [2, .., 6]: P6 = max-pool(P5)
     fc_dim: int = 1024  # Faster R-CNN's box head width
+    frozen_norm: bool = False  # BatchNorm weights not trained (detectron2 FrozenBN, MMDetection requires_grad=False)
+    size_divisibility: int = 32  # the multiple its test images are padded to (see reference_size_divisibility)
 
 
 @dataclass
@@ -238,7 +239,12 @@ def default_model_section(ref: ReferenceModel) -> dict[str, Any]:
         pixel_std=list(ref.pixel_std),
     )
     model["backbone"].update(
-        name=ref.backbone, pretrained=False, pretrained_file="", frozen_stages=ref.frozen_stages, norm_eval=ref.norm_eval
+        name=ref.backbone,
+        pretrained=False,
+        pretrained_file="",
+        frozen_stages=ref.frozen_stages,
+        norm_eval=ref.norm_eval,
+        frozen_norm=ref.frozen_norm,
     )
     model["fpn"].update(channels=ref.fpn_channels, extra_from=ref.extra_from)
     model["dyhead"].update(num_blocks=ref.num_blocks, offset_mode=ref.offset_mode, zero_init_offset=ref.zero_init_offset)

@@ -155,12 +155,13 @@ def convert_checkpoint(
             conv.notes.append(
                 f"head_options.postprocess = {settings['postprocess']!r}, as the reference (was {recipe['model']['head_options'].get('postprocess')!r})"
             )
-        if recipe["data"]["size_divisibility"] != settings["size_divisibility"]:
+        if recipe["data"]["size_divisibility"] != conv.reference.size_divisibility:
             conv.notes.append(
-                f"data.size_divisibility = {settings['size_divisibility']}, as the reference (was {recipe['data']['size_divisibility']})"
+                f"data.size_divisibility = {conv.reference.size_divisibility}, as the reference "
+                f"(was {recipe['data']['size_divisibility']})"
             )
     recipe["model"]["head_options"]["postprocess"] = settings["postprocess"]
-    recipe["data"]["size_divisibility"] = settings["size_divisibility"]
+    recipe["data"]["size_divisibility"] = conv.reference.size_divisibility
     recipe = to_dict(recipes.from_dict(recipe, list(overrides or [])))
     detector = build_for_weights(recipe_from_dict(recipe).model)
     load_model_weights(detector, conv.state_dict, source=f"the converted {src.name} (after --set)")

@@ -203,6 +203,7 @@ class _Backbone:
     input: tuple[str, list[float], list[float]]  # (format, mean, std)
     norm_eval: bool
     frozen_stages: int
+    frozen_norm: bool = False
 
 
 def _read_resnet(
@@ -240,8 +241,12 @@ def _read_resnet(
         raise DyheadError(f"--resnet-style must be auto, caffe or pytorch, got {style!r}")
     # a basic-block ResNet has no 1x1 conv: the caffe style moves nothing (detectron2's BasicBlock ignores STRIDE_IN_1X1)
     requires["backbone.stride_in_1x1"] = style == "caffe" and bottleneck
-    # detectron2 FrozenBN / MMDetection norm_eval=True; official FREEZE_AT = -1, MMDetection frozen_stages=1 (stem + layer1)
-    return _Backbone("resnet", name, CAFFE_BGR if style == "caffe" else IMAGENET_RGB, True, 0 if source == "official" else 2)
+    # detectron2 FrozenBN / MMDetection norm_eval=True; official FREEZE_AT = -1, MMDetection frozen_stages=1 (stem + layer1).
+    # BatchNorm weights: fixed in detectron2 (FrozenBN) and in MMDetection's caffe configs (norm_cfg
+    # requires_grad=False), trained in its pytorch-style ones; describe_reference reads a config's own word.
+    return _Backbone(
+        "resnet", name, CAFFE_BGR if style == "caffe" else IMAGENET_RGB, True, 0 if source == "official" else 2, style == "caffe"
+    )
 
 
 def _read_swin(state: dict[str, Tensor], source: str, patch: str, requires: dict[str, Any]) -> _Backbone:
@@ -352,7 +357,7 @@ def describe_reference(
     if fpn_channels != dy_channels:
         raise DyheadError(f"FPN channels {fpn_channels} differ from DyHead channels {dy_channels}; ours share one width")
     fmt, mean, std = backbone.input
-    frozen, zero_init = backbone.frozen_stages, False
+    frozen, zero_init, frozen_norm = backbone.frozen_stages, False, backbone.frozen_norm
     if source == "mmdet" and config:  # input normalisation and training-only settings, when the config says
         stages = config_value(config, "frozen_stages")
         if stages is not None and re.fullmatch(r"-?\d+", stages):
@@ -362,6 +367,9 @@ def describe_reference(
         if cfg_mean and cfg_std and len(cfg_mean) == 3 and len(cfg_std) == 3 and to_rgb is not None:
             fmt, mean, std = ("RGB" if to_rgb == "True" else "BGR"), cfg_mean, cfg_std
         zero_init = config_value(config, "zero_init_offset") != "False"  # MMDetection's default is True
+        trained = config_value(config, "requires_grad")  # the backbone's norm_cfg, the config's first
+        if backbone.kind == "resnet" and trained in ("True", "False"):
+            frozen_norm = trained == "False"
     if offset_mode is None:
         offset_mode = _read_offset_mode(source, meta, notes)
     if offset_mode not in ("official", "mmdet", "aligned"):
@@ -381,6 +389,7 @@ def describe_reference(
         pixel_std=[float(x) for x in std],
         norm_eval=backbone.norm_eval,
         frozen_stages=frozen,
+        frozen_norm=frozen_norm,
         offset_mode=offset_mode,
         zero_init_offset=zero_init,
         nms_thresh=head.nms_thresh,
@@ -390,4 +399,22 @@ def describe_reference(
         requires=requires,
         class_names=_read_class_names(meta, head.num_classes, notes),
         notes=notes,
+        size_divisibility=reference_size_divisibility(source, fpn_levels, config),
     )
+
+
+def reference_size_divisibility(source: str, fpn_levels: list[int], config: str) -> int:
+    """The multiple a reference pads its test images to.
+
+    Official: the DyHead backbone's ``size_divisibility`` is its last output stride (``dyhead/dyhead.py``):
+    128 for P3-P7 (ATSS, RetinaNet), 64 for Faster R-CNN's P2-P6. MMDetection: the config's
+    ``pad_size_divisor`` (3.x DetDataPreprocessor) or its ``Pad`` step's ``size_divisor`` (2.x); the
+    DyHead "simple" config pads to 32, the "reproduction" and Swin-L ones to 128; 32 without a config.
+    """
+    if source == "official":
+        return 2 ** fpn_levels[-1]
+    for name in ("pad_size_divisor", "size_divisor"):
+        value = config_value(config, name)
+        if value is not None and re.fullmatch(r"\d+", value) and int(value) > 0:
+            return int(value)
+    return 32

@@ -34,6 +34,7 @@ FREE_MODEL_KEYS = frozenset(
         "model.backbone.pretrained_file",
         "model.backbone.frozen_stages",
         "model.backbone.norm_eval",
+        "model.backbone.frozen_norm",
         "model.dyhead.zero_init_offset",
         "model.dyhead.impl",
         "model.head_options.prior_prob",

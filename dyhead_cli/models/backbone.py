@@ -159,6 +159,7 @@ class TimmBackbone(nn.Module):
         img_size: list[int] | None = None,
         frozen_stages: int = 0,
         norm_eval: bool = False,
+        frozen_norm: bool = False,
         stride_in_1x1: bool = False,
         out_norm: bool = False,
         out_strides: tuple[int, ...] = STRIDES,
@@ -181,8 +182,13 @@ class TimmBackbone(nn.Module):
         self.channels_last_output = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
         # detection Swins' norm1..norm3 (keys backbone.out_norms.{0,1,2}), applied channels-last
         self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels) if out_norm else None
-        self.norm_eval = norm_eval
+        self.norm_eval = norm_eval or frozen_norm
         self.freeze(frozen_stages)
+        if frozen_norm:  # FrozenBN: statistics (norm_eval) and affine weights fixed in every stage
+            for m in self.body.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    for param in m.parameters():
+                        param.requires_grad_(False)
 
     def freeze(self, frozen_stages: int) -> None:
         """Freeze the parameters up to and including the ``frozen_stages``-th feature stage (stem counts).

@@ -88,6 +88,7 @@ def test_official_faster_rcnn_r50_dyhead_converts_with_a_strict_load(prefix):
     assert m["rcnn"]["fc_dim"] == 1024 and m["head_options"]["nms_thresh"] == 0.5
     assert m["backbone"]["stride_in_1x1"] is True and m["input_format"] == "BGR"  # MSRA R-50, as for ATSS
     assert conv.dropped == {} and conv.gaps == []
+    assert conv.reference.size_divisibility == 64  # dyhead.py pads to the last output stride: P6's
     model = build_model(from_dict(ModelConfig, m, "model."))
     model.load_state_dict(conv.state_dict, strict=True)
     renamed = {

@@ -62,6 +62,19 @@ def test_norm_eval_keeps_batchnorm_statistics():
     assert not backbone.body.bn1.training
 
 
+def test_frozen_norm_is_frozen_batchnorm_in_every_stage():
+    """detectron2's FrozenBN (the official DyHead's backbone norm): statistics and affine weights fixed,
+    convs still trained (frozen_stages = 0, the official FREEZE_AT = -1)."""
+    backbone = TimmBackbone("resnet18", frozen_norm=True).train()
+    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) > 10 and all(not m.training and not m.weight.requires_grad and not m.bias.requires_grad for m in bns)
+    assert backbone.body.conv1.weight.requires_grad and backbone.body.layer4[1].conv2.weight.requires_grad
+    before = backbone.body.layer2[0].bn1.running_var.clone()
+    backbone(torch.randn(2, 3, 64, 64)).__getitem__(0).sum().backward()
+    assert torch.equal(before, backbone.body.layer2[0].bn1.running_var) and backbone.body.layer2[0].bn1.weight.grad is None
+    assert backbone.body.conv1.weight.grad is not None
+
+
 def test_pretrained_file_loads_local_weights(tmp_path):
     import timm
     from safetensors.torch import save_file
