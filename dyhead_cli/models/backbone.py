@@ -65,7 +65,7 @@ def create_features_model(name: str, pretrained: bool, pretrained_file: str, img
             f"could not fetch timm model '{name}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from None
     if kwargs["pretrained"]:
-        report.check(body, pretrained_file or name)
+        report.check(body, pretrained_file or name, name)
     return body
 
 
@@ -104,14 +104,15 @@ class WeightLoadReport(logging.Handler):
         self.logger.setLevel(self.saved[0])
         self.logger.propagate = self.saved[1]
 
-    def check(self, body: nn.Module, source: str) -> None:
+    def check(self, body: nn.Module, source: str, name: str = "") -> None:
         cfg = getattr(body, "pretrained_cfg", None) or {}
         heads = cfg.get("classifier") or ()
         heads = (heads,) if isinstance(heads, str) else tuple(heads)
         prefixes = tuple(f"{h}." for h in heads + ("fc", "head", "classifier", "last_linear", "head.fc"))
+        beyond = beyond_features(body, name) if self.unexpected else set()
 
         def real(keys: list[str]) -> list[str]:
-            return [k for k in keys if not k.startswith(prefixes) and not k.endswith("num_batches_tracked")]
+            return [k for k in keys if not k.startswith(prefixes) and not k.endswith("num_batches_tracked") and k not in beyond]
 
         missing, unexpected = real(self.missing), real(self.unexpected)
         if missing or unexpected:
@@ -123,6 +124,20 @@ class WeightLoadReport(logging.Handler):
                     f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})"
                 )
             raise DyheadError(f"pretrained weights {source} do not fit the backbone: keys {' and '.join(parts)}")
+
+
+def beyond_features(body: nn.Module, name: str) -> set[str]:
+    """The keys of timm model ``name`` (whole, built on the meta device: no memory, no init cost) that its
+    ``features_only`` version ``body`` does not have: what comes after the last feature stage (EfficientNet's
+    and MobileNet's ``conv_head`` and ``bn2``, ConvNeXt's ``head.norm``), unused by a detector. timm's
+    feature wrappers write ``layers_0`` for ``layers.0``, so names are compared with dots as underscores."""
+    try:
+        with torch.device("meta"):
+            whole = timm.create_model(name)
+    except Exception:  # noqa: BLE001 - a model timm builds only with options: no keys are forgiven
+        return set()
+    kept = {k.replace(".", "_") for k in body.state_dict()}
+    return {k for k in whole.state_dict() if k.replace(".", "_") not in kept}
 
 
 def move_stride_to_1x1(body: nn.Module, name: str) -> None:

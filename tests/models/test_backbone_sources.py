@@ -70,3 +70,29 @@ def test_pretrained_file_drops_classifier_keys_quietly_and_refuses_files_that_do
     with pytest.raises(DyheadError, match=r"keys \d+ missing \(layer4\."):
         TimmBackbone("test_resnet", pretrained_file=str(tmp_path / "partial.safetensors"))
     assert logging.getLogger("timm.models._builder").propagate  # timm's logger is left as it was
+
+
+@pytest.mark.parametrize(
+    ("name", "file"),
+    [
+        ("mobilenetv2_100", "mobilenetv2_100.tv_in1k.safetensors"),
+        ("tf_efficientnet_lite0", "tf_efficientnet_lite0.in1k_tfport.safetensors"),
+    ],
+)
+def test_shared_imagenet_files_load_into_their_features_backbone(name, file, tmp_path):
+    """The ImageNet files in ../shared/weights (whole timm models): a features_only EfficientNet/MobileNet
+    also drops conv_head and bn2 after its last stage; those keys were refused as "unexpected"."""
+    from helpers_fixtures import SHARED
+    from safetensors.torch import load_file
+
+    path = SHARED / "weights" / file
+    if not path.is_file():
+        pytest.skip(f"{path} is not available (../shared is absent)")
+    backbone = TimmBackbone(name, pretrained_file=str(path))
+    state = load_file(str(path))
+    assert {k for k in state if k.startswith(("conv_head.", "bn2."))}  # the keys the fix forgives are there
+    loaded = backbone.body.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.items() if not k.endswith("num_batches_tracked"))
+    save_file({**state, "extra.weight": torch.zeros(2)}, tmp_path / "extra.safetensors")
+    with pytest.raises(DyheadError, match=r"unexpected \(extra.weight\)"):  # still refused: a key of no model
+        TimmBackbone(name, pretrained_file=str(tmp_path / "extra.safetensors"))
