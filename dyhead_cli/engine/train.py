@@ -301,8 +301,21 @@ def _run(
         )
         log.write("checkpoint", step=state.step, epoch=state.epoch, path=str(run_dir / "last.safetensors"))
 
+    def same_buffers() -> None:
+        """Make every replica's buffers (BatchNorm statistics, EMA's too) rank 0's. DDP broadcasts rank 0's
+        at each forward; after the last one each replica has updated its own, so an evaluation would score
+        each rank's share with another model (and the final weights would differ by rank)."""
+        if world == 1:
+            return
+        for buffer in accelerator.unwrap_model(model).buffers():
+            torch.distributed.broadcast(buffer, src=0)
+        if ema is not None:
+            for tensor in ema.shadow.values():
+                torch.distributed.broadcast(tensor, src=0)
+
     def evaluate_now() -> dict[str, Any]:
         started = time.perf_counter()
+        same_buffers()
         raw = accelerator.unwrap_model(model)
         net = raw if ema is None else _with_weights(raw, ema.shadow)
         results = predict_shard(net, val_data, recipe, accelerator.device, rank, world, reporter)
@@ -332,7 +345,7 @@ def _run(
         clock.evaluated(time.perf_counter() - started)
         return out
 
-    if resume and state.step > 0 and state.batch_in_epoch == 0:
+    if resume and state.step > 0 and (state.batch_in_epoch == 0 or state.step >= total_steps):
         due = state.step >= total_steps or (t.eval_every > 0 and state.epoch % t.eval_every == 0)
         done = any(e.get("event") == "eval" and e.get("step") == state.step for e in read_events(run_dir / "metrics.jsonl"))
         if due and not done:  # the run was stopped in the evaluation that follows its checkpoint: do it now
@@ -421,9 +434,8 @@ def _run(
                 if count:
                     reporter.message(f"epoch {state.epoch}: {count} unreadable training images skipped (data.skip_corrupt)")
                 skipped = 0
-            if state.step >= total_steps:
-                state.epoch = max(state.epoch, math.ceil(state.step / max(1, steps_per_epoch)))
-                state.batch_in_epoch = 0
+            # a run that ends mid-epoch (train.max_steps) keeps its place in the epoch: a resume with a larger
+            # max_steps continues there (setting the epoch as done skipped its rest, or ended the run at once)
             checkpoint()  # before the evaluation: a crash there loses no training
             if state.step >= total_steps or (t.eval_every > 0 and state.epoch % t.eval_every == 0):
                 metrics = evaluate_now()
@@ -446,11 +458,7 @@ def _run(
     finally:
         stop.__exit__()
         reporter.finish()
-    if world > 1:
-        # DDP broadcasts rank 0's buffers (BatchNorm statistics) at each forward; after the last one every
-        # replica has updated its own, so make them rank 0's again.
-        for buffer in accelerator.unwrap_model(model).buffers():
-            torch.distributed.broadcast(buffer, src=0)
+    same_buffers()
     if os.environ.get("DYHEAD_SAVE_EVERY_RANK") == "1":  # debugging aid: compare replicas after a DDP run
         save_weights(run_dir / f"rank{rank}.safetensors", accelerator.unwrap_model(model), recipe_dict)
     if main:

@@ -159,6 +159,8 @@ def test_two_processes_with_gloo_end_with_identical_weights(tmp_path, data_root)
         "train.checkpoint_every=0",
         "--set",
         "model.dyhead.num_blocks=1",
+        "--set",
+        "model.head_options.score_thresh=0.0",  # detections to compare from 3 steps of training
     ]
     env = {**ENV, "DYHEAD_SAVE_EVERY_RANK": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -171,6 +173,19 @@ def test_two_processes_with_gloo_end_with_identical_weights(tmp_path, data_root)
             assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
     rows = events(run_dir, "train")
     assert [r["step"] for r in rows] == [1, 2, 3]
+    # the final evaluation scored every rank's share with rank 0's model (the one saved): each rank used
+    # its own BatchNorm statistics before, so rank 1's images got another model's detections
+    from dyhead_cli.data.coco import build_dataset
+    from dyhead_cli.engine.evaluate import predict_shard
+    from dyhead_cli.engine.inference import load_detector
+
+    det = load_detector(run_dir / "last.safetensors")
+    alone = predict_shard(det.model, build_dataset(det.recipe.data, "val"), det.recipe, torch.device("cpu"))
+    logged = json.loads((run_dir / "val_predictions.json").read_text())
+    fields = ("image_id", "category_id", "bbox", "score")  # loadRes added area, id... to the logged rows
+    alone, logged = (sorted([r[f] for f in fields] for r in rows) for rows in (alone, logged))
+    assert len(alone) == len(logged) > 0 and {r[0] for r in logged} == {r[0] for r in alone}
+    assert alone == logged  # the same model on the same batches: the same rows (3e-5 apart before)
 
 
 def test_sampler_shards_and_skips():

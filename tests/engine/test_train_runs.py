@@ -125,6 +125,20 @@ def test_resume_takes_the_runs_recipe_and_refuses_unsafe_changes(tmp_path, recip
     assert len(events(run, "resume")) == resumes
 
 
+def test_a_larger_max_steps_on_resume_continues_where_the_epoch_stood(tmp_path, recipe):
+    """A run ended mid-epoch by max_steps keeps its place: the resumed run trains the epoch's remaining
+    batches (12 per epoch here), crosses into the next epoch at step 12 and ends at the new max_steps. The
+    epoch used to be marked done at the end, so the rest of it was skipped (a run could end early, or at once)."""
+    run = tmp_path / "run"
+    train_from_files(recipe, run, None, QUICK)
+    assert [e["step"] for e in events(run, "eval")] == [2]  # the final evaluation, mid-epoch 0
+    train_from_files(None, None, run, ["train.max_steps=14"])
+    assert [e["step"] for e in events(run, "train")] == list(range(1, 15))
+    assert [(e["step"], e["epoch"]) for e in events(run, "epoch")] == [(12, 1)]
+    assert [e["step"] for e in events(run, "eval")] == [2, 14]
+    assert load_weights(run / "last.safetensors")[1]["step"] == 14
+
+
 def test_resume_with_a_recipe_file_that_disagrees_names_the_key(tmp_path, recipe):
     run = tmp_path / "run"
     train_from_files(recipe, run, None, QUICK)
