@@ -24,8 +24,9 @@ Check = Callable[[Any], str | None]  # None = fine, else what the value must be
 
 
 def is_id(value: Any) -> bool:
-    """Ids are dictionary keys in pycocotools: ints (or strings), never lists, floats or booleans."""
-    return isinstance(value, (int, str)) and not isinstance(value, bool)
+    """COCO ids are integers: pycocotools would take strings as keys, but results files, COCOeval's
+    image lists and our outputs hold integers (a string id failed later, after training had begun)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_number(value: Any) -> bool:
@@ -33,7 +34,7 @@ def is_number(value: Any) -> bool:
 
 
 def _id(v: Any) -> str | None:
-    return None if is_id(v) else "must be an integer (or string) id"
+    return None if is_id(v) else "must be an integer id, as in COCO"
 
 
 def _name(v: Any) -> str | None:

@@ -30,6 +30,23 @@ from dyhead_cli.errors import DyheadError
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
+def with_countable_ann_ids(coco_gt: COCO) -> COCO:
+    """``coco_gt``, or a copy with its annotation ids renumbered 1..N when one is 0 or below, or repeated.
+
+    COCOeval records a match as the matched annotation's id and reads 0 as "no match": a detection of an
+    annotation with id 0 counted as a false positive (exports that count from 0 are common), and a repeated
+    id loads one annotation twice. The ids mean nothing else to the evaluation.
+    """
+    ids = [a["id"] for a in coco_gt.dataset.get("annotations", [])]
+    if all(isinstance(i, int) and i > 0 for i in ids) and len(set(ids)) == len(ids):
+        return coco_gt
+    fixed = COCO()
+    fixed.dataset = dict(coco_gt.dataset)
+    fixed.dataset["annotations"] = [{**a, "id": n + 1} for n, a in enumerate(coco_gt.dataset["annotations"])]
+    fixed.createIndex()
+    return fixed
+
+
 def coco_evaluate(
     coco_gt: COCO, results: list[dict], image_ids: list[int] | None = None, verbose: bool = False
 ) -> dict[str, Any]:
@@ -48,6 +65,7 @@ def coco_evaluate(
         }
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
+        coco_gt = with_countable_ann_ids(coco_gt)
         coco_dt = coco_gt.loadRes(results)
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
         if image_ids is not None:

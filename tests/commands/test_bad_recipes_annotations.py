@@ -168,7 +168,10 @@ ANN = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10], "area":
 CATS = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]
 
 ANNOTATION_CASES = {
-    "mixed-int-str-image-ids": ([IMG, dict(IMG, id="2", file_name="b.png")], [], CATS, "mix int and str"),
+    "mixed-int-str-image-ids": ([IMG, dict(IMG, id="2", file_name="b.png")], [], CATS, "images[1].id must be an integer"),
+    # string ids crashed training at its first batch (image ids) or first evaluation (category ids)
+    "string-image-ids": ([dict(IMG, id="img1")], [], CATS, "images[0].id must be an integer id, as in COCO"),
+    "string-category-ids": ([IMG], [], [{"id": "c1", "name": "x"}], "categories[0].id must be an integer id"),
     "file_name-null": ([dict(IMG, file_name=None)], [], CATS, "images[0].file_name"),
     "file_name-number": ([dict(IMG, file_name=7)], [], CATS, "images[0].file_name"),
     "file_name-missing": ([{"id": 1}], [], CATS, "images[0] lacks 'file_name'"),

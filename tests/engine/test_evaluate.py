@@ -70,6 +70,23 @@ def test_perfect_and_empty_detections():
     assert empty["AP"] == 0.0 and empty["per_class"] == {"cat": 0.0, "dog": 0.0}
 
 
+def test_an_annotation_id_of_zero_still_counts_as_matched():
+    """COCOeval stores a match as the annotation's id and reads 0 as none: a perfect detection of the
+    annotation with id 0 was a false positive (AP 0 on this one-box case). Ids are renumbered for it."""
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.jpg"}],
+        "categories": [{"id": 1, "name": "cat"}],
+        "annotations": [{"id": 0, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "area": 900, "iscrowd": 0}],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    found = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "score": 0.9}]
+    out = coco_evaluate(gt, found)
+    assert out["AP"] == pytest.approx(100.0) and out["best_f1"]["recall"] == pytest.approx(1.0)
+    assert gt.dataset["annotations"][0]["id"] == 0  # the caller's object is left as it was
+
+
 def test_detections_to_coco_maps_labels_to_category_ids():
     det = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0]]), "scores": torch.tensor([0.5]), "labels": torch.tensor([1])}
     (row,) = detections_to_coco(det, 7, [2, 9])
