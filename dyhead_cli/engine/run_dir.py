@@ -13,6 +13,7 @@ Rules (each broken rule is one line that says what to do):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -75,6 +76,8 @@ def check_out_dir(out: Path, inputs: list[Path], force: bool) -> None:
         p = path.resolve()
         if p == out_r or (p.is_dir() and out_r.is_relative_to(p)):
             raise DyheadError(f"--out {out} is (or is inside) an input of the run ({path}): choose another folder")
+        if p.parent == out_r and p.name in RUN_FILES:  # --force would have removed it, the run overwritten it
+            raise DyheadError(f"--out {out} holds {path}, an input of the run that the run writes over: choose another folder")
     if out.is_dir() and not force:
         if is_run(out):
             raise DyheadError(
@@ -107,6 +110,21 @@ def check_writable(folder: Path) -> None:
             os.unlink(name)
     except OSError as e:
         raise DyheadError(f"cannot write to {probe_in}: {e.strerror or e}") from None
+
+
+def forget_failed_start(folder: Path, created: bool) -> None:
+    """After a new run failed before its first step (a model that cannot be built, too few images, Ctrl-C
+    during the start): remove what it wrote, and the folder if it made it. Left there, its ``recipe.toml``
+    made the folder "a run" that a retry with the same ``--out`` refused and ``--resume`` could not continue.
+    A run that trained a step keeps everything."""
+    if (folder / STATE_FILE).exists() or any(e.get("event") == "train" for e in read_events(folder / "metrics.jsonl")):
+        return
+    for name in RUN_FILES:
+        (folder / name).unlink(missing_ok=True)
+    (folder / ".lock").unlink(missing_ok=True)
+    if created:
+        with contextlib.suppress(OSError):  # not empty: tracker logs, or files of the user's
+            folder.rmdir()
 
 
 def clear_run(folder: Path) -> None:

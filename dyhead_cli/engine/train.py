@@ -78,6 +78,7 @@ from dyhead_cli.engine.run_dir import (
     check_out_dir,
     check_writable,
     clear_run,
+    forget_failed_start,
     is_run,
     keep_previous,
     remove_stale_tmp,
@@ -166,6 +167,7 @@ def train(
     category_ids = list(dataset.cat_ids)  # label i <-> the data set's category id, for predict
 
     lock = RunLock(run_dir)
+    created = not run_dir.exists()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
@@ -190,13 +192,18 @@ def train(
         if t.log_with:
             accelerator.init_trackers(recipe.name, config=_scalars(to_dict(recipe)))
     accelerator.wait_for_everyone()
+    started = False
     try:
-        return _run(recipe, run_dir, resume, reporter, accelerator, dataset, val_data, category_ids, changes or {})
+        out = _run(recipe, run_dir, resume, reporter, accelerator, dataset, val_data, category_ids, changes or {})
+        started = True
+        return out
     finally:
         if main:
             if t.log_with:
                 accelerator.end_training()
             lock.release()
+            if not started and not resume:
+                forget_failed_start(run_dir, created)
 
 
 def resolve_classes(recipe: Recipe, dataset: CocoDetection) -> None:

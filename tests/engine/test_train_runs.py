@@ -175,6 +175,34 @@ def test_unknown_backbone_fails_before_any_file_is_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]  # no data generated, no run folder
 
 
+def test_a_start_that_fails_leaves_no_run_behind_and_a_retry_works(tmp_path, recipe):
+    """Too few images for the batch size fails after the folder was made (with recipe.toml and env.json):
+    a retry with the same --out said "holds a run already", and --resume "no state.safetensors there"."""
+    run = tmp_path / "run"
+    with pytest.raises(DyheadError, match="too few for batch_size 1000"):
+        train_from_files(recipe, run, None, QUICK + ["train.batch_size=1000"])
+    assert not run.exists()
+    run.mkdir()  # a folder that was there before keeps existing, empty
+    with pytest.raises(DyheadError, match="too few"):
+        train_from_files(recipe, run, None, QUICK + ["train.batch_size=1000"])
+    assert run.is_dir() and list(run.iterdir()) == []
+    train_from_files(recipe, run, None, QUICK)  # the retry, same --out
+    assert [e["step"] for e in events(run, "train")] == [1, 2]
+
+
+def test_the_users_recipe_inside_out_is_never_written_over(tmp_path, recipe):
+    """`dyhead train recipe.toml --out .` with the user's own recipe.toml there: --force replaced it with
+    the run's resolved copy (its comments and `extends` gone)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    mine = project / "recipe.toml"
+    mine.write_text(f'# my notes\nextends = "{recipe.as_posix()}"\n')
+    for force in (False, True):
+        with pytest.raises(DyheadError, match=r"holds .*recipe.toml, an input of the run that the run writes over"):
+            train_from_files(mine, project, None, QUICK, force=force)
+    assert mine.read_text().startswith("# my notes") and sorted(p.name for p in project.iterdir()) == ["recipe.toml"]
+
+
 def test_missing_validation_image_is_found_before_the_first_step(tmp_path, data_root):
     data = tmp_path / "data"
     shutil.copytree(data_root, data)
