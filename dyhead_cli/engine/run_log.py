@@ -16,9 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dyhead_cli.engine.checkpoint import atomic_write_text
 from dyhead_cli.errors import DyheadError
 
 CSV_FIXED = ["event", "step", "epoch", "loss"]
+# Events of the training's progress: after a resume from step S, those past S happened in the part that
+# was lost (killed, stopped on a non-finite loss) and are done again. Other events (error, interrupted,
+# resume) are the record of what happened, kept.
+PROGRESS_EVENTS = ("train", "eval", "epoch", "checkpoint")
 CSV_TAIL = ["lr", "images_per_s", "skipped", "AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"]
 
 
@@ -78,6 +83,25 @@ class MetricsLog:
             with open(self.csv_path, newline="") as f:
                 self.columns = next(csv.reader(f), None)
 
+    def rewind(self, step: int) -> None:
+        """Drop the progress events past ``step`` (the checkpoint a resume starts from) from both files, so
+        the steps done again appear once, with the numbers of the run that goes on."""
+        if not self.enabled:
+            return
+        if self.path.is_file():
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if not _past(line, step)]
+            if len(kept) < len(lines):
+                atomic_write_text(self.path, "".join(kept))
+        if self.csv_path.is_file():
+            with open(self.csv_path, newline="") as f:
+                rows = list(csv.reader(f))
+            kept_rows = rows[:1] + [r for r in rows[1:] if not (len(r) > 1 and r[1].isdigit() and int(r[1]) > step)]
+            if len(kept_rows) < len(rows):
+                with open(self.csv_path.with_suffix(".csv.tmp"), "w", newline="") as f:
+                    csv.writer(f).writerows(kept_rows)
+                os.replace(self.csv_path.with_suffix(".csv.tmp"), self.csv_path)
+
     def write(self, event: str, **fields: Any) -> None:
         if not self.enabled:
             return
@@ -109,6 +133,20 @@ class MetricsLog:
                 writer.writerow([_cell(row.get(c)) for c in self.columns])
         except OSError as e:
             raise write_error(self.csv_path, e) from None
+
+
+def _past(line: str, step: int) -> bool:
+    """Whether a ``metrics.jsonl`` line is a progress event past ``step`` (a line that is not JSON is kept)."""
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return (
+        isinstance(event, dict)
+        and event.get("event") in PROGRESS_EVENTS
+        and isinstance(event.get("step"), int)
+        and event["step"] > step
+    )
 
 
 def _is_number(v: Any) -> bool:

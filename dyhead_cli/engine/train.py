@@ -271,6 +271,7 @@ def _run(
                 f"--resume {run_dir}: the run is at step {state.step}, past the end (step {total_steps}) that train.epochs = "
                 f"{t.epochs}" + (f" and train.max_steps = {t.max_steps}" if t.max_steps else "") + " give; nothing to train"
             )
+        log.rewind(state.step)  # what was logged past the checkpoint is done again
         log.write("resume", step=state.step, epoch=state.epoch, changed=changes)
         said = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
         reporter.message(f"resuming {run_dir} at step {state.step} (epoch {state.epoch})" + (f" with {said}" if said else ""))

@@ -94,6 +94,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, data_root):
     assert [r["step"] for r in after] == list(range(saved_step + 1, 9))
     for r in after:
         assert r["loss"] == pytest.approx(reference[r["step"]], rel=1e-4, abs=1e-5)
+    # each step once: what the killed run logged past its checkpoint was dropped, in both files
+    assert [r["step"] for r in rows if r["event"] == "train"] == list(range(1, 9))
+    saved = [r["step"] for r in rows if r["event"] == "checkpoint"]
+    assert saved == sorted(set(saved)) and saved[0] == checkpoints[0]["step"] and saved[-1] == 8
+    csv_steps = [line.split(",")[1] for line in (killed_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert csv_steps == [str(s) for s in range(1, 9)] + ["8"]  # eight train rows, then the final eval
 
 
 def test_resume_without_checkpoint_is_clear(tmp_path, data_root):

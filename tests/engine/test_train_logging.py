@@ -216,3 +216,31 @@ def test_a_torn_last_line_is_cut_before_a_resumed_run_appends(tmp_path):
     assert (tmp_path / "metrics.csv").read_text() == "event,step,epoch,loss\ntrain,1,0,2.5\n"
     MetricsLog(tmp_path, enabled=True)  # whole files are left as they are
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_rewind_drops_the_progress_logged_past_the_checkpoint(tmp_path):
+    """A resume from step 3 of a run that logged up to step 5 (then was killed, or stopped on a NaN):
+    steps 4-5 are trained again and must appear once, in metrics.jsonl and metrics.csv; the error
+    record of the lost part stays."""
+    from dyhead_cli.engine.run_log import MetricsLog
+
+    log = MetricsLog(tmp_path, True)
+    for step in range(1, 6):
+        log.write("train", step=step, epoch=0, loss=float(step), lr=0.1)
+        if step == 3:
+            log.write("checkpoint", step=3, epoch=0, path="last.safetensors")
+            log.write("eval", step=3, epoch=0, AP=1.0)
+    log.write("error", step=5, epoch=0, message="non-finite loss", checkpoint_step=3)
+    MetricsLog(tmp_path, True).rewind(3)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["step"]) for r in rows] == [
+        ("train", 1),
+        ("train", 2),
+        ("train", 3),
+        ("checkpoint", 3),
+        ("eval", 3),
+        ("error", 5),
+    ]
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0][:2] == ["event", "step"] and [r[1] for r in table[1:]] == ["1", "2", "3", "3"]
