@@ -108,9 +108,9 @@ class CocoDetection(Dataset):
         image_id = self.ids[index]
         try:
             image = load_rgb(self.image_path(index))
-        except DyheadError:
+        except DyheadError as e:
             if not self.skip_corrupt:
-                raise
+                raise DyheadError(f"{e} (data.skip_corrupt = true skips unreadable images, also on --resume)") from None
             self.num_skipped += 1
             return None
         width, height = image.size

@@ -57,6 +57,7 @@ RESUME_SAFE = {
     "train.lr": "the way on after a diverged step",
     "train.clip_grad_norm": "the way on after a diverged step",
     "data.num_workers": "each sample's augmentation is seeded by its index, not by the worker",
+    "data.skip_corrupt": "an unreadable image is skipped instead of ending the run; the data order stays the same",
     "eval.batch_size": "evaluation only",
 }
 # Keys a resumed run decides itself (recorded in the run, checked separately).

@@ -214,6 +214,32 @@ def test_missing_validation_image_is_found_before_the_first_step(tmp_path, data_
     assert not (tmp_path / "run").exists()
 
 
+def test_unreadable_validation_images_are_found_early_or_skipped_on_resume(tmp_path, data_root):
+    """A validation file that is no image is refused before the first step (it ended the first evaluation,
+    an epoch later). A truncated JPEG passes that header check and fails in the evaluation; the message
+    names data.skip_corrupt, which --resume now accepts (it refused to change it, and every resume failed
+    in the same evaluation)."""
+    data = tmp_path / "data"
+    shutil.copytree(data_root, data)
+    first, second = sorted((data / "val").iterdir())[:2]
+    keep = first.read_bytes()
+    first.write_bytes(b"not an image")
+    recipe = write_tiny_recipe(tmp_path, data)
+    with pytest.raises(DyheadError, match=f"cannot read validation image .*{first.name}.*or set data.skip_corrupt"):
+        train_from_files(recipe, tmp_path / "run", None, QUICK)
+    assert not (tmp_path / "run").exists()
+    first.write_bytes(keep)
+    second.write_bytes(second.read_bytes()[: second.stat().st_size * 2 // 3])  # a JPEG cut short: its header reads
+    run = tmp_path / "run"
+    with pytest.raises(DyheadError, match=r"cannot read image .*data.skip_corrupt = true skips unreadable images"):
+        train_from_files(recipe, run, None, QUICK)
+    assert [e["step"] for e in events(run, "checkpoint")] == [2]  # trained, stopped in the evaluation
+    train_from_files(None, None, run, ["data.skip_corrupt=true"])
+    (resume,) = events(run, "resume")
+    assert resume["changed"] == {"data.skip_corrupt": [False, True]}
+    assert [e["step"] for e in events(run, "eval")] == [2]
+
+
 def test_unwritable_output_is_one_line_before_any_work(tmp_path, recipe):
     # /sys refuses new files even to root: a read-only folder every Linux machine has
     result = subprocess.run(
