@@ -362,6 +362,7 @@ def _run(
     reporter.start(total_steps, state.step)
     clock.restart(state.step)
     skipped = 0
+    summed: dict[str, Tensor] = {}
     stop = StopRequests()
 
     def stop_here() -> NoReturn:
@@ -381,6 +382,8 @@ def _run(
                 sync = micro == t.grad_accum - 1
                 losses = forward_losses(model, batch, accelerator, recipe)
                 loss = sum(losses.values())
+                for k, v in losses.items():  # the logged losses: the mean over the accumulated micro-batches
+                    summed[k] = summed[k] + v.detach() if k in summed else v.detach()
                 _stop_if_not_finite(accelerator, loss, "loss", state, run_dir, log, losses)
                 context = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
                 with context:
@@ -394,6 +397,8 @@ def _run(
                 else:
                     norm = grad_norm(model.parameters(), t.clip_grad_norm)
                     _stop_if_not_finite(accelerator, norm, "gradient norm", state, run_dir, log, losses)
+                losses = {k: v / t.grad_accum for k, v in summed.items()}
+                summed.clear()
                 set_lr(optimizer, t.lr * lr_factor(state.step, total_steps, t))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -471,9 +476,9 @@ def _run(
         save_weights(run_dir / f"rank{rank}.safetensors", accelerator.unwrap_model(model), recipe_dict)
     if main:
         _plot_results(run_dir)
-        reporter.message(
-            f"done: {run_dir} (best AP {state.best_ap:.1f}; last.safetensors, best.safetensors, metrics.csv, results.png)"
-        )
+        files = [n for n in ("last.safetensors", "best.safetensors", "metrics.csv", "results.png") if (run_dir / n).exists()]
+        best = f"best AP {state.best_ap:.1f}; " if state.best_ap >= 0 else "not evaluated; "
+        reporter.message(f"done: {run_dir} ({best}{', '.join(files)})")
     return metrics
 
 

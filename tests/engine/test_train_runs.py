@@ -139,6 +139,36 @@ def test_a_larger_max_steps_on_resume_continues_where_the_epoch_stood(tmp_path, 
     assert load_weights(run / "last.safetensors")[1]["step"] == 14
 
 
+def test_gradient_accumulation_logs_the_mean_loss_and_says_what_exists(tmp_path, recipe, monkeypatch):
+    """With grad_accum = 2 a step's logged losses are the mean over its two micro-batches (the last one's
+    before); `done` lists the files written (best.safetensors was named without an evaluation)."""
+    seen = []
+    real = engine.forward_losses
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append({k: float(v.detach()) for k, v in out.items()})
+        return out
+
+    monkeypatch.setattr(engine, "forward_losses", recording)
+    messages = []
+
+    class Collect(engine.Reporter):
+        def message(self, text: str) -> None:
+            messages.append(text)
+
+    run = tmp_path / "run"
+    sets = ["train.max_steps=2", "train.grad_accum=2", "train.batch_size=1", "train.eval_every=0"]
+    train_from_files(recipe, run, None, sets + ["model.dyhead.num_blocks=0"], reporter=Collect())
+    assert len(seen) == 4  # 2 steps x 2 micro-batches
+    logged = events(run, "train")
+    for step, row in enumerate(logged):
+        pair = seen[2 * step : 2 * step + 2]
+        for key in pair[0]:
+            assert row[key] == pytest.approx((pair[0][key] + pair[1][key]) / 2, abs=2e-6), (step, key)
+    assert any(m.startswith(f"done: {run} (best AP") and "best.safetensors" in m for m in messages)
+
+
 def test_resume_with_a_recipe_file_that_disagrees_names_the_key(tmp_path, recipe):
     run = tmp_path / "run"
     train_from_files(recipe, run, None, QUICK)
