@@ -71,9 +71,10 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         grey = np.asarray(im, dtype=np.float32)
         peak = float(grey.max()) if grey.size else 0.0
-        if peak > 255:  # 16-bit data: map its range (up to 65535) onto 0..255
-            grey = grey * (255.0 / (65535.0 if peak <= 65535 else peak))
-        return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).convert("RGB")
+        if peak > 255:  # deeper data: map the range of the smallest common bit depth that holds it onto 0..255
+            top = next((2.0**bits - 1 for bits in (10, 12, 14, 16) if peak <= 2.0**bits - 1), peak)
+            grey = grey * (255.0 / top)  # (16-bit scaling made 12-bit data nearly black, 256 wholly black)
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB")
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 

@@ -66,6 +66,10 @@ def test_image_modes_load_as_rgb(tmp_path: Path) -> None:
     assert deep[:, 5, 5].tolist() == [255, 255, 255]
     # premultiplied alpha (in-memory modes only, which the Python API accepts): PIL converts "La" only to "LA"
     assert _to_rgb(Image.new("La", (2, 2), (100, 255))).getpixel((0, 0)) == (100, 100, 100)
+    # deeper than 8 bits: the smallest of 10/12/14/16 bits that holds the brightest pixel maps onto 0..255
+    for peak, want in ((255, 255), (256, 64), (4095, 255), (2048, 128), (65535, 255)):
+        grey = Image.fromarray(np.full((2, 2), peak, np.uint16))
+        assert _to_rgb(grey).getpixel((0, 0)) == (want,) * 3, peak
     assert _to_rgb(Image.new("La", (2, 2), (0, 0))).getpixel((0, 0)) == (255, 255, 255)
 
 
