@@ -211,6 +211,7 @@ class DataConfig:
     hflip_prob: float = ranged(0.5, ge=0.0, le=1.0)
     color_jitter: float = ranged(0.0, ge=0.0, le=1.0)  # 0 = off; else the strength of brightness/contrast/saturation jitter
     size_divisibility: int = ranged(128, ge=1, le=1024)
+    resize_backend: str = "cv2"  # "cv2" | "pillow" (data.transforms.RESIZE_BACKENDS; convert sets the reference's)
     num_workers: int = ranged(2, ge=0, le=64)
     skip_corrupt: bool = False  # skip (and count) unreadable images instead of stopping
     group_by_aspect: bool = True  # training batches hold portrait or landscape images, not both (less padding)

@@ -156,6 +156,7 @@ class ReferenceModel:
     fpn_levels: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])  # [2, .., 6]: P6 = max-pool(P5)
     fc_dim: int = 1024  # Faster R-CNN's box head width
     frozen_norm: bool = False  # BatchNorm weights not trained (detectron2 FrozenBN, MMDetection requires_grad=False)
+    resize_backend: str = "cv2"  # how it resizes images (see reference_resize_backend)
     size_divisibility: int = 32  # the multiple its test images are padded to (see reference_size_divisibility)
 
 

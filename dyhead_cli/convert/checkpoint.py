@@ -160,8 +160,14 @@ def convert_checkpoint(
                 f"data.size_divisibility = {conv.reference.size_divisibility}, as the reference "
                 f"(was {recipe['data']['size_divisibility']})"
             )
+        if recipe["data"].get("resize_backend", "cv2") != conv.reference.resize_backend:
+            conv.notes.append(
+                f"data.resize_backend = {conv.reference.resize_backend!r}, as the reference "
+                f"(was {recipe['data'].get('resize_backend', 'cv2')!r})"
+            )
     recipe["model"]["head_options"]["postprocess"] = settings["postprocess"]
     recipe["data"]["size_divisibility"] = conv.reference.size_divisibility
+    recipe["data"]["resize_backend"] = conv.reference.resize_backend
     recipe = to_dict(recipes.from_dict(recipe, list(overrides or [])))
     detector = build_for_weights(recipe_from_dict(recipe).model)
     load_model_weights(detector, conv.state_dict, source=f"the converted {src.name} (after --set)")

@@ -400,7 +400,22 @@ def describe_reference(
         class_names=_read_class_names(meta, head.num_classes, notes),
         notes=notes,
         size_divisibility=reference_size_divisibility(source, fpn_levels, config),
+        resize_backend=reference_resize_backend(source, config),
     )
+
+
+def reference_resize_backend(source: str, config: str) -> str:
+    """How a reference resizes its images (``data.transforms.RESIZE_BACKENDS``): the official code through
+    detectron2, which resizes uint8 images with Pillow's bilinear; MMDetection with its ``Resize`` step's
+    ``backend`` (OpenCV by default; the DyHead reproduction and Swin-L configs say 'pillow')."""
+    if source == "official":
+        return "pillow"
+    for fields in re.findall(r"dict\(([^()]*)\)", config):  # innermost dict(...) calls: the pipeline steps
+        if re.search(r"type\s*=\s*['\"]Resize['\"]", fields):
+            backend = re.search(r"backend\s*=\s*['\"](\w+)['\"]", fields)
+            if backend and backend.group(1) == "pillow":
+                return "pillow"
+    return "cv2"
 
 
 def reference_size_divisibility(source: str, fpn_levels: list[int], config: str) -> int:

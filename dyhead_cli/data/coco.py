@@ -152,10 +152,12 @@ def build_dataset(cfg: Any, split: str, seed: int = 0) -> CocoDetection:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     ensure_synthetic(cfg)
     if split == "train":
-        transform = train_transform(cfg.min_sizes, cfg.max_size, cfg.hflip_prob, cfg.color_jitter, seed=seed)
+        transform = train_transform(
+            cfg.min_sizes, cfg.max_size, cfg.hflip_prob, cfg.color_jitter, seed=seed, backend=cfg.resize_backend
+        )
         dataset = CocoDetection(cfg.train_images, cfg.train_ann, transform, cfg.skip_corrupt, remove_empty=True)
         if not dataset.ids:
             raise DyheadError(f"training annotation file {cfg.train_ann} has no usable boxes")
         return dataset
-    transform = test_transform(cfg.test_min_size, cfg.max_size)
+    transform = test_transform(cfg.test_min_size, cfg.max_size, cfg.resize_backend)
     return CocoDetection(cfg.val_images, cfg.val_ann, transform, cfg.skip_corrupt)

@@ -280,9 +280,10 @@ class ImageFiles(Dataset):
         max_size: int,
         keep_original: bool = False,
         windows: Callable[[int, int], list[tuple[int, int, int, int]]] | None = None,
+        resize_backend: str = "cv2",
     ) -> None:
         self.entries = entries
-        self.transform = test_transform(min_size, max_size)
+        self.transform = test_transform(min_size, max_size, resize_backend)
         self.keep_original = keep_original
         self.windows = windows
         self.frames: FrameReader | None = None  # opened in the process that reads (never pickled open)

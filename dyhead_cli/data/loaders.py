@@ -289,7 +289,7 @@ def val_loader(
 def image_loader(entries: list[ImageEntry], recipe: Recipe, batch_size: int, workers: int, pin: bool = False) -> DataLoader:
     d = recipe.data
     return DataLoader(
-        ImageFiles(entries, d.test_min_size, d.max_size),
+        ImageFiles(entries, d.test_min_size, d.max_size, resize_backend=d.resize_backend),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

@@ -112,7 +112,9 @@ class Predictor:
         """The recipe's evaluation preprocessing over ``entries`` (tiles too, when tiling)."""
         d = self.recipe.data
         windows = partial(tile_windows, size=self.tile, overlap=self.tile_overlap) if self.tile else None
-        return ImageFiles(entries, d.test_min_size, d.max_size, keep_original=keep_original, windows=windows)
+        return ImageFiles(
+            entries, d.test_min_size, d.max_size, keep_original=keep_original, windows=windows, resize_backend=d.resize_backend
+        )
 
     @torch.no_grad()
     def detect(self, items: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:

@@ -40,7 +40,7 @@ REPRO_CONFIG = (  # the lines of MMDetection's atss_r50_fpn_dyhead_for_reproduct
     "bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[.0, .0, .0, .0], target_stds=[0.1, 0.1, 0.2, 0.2])), "
     "test_cfg=dict(nms_pre=1000, score_thr=0.05, nms=dict(type='nms', iou_threshold=0.6), max_per_img=100))\n"
     "img_norm_cfg = dict(mean=[103.53, 116.28, 123.675], std=[1.0, 1.0, 1.0], to_rgb=False)\n"
-    "test_pipeline = [dict(type='LoadImageFromFile'), dict(type='MultiScaleFlipAug', img_scale=(1333, 800), flip=False, "
+    "test_pipeline = [dict(type='LoadImageFromFile', file_client_args=dict(backend='disk')), dict(type='MultiScaleFlipAug', img_scale=(1333, 800), flip=False, "
     "transforms=[dict(type='Resize', keep_ratio=True, backend='pillow'), dict(type='Normalize', **img_norm_cfg), "
     "dict(type='Pad', size_divisor=128), dict(type='ImageToTensor', keys=['img'])])]\n"
 )
@@ -86,6 +86,7 @@ def test_official_atss_r50_dyhead_converts_completely():
     assert m["class_names"] == list(COCO_CLASSES) and len(COCO_CLASSES) == 80
     assert conv.reference.size_divisibility == 128  # dyhead.py: the last output stride, P7's
     assert m["backbone"]["frozen_stages"] == 0 and m["backbone"]["frozen_norm"] is True  # FREEZE_AT -1, FrozenBN
+    assert conv.reference.resize_backend == "pillow"  # detectron2 resizes uint8 images with Pillow
     assert [g.key for g in conv.gaps] == unsupported("backbone.stride_in_1x1")  # MSRA weights: stride in the 1x1 conv
     assert sorted(sum(conv.dropped.values(), [])) == ["pixel_mean", "pixel_std"]
     assert torch.equal(conv.state_dict["head.cls_logits.weight"], state["head.cls_logits.weight"])
@@ -106,6 +107,8 @@ def test_mmdet_atss_r50_dyhead_reproduction_converts_completely():
     assert m["head_options"]["anchor_scale"] == 8.0 and m["class_names"] == list(COCO_CLASSES)
     assert conv.reference.size_divisibility == 128  # the reproduction config's Pad(size_divisor=128)
     assert m["backbone"]["frozen_norm"] is True  # caffe style: norm_cfg requires_grad=False
+    assert conv.reference.resize_backend == "pillow"  # its Resize(backend='pillow'), not LoadImage's 'disk'
+    assert convert_state_dict(state, "mmdet", {"config": ""}).reference.resize_backend == "cv2"
     # MMDetection 2.x passed the whole offset map to mmcv's kernel: the official flat-buffer behaviour
     assert m["dyhead"]["offset_mode"] == "official"
     assert sorted(g.key for g in conv.gaps) == unsupported("backbone.stride_in_1x1", "fpn.p7_relu")

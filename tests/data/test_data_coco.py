@@ -192,6 +192,25 @@ def test_flip_moves_image_and_boxes_together() -> None:
     assert out["image"][10:30, 75:95].min() == 255 and out["image"][:, :75].max() == 0
 
 
+def test_resize_backends_pillow_as_detectron2_and_opencv() -> None:
+    """data.resize_backend: "pillow" is Pillow's bilinear (detectron2's resize of uint8 images, so the
+    official DyHead's), which smooths when shrinking; "cv2" OpenCV's. Enlarging, they nearly agree."""
+    from dyhead_cli.data.transforms import resize_image
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    pil = resize_image(img, 60, 80, "pillow")
+    assert np.array_equal(pil, np.asarray(Image.fromarray(img).resize((80, 60), Image.Resampling.BILINEAR)))
+    cv = resize_image(img, 60, 80, "cv2")
+    assert pil.shape == cv.shape == (60, 80, 3) and np.abs(pil.astype(int) - cv).mean() > 5  # noise: smoothing shows
+    up = np.abs(resize_image(img, 240, 320, "pillow").astype(int) - resize_image(img, 240, 320, "cv2")).max()
+    assert up <= 2
+    item = test_transform(60, 100, "pillow")(image=img, bboxes=np.zeros((0, 4)), labels=np.zeros(0, np.int64))
+    assert np.array_equal(item["image"], pil)
+    with pytest.raises(DyheadError, match="data.resize_backend must be one of cv2, pillow, got 'pil'"):
+        test_transform(60, 100, "pil")
+
+
 def test_multiscale_resize_sizes_match_detectron2() -> None:
     assert shortest_edge_size(480, 640, 800, 1333) == (800, 1067)
     assert shortest_edge_size(300, 1200, 800, 1333) == (333, 1333)  # long side capped

@@ -47,7 +47,10 @@ class Prepared:
 
 def prepare(image_path: Path, recipe: Any) -> Prepared:
     """One image through the same resize and padding as ``dyhead predict``/``eval``."""
-    item = ImageFiles([ImageEntry(1, Path(image_path), str(image_path))], recipe.data.test_min_size, recipe.data.max_size)[0]
+    d = recipe.data
+    item = ImageFiles(
+        [ImageEntry(1, Path(image_path), str(image_path))], d.test_min_size, d.max_size, resize_backend=d.resize_backend
+    )[0]
     if "error" in item:
         raise DyheadError(item["error"])
     batch = collate_images([item], recipe.data.size_divisibility)
