@@ -410,12 +410,36 @@ def reference_resize_backend(source: str, config: str) -> str:
     ``backend`` (OpenCV by default; the DyHead reproduction and Swin-L configs say 'pillow')."""
     if source == "official":
         return "pillow"
-    for fields in re.findall(r"dict\(([^()]*)\)", config):  # innermost dict(...) calls: the pipeline steps
-        if re.search(r"type\s*=\s*['\"]Resize['\"]", fields):
-            backend = re.search(r"backend\s*=\s*['\"](\w+)['\"]", fields)
-            if backend and backend.group(1) == "pillow":
-                return "pillow"
+    for step in re.finditer(r"type\s*=\s*['\"]Resize['\"]", config):
+        backend = re.search(r"\bbackend\s*=\s*['\"](\w+)['\"]", enclosing_call(config, step.start()))
+        if backend and backend.group(1) == "pillow":
+            return "pillow"
     return "cv2"
+
+
+def enclosing_call(text: str, pos: int) -> str:
+    """The argument text of the innermost ``(...)`` around ``pos`` (nested brackets skipped): the whole
+    ``dict(type='Resize', scale=(1333, 800), backend='pillow')`` around its ``type=``."""
+    depth, start = 0, -1
+    for i in range(pos - 1, -1, -1):
+        if text[i] in ")]":
+            depth += 1
+        elif text[i] in "([":
+            if depth == 0:
+                start = i
+                break
+            depth -= 1
+    if start < 0:
+        return ""
+    depth = 0
+    for i in range(pos, len(text)):
+        if text[i] in "([":
+            depth += 1
+        elif text[i] in ")]":
+            if depth == 0:
+                return text[start + 1 : i]
+            depth -= 1
+    return text[start + 1 :]
 
 
 def reference_size_divisibility(source: str, fpn_levels: list[int], config: str) -> int:

@@ -69,11 +69,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, im).convert("RGB")
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        # 16-bit images: 0..65535 -> 0..255 for every image (as OpenCV reads them), so one scale holds for a
+        # whole data set; 32-bit ones the same unless they hold 8-bit values, or values past 65535 (their peak)
         grey = np.asarray(im, dtype=np.float32)
         peak = float(grey.max()) if grey.size else 0.0
-        if peak > 255:  # deeper data: map the range of the smallest common bit depth that holds it onto 0..255
-            top = next((2.0**bits - 1 for bits in (10, 12, 14, 16) if peak <= 2.0**bits - 1), peak)
-            grey = grey * (255.0 / top)  # (16-bit scaling made 12-bit data nearly black, 256 wholly black)
+        if im.mode.startswith("I;16") or peak > 255:
+            grey = grey * (255.0 / max(65535.0, peak))
         return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB")
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 

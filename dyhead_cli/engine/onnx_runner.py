@@ -38,6 +38,8 @@ def build_head(recipe: Recipe) -> torch.nn.Module:
 class OnnxDetector:
     """An onnxruntime session over a file written by ``dyhead export --format onnx`` (CPU provider)."""
 
+    pads_itself = True  # fit() pads every batch to the graph's size: splitting by padded size changes nothing
+
     def __init__(self, path: Path, threads: int | None = None) -> None:
         require_onnx("running an ONNX model")
         import onnxruntime as ort

@@ -114,17 +114,17 @@ def check_writable(folder: Path) -> None:
 
 
 def forget_failed_start(folder: Path, created: bool) -> None:
-    """After a new run failed before its first step (a model that cannot be built, too few images, Ctrl-C
-    during the start): remove what it wrote, and the folder if it made it. Left there, its ``recipe.toml``
-    made the folder "a run" that a retry with the same ``--out`` refused and ``--resume`` could not continue.
-    A run that trained a step keeps everything."""
-    if (folder / STATE_FILE).exists() or any(e.get("event") == "train" for e in read_events(folder / "metrics.jsonl")):
+    """After a new run failed before its first optimizer step (a model that cannot be built, too few
+    images, Ctrl-C during the start; the caller knows whether a step was taken): remove what it wrote, its
+    tracker logs included, and the folder if it made it. Left there, its ``recipe.toml`` made the folder
+    "a run" that a retry with the same ``--out`` refused and ``--resume`` could not continue. A saved
+    state is never removed."""
+    if (folder / STATE_FILE).exists():
         return
-    for name in RUN_FILES:
-        (folder / name).unlink(missing_ok=True)
+    clear_run(folder)
     (folder / ".lock").unlink(missing_ok=True)
     if created:
-        with contextlib.suppress(OSError):  # not empty: tracker logs, or files of the user's
+        with contextlib.suppress(OSError):  # not empty: files of the user's
             folder.rmdir()
 
 

@@ -192,18 +192,16 @@ def train(
         if t.log_with:
             accelerator.init_trackers(recipe.name, config=_scalars(to_dict(recipe)))
     accelerator.wait_for_everyone()
-    started = False
+    progress = {"stepped": False}  # set by _run at its first optimizer step
     try:
-        out = _run(recipe, run_dir, resume, reporter, accelerator, dataset, val_data, category_ids, changes or {})
-        started = True
-        return out
+        return _run(recipe, run_dir, resume, reporter, accelerator, dataset, val_data, category_ids, changes or {}, progress)
     finally:
         if main:
             if t.log_with:
                 accelerator.end_training()
-            lock.release()
-            if not started and not resume:
+            if not progress["stepped"] and not resume:  # before the lock goes: no other run can be in there
                 forget_failed_start(run_dir, created)
+            lock.release()
 
 
 def resolve_classes(recipe: Recipe, dataset: CocoDetection) -> None:
@@ -238,6 +236,7 @@ def _run(
     val_data: CocoDetection,
     category_ids: list[int],
     changes: dict[str, list[Any]],
+    progress: dict[str, bool] | None = None,
 ) -> dict[str, Any]:
     t = recipe.train
     main = accelerator.is_main_process
@@ -276,6 +275,8 @@ def _run(
         said = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
         reporter.message(f"resuming {run_dir} at step {state.step} (epoch {state.epoch})" + (f" with {said}" if said else ""))
     model, optimizer = accelerator.prepare(model, optimizer)
+    if ema is not None:  # made (or loaded) on the CPU: the model it follows is on the accelerator's device now
+        ema.shadow = {k: v.to(accelerator.device) for k, v in ema.shadow.items()}
 
     if main and not resume:
         log.write(
@@ -334,9 +335,10 @@ def _run(
             results = gather_object(results)  # every rank's share, to every rank; rank 0 scores them
         out = coco_evaluate(val_data.coco, results) if main else {}
         if main:
-            log.write("eval", step=state.step, epoch=state.epoch, **metrics_json(out))
+            epoch = state.epoch + (state.batch_in_epoch > 0)  # the epoch it was in, when it ended mid-epoch
+            log.write("eval", step=state.step, epoch=epoch, **metrics_json(out))
             reporter.message(
-                f"eval  epoch {state.epoch} step {state.step}: AP {out['AP']:.1f}  AP50 {out['AP50']:.1f}  AP75 {out['AP75']:.1f}  "
+                f"eval  epoch {epoch} step {state.step}: AP {out['AP']:.1f}  AP50 {out['AP50']:.1f}  AP75 {out['AP75']:.1f}  "
                 f"AR100 {out['AR100']:.1f}  ({time.perf_counter() - started:.1f} s)"
             )
             if out["AP"] > state.best_ap:
@@ -403,6 +405,8 @@ def _run(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
+                if progress is not None:
+                    progress["stepped"] = True
                 if ema is not None:
                     ema.update(accelerator.unwrap_model(model))
                 clock.stepped(state.step)

@@ -124,6 +124,12 @@ def test_mmdet_padding_multiple_comes_from_the_config():
     simple = "data_preprocessor=dict(type='DetDataPreprocessor', mean=[123.675, 116.28, 103.53], pad_size_divisor=32)"
     for config, want in ((simple, 32), (simple.replace("=32", "=128"), 128), ("", 32)):
         assert convert_state_dict(state, "mmdet", {"config": config}).reference.size_divisibility == want
+    v3 = (  # MMDetection 3.x's reproduction config: the Resize step holds a tuple
+        "test_pipeline = [dict(type='LoadImageFromFile', backend_args=None), "
+        "dict(type='Resize', scale=(1333, 800), keep_ratio=True, backend='pillow'), dict(type='PackDetInputs')]"
+    )
+    assert convert_state_dict(state, "mmdet", {"config": v3}).reference.resize_backend == "pillow"
+    assert convert_state_dict(state, "mmdet", {"config": v3.replace("'pillow'", "'cv2'")}).reference.resize_backend == "cv2"
     trained = "backbone=dict(type='ResNet', norm_cfg=dict(type='BN', requires_grad=True), norm_eval=True, style='pytorch')"
     assert convert_state_dict(state, "mmdet", {"config": trained}).model["backbone"]["frozen_norm"] is False
 

@@ -66,10 +66,12 @@ def test_image_modes_load_as_rgb(tmp_path: Path) -> None:
     assert deep[:, 5, 5].tolist() == [255, 255, 255]
     # premultiplied alpha (in-memory modes only, which the Python API accepts): PIL converts "La" only to "LA"
     assert _to_rgb(Image.new("La", (2, 2), (100, 255))).getpixel((0, 0)) == (100, 100, 100)
-    # deeper than 8 bits: the smallest of 10/12/14/16 bits that holds the brightest pixel maps onto 0..255
-    for peak, want in ((255, 255), (256, 64), (4095, 255), (2048, 128), (65535, 255)):
-        grey = Image.fromarray(np.full((2, 2), peak, np.uint16))
-        assert _to_rgb(grey).getpixel((0, 0)) == (want,) * 3, peak
+    # 16-bit: one scale, 0..65535 -> 0..255, rounded, whatever an image's peak (a peak of 256 gave black)
+    for value, want in ((255, 1), (256, 1), (4095, 16), (32768, 128), (65535, 255)):
+        grey = Image.fromarray(np.full((2, 2), value, np.uint16))
+        assert grey.mode.startswith("I;16") and _to_rgb(grey).getpixel((0, 0)) == (want,) * 3, value
+    mixed = np.array([[800, 4096]], np.uint16)  # a pixel's value does not depend on the image's brightest one
+    assert _to_rgb(Image.fromarray(mixed)).getpixel((0, 0)) == _to_rgb(Image.fromarray(mixed[:, :1])).getpixel((0, 0))
     assert _to_rgb(Image.new("La", (2, 2), (0, 0))).getpixel((0, 0)) == (255, 255, 255)
 
 

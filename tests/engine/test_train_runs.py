@@ -169,6 +169,19 @@ def test_gradient_accumulation_logs_the_mean_loss_and_says_what_exists(tmp_path,
     assert any(m.startswith(f"done: {run} (best AP") and "best.safetensors" in m for m in messages)
 
 
+def test_ema_weights_are_what_the_checkpoints_export(tmp_path, recipe):
+    """train.ema_decay: last.safetensors holds the moving average, state.safetensors the raw weights
+    (the average moves to the training device with the model; it stayed on the CPU before)."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    train_from_files(recipe, run, None, QUICK + ["train.ema_decay=0.5"])
+    exported, _ = load_weights(run / "last.safetensors")
+    raw = {k[len("model.") :]: v for k, v in load_file(str(run / "state.safetensors")).items() if k.startswith("model.")}
+    key = "head.cls_logits.weight"
+    assert not torch.equal(exported[key], raw[key]) and exported[key].device.type == "cpu"
+
+
 def test_resume_with_a_recipe_file_that_disagrees_names_the_key(tmp_path, recipe):
     run = tmp_path / "run"
     train_from_files(recipe, run, None, QUICK)
@@ -218,6 +231,24 @@ def test_a_start_that_fails_leaves_no_run_behind_and_a_retry_works(tmp_path, rec
     assert run.is_dir() and list(run.iterdir()) == []
     train_from_files(recipe, run, None, QUICK)  # the retry, same --out
     assert [e["step"] for e in events(run, "train")] == [1, 2]
+
+
+def test_a_run_that_stepped_keeps_its_folder_when_it_fails_before_logging(tmp_path, recipe, monkeypatch):
+    """Trained steps, nothing logged yet (log_every 5), then a failure: the folder and its error record
+    stay (the failed-start cleanup once took any run without a logged step for one that never started)."""
+    calls = []
+    real = engine.forward_losses
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        out = real(*args, **kwargs)
+        return {k: v * float("nan") for k, v in out.items()} if len(calls) == 3 else out
+
+    monkeypatch.setattr(engine, "forward_losses", failing)
+    run = tmp_path / "run"
+    with pytest.raises(DyheadError, match="non-finite"):
+        train_from_files(recipe, run, None, ["train.max_steps=6", "train.log_every=5", "model.dyhead.num_blocks=0"])
+    assert (run / "recipe.toml").is_file() and [e["event"] for e in events(run)][-1] == "error"
 
 
 def test_the_users_recipe_inside_out_is_never_written_over(tmp_path, recipe):
