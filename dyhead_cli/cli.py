@@ -59,6 +59,7 @@ def run_guarded(fn, *args, **kwargs):
     traceback.
     """
     previous = terminate_as_interrupt()
+    quiet_killed_workers()
     try:
         return fn(*args, **kwargs)
     except (typer.Exit, typer.Abort, SystemExit):
@@ -82,6 +83,11 @@ def run_guarded(fn, *args, **kwargs):
             raise
         fail("input nested too deeply to read (recursion limit)")
     except Exception as e:  # noqa: BLE001 - the last line of defence: never show a traceback to a user
+        signalled = WORKER_SIGNALLED.search(str(e)) if isinstance(e, RuntimeError) else None
+        if signalled:  # the signal sent to the whole group reached a DataLoader worker first
+            if signalled.group(1) == "Terminated":
+                fail("terminated (SIGTERM)", 128 + signal.SIGTERM)
+            fail("interrupted", 130)
         if debug():
             raise
         fail(
@@ -92,6 +98,28 @@ def run_guarded(fn, *args, **kwargs):
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+# PyTorch's words when a DataLoader worker died of a signal; a SIGTERM or Ctrl-C sent to the whole process
+# group (timeout, Slurm, kill -- -PGID, a terminal) reaches the workers too.
+WORKER_SIGNALLED = re.compile(r"DataLoader worker \(pid.*?\) is killed by signal: (Terminated|Interrupt)")
+
+
+def quiet_killed_workers() -> None:
+    """Drop the "Exception ignored in ... _MultiProcessingDataLoaderIter.__del__" report of a worker that a
+    group-wide signal ended: the command already says "terminated" or "interrupted" in its one line. Any
+    other unraisable exception still goes to the hook that was there."""
+    previous = sys.unraisablehook
+    if getattr(previous, "dyhead_quiet_workers", False):
+        return
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and WORKER_SIGNALLED.search(str(unraisable.exc_value)):
+            return
+        previous(unraisable)
+
+    hook.dyhead_quiet_workers = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def terminate_as_interrupt():

@@ -589,3 +589,41 @@ def test_sigterm_is_an_interrupt_that_cleans_up(monkeypatch, world, tmp_path):
     args = ["predict", world["images"], "--weights", world["weights"], "--out", tmp_path / "p.json"]
     expect_refusal(args, "error: terminated (SIGTERM)", code=143, protect=_protect(world, tmp_path))
     assert signal.getsignal(signal.SIGTERM) == before  # put back when the command ends
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_whole_group_is_one_line_with_workers(world, tmp_path, signum):
+    """`timeout`, Slurm and `kill -- -PGID` signal every process of the group, DataLoader workers too: a
+    worker that died first made PyTorch print "Exception ignored in ... __del__" (and at times an internal
+    error) before our line. Now: the one line and exit 143 / 130, and no output file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images = tmp_path / "many"
+    for i in range(400):
+        write_image(images / f"{i:03d}.png", size=96, seed=i)
+    out = tmp_path / "p.json"
+    cmd = [sys.executable, "-m", "dyhead_cli.cli", "predict", str(images), "--weights", str(world["weights"])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out), "--workers", "2", "--batch-size", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group, as a job under `timeout` or Slurm
+    )
+    deadline = time.time() + 120
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    while time.time() < deadline and len(children.read_text().split()) < 2 and proc.poll() is None:
+        time.sleep(0.05)  # until both workers run
+    time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, getattr(signal, signum))
+    _, stderr = proc.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    want = ("error: terminated (SIGTERM)", 143) if signum == "SIGTERM" else ("error: interrupted", 130)
+    assert (lines, proc.returncode) == ([want[0]], want[1]), stderr
+    assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
