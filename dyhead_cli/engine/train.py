@@ -374,11 +374,15 @@ def _run(
         reporter.message(f"stopped at step {state.step} ({stop.name}); continue with: dyhead train --resume {run_dir}")
         stop.interrupt()
 
+    # whole: the counters, weights and optimizer agree (between optimizer steps), so a checkpoint may be
+    # written after an exception; False from a batch's forward until its optimizer step is counted
+    whole = True
     stop.__enter__()  # the loop below is long; a with-block would indent it once more
     try:
         while state.step < total_steps and state.epoch < t.epochs:
             loader = train_loader(seeded, recipe, state.epoch, rank, world, state.batch_in_epoch, groups)
             for batch in clean_worker_errors(loader):
+                whole = False
                 skipped += batch["num_skipped"]
                 micro = state.batch_in_epoch % t.grad_accum
                 sync = micro == t.grad_accum - 1
@@ -409,6 +413,7 @@ def _run(
                     progress["stepped"] = True
                 if ema is not None:
                     ema.update(accelerator.unwrap_model(model))
+                whole = True
                 clock.stepped(state.step)
                 if state.step % t.log_every == 0 or state.step == total_steps:
                     values = {k: round(accelerator.reduce(v.detach(), "mean").item(), 6) for k, v in losses.items()}
@@ -444,8 +449,10 @@ def _run(
                 if state.step >= total_steps:
                     break
             if state.batch_in_epoch >= steps_per_epoch * t.grad_accum:  # the epoch is complete
+                whole = False
                 state.epoch += 1
                 state.batch_in_epoch = 0
+                whole = True
                 count = int(accelerator.reduce(torch.tensor([skipped], device=accelerator.device), "sum").item())
                 log.write("epoch", step=state.step, epoch=state.epoch, skipped=count)
                 if count:
@@ -460,12 +467,14 @@ def _run(
                 stop_here()
             clock.restart(state.step)
     except Exception:
-        # after a signal, DataLoader workers may die of it (torchrun and Slurm signal every process): at a step
-        # boundary of a one-process run the state is whole, so save it as if the loop had reached its check;
-        # otherwise (several processes: another rank may be inside a collective) stop as the signal asked
+        # after a signal, DataLoader workers may die of it (torchrun and Slurm signal every process), and
+        # PyTorch raises that wherever the main process is: between optimizer steps of a one-process run the
+        # state is whole, so save it as if the loop had reached its check; otherwise (inside a step: the
+        # counters or the weights half updated; several processes: another rank may be inside a
+        # collective) stop as the signal asked
         if stop.signum is None:
             raise
-        if state.batch_in_epoch % t.grad_accum or world > 1:
+        if not whole or world > 1:
             reporter.message(
                 f"stopped at step {state.step} without a checkpoint there (a DataLoader worker ended with the signal; "
                 f"with several processes use data.num_workers = 0 for a stop with one): --resume continues from the last"

@@ -482,3 +482,28 @@ def test_resume_redoes_an_evaluation_the_stop_cut_short(tmp_path, recipe):
     assert (run / "best.safetensors").is_file()
     train_from_files(None, None, run, [])  # evaluated now: a further resume does not evaluate again
     assert len(events(run, "eval")) == 1
+
+
+def test_a_worker_death_inside_an_optimizer_step_saves_no_torn_state(tmp_path, recipe, monkeypatch):
+    """After a stop signal PyTorch may raise a worker's death anywhere in the main process, inside an
+    optimizer step too (counters and weights half updated). Saving there once wrote a checkpoint whose
+    position was a batch ahead of its step (that batch was never trained after --resume); now only a
+    stop between steps writes one."""
+    import signal
+
+    from dyhead_cli.errors import Terminated
+
+    class Signalled(engine.StopRequests):
+        def __init__(self) -> None:
+            super().__init__()
+            self.signum = signal.SIGTERM  # as if SIGTERM had come
+
+    def dying(*args, **kwargs):
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated. ")
+
+    monkeypatch.setattr(engine, "StopRequests", Signalled)
+    monkeypatch.setattr(engine, "grad_norm", dying)  # inside the first step, after its batch was counted
+    run = tmp_path / "run"
+    with pytest.raises(Terminated):
+        train_from_files(recipe, run, None, QUICK)
+    assert not (run / "state.safetensors").exists()
