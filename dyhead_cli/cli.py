@@ -164,7 +164,8 @@ RecipeOpt = typer.Option(None, "--recipe", help="Use this recipe instead of the 
 @app.command()
 def train(
     recipe: Optional[Path] = typer.Argument(
-        None, help="Recipe TOML file (see recipes/); with --resume, the run's own recipe is used."
+        None,
+        help="Recipe TOML file (see recipes/); with --resume, optional: where it differs from the run's own recipe, only --resume's safe keys (train.epochs, train.lr...) may, and they apply.",
     ),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Run directory (default runs/<recipe name>-<timestamp>); a new or empty folder."

@@ -269,9 +269,40 @@ def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
     for key, value in values.items():
         dotted = f"{where}{key}"
         if key not in names:
-            raise DyheadError(f"unknown recipe key '{dotted}'{suggest(key, names, prefix=where)}")
+            alias = KEY_ALIASES.get(key.lower())
+            hint = f" (did you mean '{where}{alias}'?)" if alias in names else suggest(key, names, prefix=where)
+            raise DyheadError(f"unknown recipe key '{dotted}'{hint}")
         kwargs[key] = _convert(hints[key], value, dotted)
     return cls(**kwargs)
+
+
+# Other tools' names for our keys (detectron2, MMDetection, Ultralytics, common usage), for the "did you
+# mean" of an unknown key when no name is close in spelling.
+KEY_ALIASES = {
+    "learning_rate": "lr",
+    "lr0": "lr",
+    "base_lr": "lr",
+    "num_epochs": "epochs",
+    "max_epochs": "epochs",
+    "max_iter": "max_steps",
+    "max_iters": "max_steps",
+    "iterations": "max_steps",
+    "ims_per_batch": "batch_size",
+    "batch": "batch_size",
+    "samples_per_gpu": "batch_size",
+    "workers": "num_workers",
+    "workers_per_gpu": "num_workers",
+    "amp": "mixed_precision",
+    "precision": "mixed_precision",
+    "fp16": "mixed_precision",
+    "warmup_iters": "warmup_steps",
+    "warmup_ratio": "warmup_factor",
+    "gradient_accumulation_steps": "grad_accum",
+    "accumulate": "grad_accum",
+    "ema": "ema_decay",
+    "imgsz": "min_sizes",
+    "backbone": "name",
+}
 
 
 def _convert(hint: Any, value: Any, dotted: str) -> Any:

@@ -27,6 +27,14 @@ def test_unknown_key_names_it_and_suggests(tmp_path):
         load_recipe(write(tmp_path, "[train]\nlrr = 0.1\n"))
     with pytest.raises(DyheadError, match=r"'model\.dyhead\.num_block'.*'model\.dyhead\.num_blocks'"):
         load_recipe(write(tmp_path, "[model.dyhead]\nnum_block = 3\n"))
+    # other tools' names, not close in spelling: suggested through KEY_ALIASES
+    for table, key, ours in (
+        ("train", "learning_rate", "lr"),
+        ("data", "workers", "num_workers"),
+        ("train", "max_iter", "max_steps"),
+    ):
+        with pytest.raises(DyheadError, match=rf"unknown recipe key '{table}\.{key}' \(did you mean '{table}\.{ours}'\?\)"):
+            load_recipe(write(tmp_path, f"[{table}]\n{key} = 1\n"))
 
 
 def test_wrong_types_and_choices(tmp_path):

@@ -15,13 +15,19 @@ from dyhead_cli.recipe import builtin_recipe_names, builtin_recipe_text, tomllib
 
 
 def describe(text: str) -> str:
-    """The first comment line of a recipe, else its head + backbone."""
+    """The first comment line of a recipe (with the next ones while a bracket is open), else its head +
+    backbone."""
+    said = ""
     for line in text.splitlines():
         line = line.strip()
         if line.startswith("#"):
-            return line.lstrip("#").strip()
-        if line:
+            said = f"{said} {line.lstrip('#').strip()}".strip()
+            if said.count("(") <= said.count(")"):
+                return said
+        elif said or line:
             break
+    if said:
+        return said
     model = tomllib.loads(text).get("model", {})
     return f"{model.get('head', 'atss')} on {model.get('backbone', {}).get('name', 'resnet50')}"
 

@@ -91,7 +91,9 @@ def check_recipe_fits(recipe: Recipe, meta: dict[str, Any], recipe_path: Path, w
 def first_conflict(conflicts: list[tuple[str, Any, Any]], here: str, there: str) -> str:
     """``model_conflicts``' first row in words: "KEY is A <here> but B <there> (and N more: ...)"."""
     key, a, b = conflicts[0]
-    more = f" (and {len(conflicts) - 1} more: {', '.join(c[0] for c in conflicts[1:4])})" if len(conflicts) > 1 else ""
+    rest = [c[0] for c in conflicts[1:]]
+    shown = ", ".join(rest[:3]) + (", ..." if len(rest) > 3 else "")
+    more = f" (and {len(rest)} more: {shown})" if rest else ""
     return f"{key} is {a!r} {here} but {b!r} {there}{more}"
 
 

@@ -273,7 +273,10 @@ def _run(
         log.rewind(state.step)  # what was logged past the checkpoint is done again
         log.write("resume", step=state.step, epoch=state.epoch, changed=changes)
         said = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
-        reporter.message(f"resuming {run_dir} at step {state.step} (epoch {state.epoch})" + (f" with {said}" if said else ""))
+        reporter.message(
+            f"resuming {run_dir} at step {state.step} (epoch {state.epoch + 1} of {last_epoch})"
+            + (f" with {said}" if said else "")
+        )
     model, optimizer = accelerator.prepare(model, optimizer)
     if ema is not None:  # made (or loaded) on the CPU: the model it follows is on the accelerator's device now
         ema.shadow = {k: v.to(accelerator.device) for k, v in ema.shadow.items()}
@@ -545,7 +548,7 @@ def _stop_if_not_finite(
             f"; the checkpoint {run_dir / STATE_FILE} (step {saved}) holds the state before it: continue with "
             f"'dyhead train --resume {run_dir} --set train.lr=<lower>' (or train.clip_grad_norm)"
         )
-    raise DyheadError(f"{what} became non-finite at step {step} (epoch {state.epoch}): {values}; training stopped{where}")
+    raise DyheadError(f"{what} became non-finite at step {step} (epoch {state.epoch + 1}): {values}; training stopped{where}")
 
 
 def _plot_results(run_dir: Path) -> None:

@@ -85,6 +85,18 @@ def test_recipes_command_lists_and_shows(tmp_path):
     assert missing.exit_code == 1 and "no built-in recipe 'nope'" in missing.output
 
 
+def test_recipe_descriptions_are_whole_sentences():
+    """The listing's description is the first comment line, continued while a bracket is open (the
+    ResNeXt recipe's was cut after "(paper: 54.0 AP test-dev with DCN in the backbone;")."""
+    from dyhead_cli.commands.recipes import describe
+
+    for name in builtin_recipe_names():
+        said = describe(builtin_recipe_text(name))
+        assert said and said.count("(") == said.count(")"), (name, said)
+    assert describe("# one (two\n# three) four\n# five\nname = 'x'\n") == "one (two three) four"
+    assert describe("[model]\nhead = 'fcos'\n") == "fcos on resnet50"
+
+
 def test_version():
     assert dyhead_cli.__version__ and dyhead_cli.__version__[0].isdigit()
     result = runner.invoke(app, ["--version"])
