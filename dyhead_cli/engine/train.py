@@ -377,15 +377,15 @@ def _run(
         reporter.message(f"stopped at step {state.step} ({stop.name}); continue with: dyhead train --resume {run_dir}")
         stop.interrupt()
 
-    # whole: the counters, weights and optimizer agree (between optimizer steps), so a checkpoint may be
-    # written after an exception; False from a batch's forward until its optimizer step is counted
+    # whole: the counters, weights and optimizer agree, so a checkpoint may be written after an exception:
+    # True from an optimizer step's end through the next group's first forward and backward (gradients are
+    # not saved), False from its batch count until the step is counted (grad_accum: the whole group)
     whole = True
     stop.__enter__()  # the loop below is long; a with-block would indent it once more
     try:
         while state.step < total_steps and state.epoch < t.epochs:
             loader = train_loader(seeded, recipe, state.epoch, rank, world, state.batch_in_epoch, groups)
             for batch in clean_worker_errors(loader):
-                whole = False
                 skipped += batch["num_skipped"]
                 micro = state.batch_in_epoch % t.grad_accum
                 sync = micro == t.grad_accum - 1
@@ -397,6 +397,7 @@ def _run(
                 context = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
                 with context:
                     accelerator.backward(loss / t.grad_accum)
+                whole = False  # from here the counters run ahead of the weights until the step is counted
                 state.batch_in_epoch += 1
                 if not sync:
                     continue
