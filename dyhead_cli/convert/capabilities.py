@@ -40,6 +40,13 @@ COCO_CLASSES = (
     "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase",
     "scissors", "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
+# COCO's category id of each of COCO_CLASSES (instances_*2017.json: 1..90 with gaps); the references'
+# label k is the k-th smallest id
+COCO_CATEGORY_IDS = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33,
+    34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61,
+    62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
+)  # fmt: skip
 
 CAFFE_BGR = ("BGR", [103.530, 116.280, 123.675], [1.0, 1.0, 1.0])  # MSRA / detectron2 caffe ResNets
 IMAGENET_RGB = ("RGB", [123.675, 116.28, 103.53], [58.395, 57.12, 57.375])  # torchvision ResNets, Swin

@@ -12,7 +12,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dyhead_cli.convert.capabilities import REFERENCE_SETTINGS, Conversion, Gap, default_model_section, find_gaps
+from dyhead_cli.convert.capabilities import (
+    COCO_CATEGORY_IDS,
+    COCO_CLASSES,
+    REFERENCE_SETTINGS,
+    Conversion,
+    Gap,
+    default_model_section,
+    find_gaps,
+)
 from dyhead_cli.convert.mapping import check_complete, map_state_dict
 from dyhead_cli.convert.reading import read_reference_checkpoint
 from dyhead_cli.convert.reference import check_source, describe_reference
@@ -185,7 +193,13 @@ def convert_checkpoint(
             "approximations": [dataclasses.asdict(g) for g in conv.gaps],
             "dropped": {reason: len(keys) for reason, keys in dropped.items()},
             "notes": conv.notes,
-        }
+        },
+        # the ids predictions are written with (a folder has no annotation file to take them from): COCO's
+        # for COCO's 80 classes, else 1..K; without them they came from whatever data.val_ann the working
+        # folder held
+        "category_ids": list(COCO_CATEGORY_IDS)
+        if tuple(recipe["model"]["class_names"]) == COCO_CLASSES
+        else list(range(1, int(recipe["model"]["num_classes"]) + 1)),
     }
     with writing(dst):
         save_weights(dst, detector, recipe, extra)

@@ -24,7 +24,7 @@ from helpers_reference_keys import (
 from typer.testing import CliRunner
 
 from dyhead_cli.cli import app
-from dyhead_cli.convert.capabilities import COCO_CLASSES
+from dyhead_cli.convert.capabilities import COCO_CATEGORY_IDS, COCO_CLASSES
 from dyhead_cli.convert.checkpoint import convert_state_dict
 from dyhead_cli.convert.reading import read_reference_checkpoint
 from dyhead_cli.engine.checkpoint import load_model_weights, load_weights
@@ -347,6 +347,15 @@ def test_cli_converts_end_to_end_and_dst_alone_rebuilds(tmp_path):
     info = meta["converted_from"]
     assert info["source"] == "official" and [g["key"] for g in info["approximations"]] == unsupported("backbone.stride_in_1x1")
     assert load_recipe(dst.with_suffix(".toml")).model == recipe.model
+    assert meta["category_ids"] == [1, 2, 3]  # stored: predictions no longer take them from the working folder
+    coco = tmp_path / "coco80.pth"
+    torch.save({"model": random_state(atss_dyhead_shapes("official", depth=18, channels=32, num_blocks=1))}, coco)
+    result = runner.invoke(
+        app, ["convert", str(coco), str(tmp_path / "coco80.safetensors"), "--from", "official", "--approximate"]
+    )
+    assert result.exit_code == 0, result.output
+    _, meta = load_weights(tmp_path / "coco80.safetensors")
+    assert meta["category_ids"] == list(COCO_CATEGORY_IDS) and meta["category_ids"][-1] == 90  # toothbrush
 
 
 def test_cli_refuses_unsafe_pickle_in_one_line(tmp_path):
