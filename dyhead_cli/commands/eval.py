@@ -12,6 +12,7 @@ from rich.table import Table
 
 from dyhead_cli.commands.console import console, say
 from dyhead_cli.commands.progress import reporter_for_console
+from dyhead_cli.engine import recipes
 from dyhead_cli.engine.evaluate import STAT_NAMES, evaluate_checkpoint, metrics_json
 from dyhead_cli.engine.paths import check_output_dir, check_output_file, write_text_atomic
 
@@ -49,6 +50,12 @@ def run(
     recipe_path: Path, weights: Path, json_out: Path | None, overrides: list[str], device: str = "auto", plots: Path | None = None
 ) -> dict[str, Any]:
     inputs = [("recipe", recipe_path), ("checkpoint --weights", weights)]
+    if json_out is not None or plots is not None:  # the validation data is an input too
+        data = recipes.load(recipe_path, overrides).data
+        inputs += [
+            ("validation annotation file data.val_ann", data.val_ann),
+            ("validation images data.val_images", data.val_images),
+        ]
     if json_out is not None:  # refused before any work when it would overwrite an input or is a folder
         json_out = check_output_file(json_out, "--json", inputs, suffixes=(".json",))
     if plots is not None:  # likewise a --plots that is a file

@@ -92,7 +92,28 @@ def check_output_file(
             how = f"pass {force_flag} to replace it, or " if force_flag else ""
             kind = f" (this command writes {', '.join(ours)} files there)" if ours else ""
             raise DyheadError(f"{option} {path} already exists{kind}: {how}choose another path")
+        if path.suffix.lower() == ".json" and is_coco_annotation_file(path):
+            how = f"pass {force_flag} to replace it, or " if force_flag else ""
+            raise DyheadError(
+                f"{option} {path} is a COCO annotation file, not an output of this command: {how}choose another path"
+            )
     return path
+
+
+def is_coco_annotation_file(path: Path) -> bool:
+    """Whether an existing ``.json`` starts as a COCO annotation file (an object with "images",
+    "annotations" or "categories" in its first 64 KiB) and is not one of our image lists (``"image_ids"``).
+    A ``.json`` output may replace an earlier output of the same kind, never a data set's annotations."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return False
+    return (
+        head.lstrip().startswith(b"{")
+        and b'"image_ids"' not in head
+        and any(key in head for key in (b'"images"', b'"annotations"', b'"categories"'))
+    )
 
 
 def check_output_dir(

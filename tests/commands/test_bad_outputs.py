@@ -627,3 +627,19 @@ def test_a_signal_to_the_whole_group_is_one_line_with_workers(world, tmp_path, s
     want = ("error: terminated (SIGTERM)", 143) if signum == "SIGTERM" else ("error: interrupted", 130)
     assert (lines, proc.returncode) == ([want[0]], want[1]), stderr
     assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_outputs_never_replace_annotation_files_or_land_in_the_data(world, tmp_path):
+    """`eval --json` replaced the validation annotation file it had just read, `--plots` wrote PNGs into the
+    image folder (read as images later), `predict --out` replaced any .json (an annotation file too)."""
+    protect = _protect(world, tmp_path)
+    eval_args = ["eval", world["recipe"], "--weights", world["weights"]]
+    expect_refusal([*eval_args, "--json", world["ann"]], "is the validation annotation file data.val_ann", protect=protect)
+    expect_refusal([*eval_args, "--plots", world["images"]], "is the validation images data.val_images", protect=protect)
+    elsewhere = tmp_path / "instances_val.json"
+    elsewhere.write_bytes(world["ann"].read_bytes())
+    args = ["predict", world["images"], "--weights", world["weights"], "--out", elsewhere]
+    expect_refusal(args, f"--out {elsewhere} is a COCO annotation file, not an output of this command", protect=protect)
+    ours = tmp_path / "p.json"
+    for _ in range(2):  # an earlier prediction (and its image list) is still replaced
+        assert invoke(["predict", world["images"], "--weights", world["weights"], "--out", ours]).exit_code == 0
