@@ -44,7 +44,12 @@ def _starts(length: int, size: int, step: int) -> list[int]:
 
 def merge_tiles(parts: Sequence[dict], offsets: Sequence[tuple[int, int]], iou: float, max_det: int) -> dict:
     """One image's detections from its tiles': boxes (N_t, 4) in tile pixels are shifted by the tile's
-    (x0, y0), then class-wise NMS at ``iou`` and the ``max_det`` best are kept (sorted by score)."""
+    (x0, y0), then class-wise NMS at ``iou`` and the ``max_det`` best are kept (sorted by score). One tile
+    (an image that fits in it) is the model's own detections: a second NMS, on boxes the head has already
+    clipped, would drop some that the head's own NMS (before clipping) kept."""
+    if len(parts) == 1:
+        (x, y), part = offsets[0], parts[0]
+        return {**part, "boxes": part["boxes"].float() + part["boxes"].new_tensor([x, y, x, y]).float()}
     boxes = torch.cat([p["boxes"].float() + p["boxes"].new_tensor([x, y, x, y]).float() for p, (x, y) in zip(parts, offsets)])
     scores = torch.cat([p["scores"].float() for p in parts])
     labels = torch.cat([p["labels"] for p in parts])
