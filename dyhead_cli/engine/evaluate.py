@@ -30,6 +30,26 @@ from dyhead_cli.errors import DyheadError
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
+# The area range of each of STAT_NAMES, as COCOeval's (px^2; bounds included)
+AREAS = {"all": (0.0, 1e10), "small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, 1e10)}
+STAT_AREAS = ["all", "all", "all", "small", "medium", "large", "all", "all", "all", "small", "medium", "large"]
+
+
+def has_ground_truth(coco_gt: COCO, image_ids: list[int] | None, cat: int | None = None, area: str = "all") -> bool:
+    """Whether COCOeval would count a ground-truth box (not crowd, not ignored) of category ``cat`` (any)
+    in ``area``'s range on ``image_ids`` (all): where it has none, a number is undefined (-1 there)."""
+    lo, hi = AREAS[area]
+    images = None if image_ids is None else set(image_ids)
+    return any(
+        not a.get("iscrowd", 0)
+        and not a.get("ignore", 0)
+        and (images is None or a["image_id"] in images)
+        and (cat is None or a["category_id"] == cat)
+        and lo <= a.get("area", 0.0) <= hi
+        for a in coco_gt.dataset.get("annotations", [])
+    )
+
+
 def with_countable_ann_ids(coco_gt: COCO) -> COCO:
     """``coco_gt``, or a copy with its annotation ids renumbered 1..N when one is 0 or below, or repeated.
 
@@ -54,12 +74,13 @@ def coco_evaluate(
     ``per_class_AP50``, ``best_f1`` (threshold, precision, recall) and ``pr`` (curves for plotting)."""
     cats = coco_gt.loadCats(sorted(coco_gt.getCatIds()))
     names = [c["name"] for c in cats]
-    if not results:
-        zero = {n: 0.0 for n in names}
-        return {name: 0.0 for name in STAT_NAMES} | {
-            "per_class": dict(zero),
-            "per_class_AP50": dict(zero),
-            "stats": [0.0] * 12,
+    if not results:  # pycocotools cannot load none; 0 where there is ground truth to find, NaN (null) where not
+        per_class = {c["name"]: 0.0 if has_ground_truth(coco_gt, image_ids, cat=c["id"]) else math.nan for c in cats}
+        stats = [0.0 if has_ground_truth(coco_gt, image_ids, area=area) else math.nan for area in STAT_AREAS]
+        return dict(zip(STAT_NAMES, stats)) | {
+            "per_class": per_class,
+            "per_class_AP50": dict(per_class),
+            "stats": stats,
             "best_f1": {"score_thr": 0.0, "f1": 0.0, "precision": 0.0, "recall": 0.0, "per_class": {}},
             "pr": {"recall": np.linspace(0, 1, 101), "precision": {}},
         }

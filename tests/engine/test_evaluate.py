@@ -1,6 +1,7 @@
 import contextlib
 import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -68,6 +69,12 @@ def test_perfect_and_empty_detections():
     assert coco_evaluate(gt, perfect)["AP"] == pytest.approx(100.0)
     empty = coco_evaluate(gt, [])
     assert empty["AP"] == 0.0 and empty["per_class"] == {"cat": 0.0, "dog": 0.0}
+    # undefined numbers (no large box here) are NaN, as pycocotools gives them for a detection that finds nothing
+    junk = coco_evaluate(gt, [{"image_id": 1, "category_id": 2, "bbox": [90, 70, 5, 5], "score": 0.1}])
+    assert [math.isnan(s) for s in empty["stats"]] == [math.isnan(s) for s in junk["stats"]]
+    assert math.isnan(empty["APl"]) and empty["APs"] == 0.0 and junk["AP"] == 0.0
+    only_dogs = coco_evaluate(gt, [], image_ids=[2])
+    assert only_dogs["per_class"]["dog"] == 0.0 and math.isnan(only_dogs["per_class"]["cat"])
 
 
 def test_an_annotation_id_of_zero_still_counts_as_matched():
