@@ -128,6 +128,12 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, Tensor], source: 
             problems.append(f"{label} keys: {shown}")
     if problems:
         raise DyheadError(f"{source} does not fit the model: " + "; ".join(problems))
+    # NaN or inf weights give no detections at all (every score NaN), which looked like a model that sees
+    # nothing: refused, naming the tensors
+    broken = sorted(k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if broken:
+        shown = ", ".join(broken[:3]) + (", ..." if len(broken) > 3 else "")
+        raise DyheadError(f"{source} holds NaN or infinite values in {len(broken)} tensor(s) ({shown}): it cannot be used")
     model.load_state_dict(state_dict, strict=True)
 
 

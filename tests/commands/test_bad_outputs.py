@@ -643,3 +643,21 @@ def test_outputs_never_replace_annotation_files_or_land_in_the_data(world, tmp_p
     ours = tmp_path / "p.json"
     for _ in range(2):  # an earlier prediction (and its image list) is still replaced
         assert invoke(["predict", world["images"], "--weights", world["weights"], "--out", ours]).exit_code == 0
+
+
+def test_weights_with_nan_are_refused_not_silent(world, tmp_path):
+    """A checkpoint with a NaN tensor predicted "0 detections" and exit 0; now one line naming the tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(world["weights"]), "pt") as f:
+        meta = f.metadata()
+    state = load_file(str(world["weights"]))
+    state["head.cls_logits.bias"] = torch.full_like(state["head.cls_logits.bias"], float("nan"))
+    bad = tmp_path / "nan.safetensors"
+    save_file(state, str(bad), metadata=meta)
+    args = ["predict", world["images"], "--weights", bad, "--out", tmp_path / "p.json"]
+    expect_refusal(
+        args, (str(bad), "NaN or infinite values in 1 tensor(s) (head.cls_logits.bias)"), protect=_protect(world, tmp_path)
+    )
+    expect_refusal(["eval", world["recipe"], "--weights", bad], "head.cls_logits.bias", protect=_protect(world, tmp_path))
