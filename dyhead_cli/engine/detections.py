@@ -54,6 +54,7 @@ class Detections:
     image_size: tuple[int, int]  # (h, w) of the original image
     image: np.ndarray | None = None  # (H, W, 3) uint8 RGB, kept to draw on
     path: Path | None = None  # the file the image came from, when it came from one
+    frame: int | None = None  # the frame of the video at ``path``, when it came from one
 
     def __len__(self) -> int:
         return int(self.scores.numel())
@@ -77,6 +78,14 @@ class Detections:
         """A copy of the image with the detections scoring at least ``min_score`` drawn on it."""
         if self.image is not None:
             canvas = Image.fromarray(self.image)
+        elif self.path is not None and self.frame is not None:
+            from dyhead_cli.data.video import FrameReader
+
+            reader = FrameReader()
+            try:
+                canvas = Image.fromarray(reader.read(self.path, self.frame))
+            finally:
+                reader.close()
         elif self.path is not None:
             from dyhead_cli.data.images import load_rgb
 

@@ -162,7 +162,9 @@ class Predictor:
             keep &= torch.isin(found["labels"], torch.tensor(self.labels, dtype=found["labels"].dtype))
         return {k: v[keep] for k, v in found.items()}
 
-    def result(self, found: dict[str, torch.Tensor], item: dict[str, Any], path: Path | None = None) -> Detections:
+    def result(
+        self, found: dict[str, torch.Tensor], item: dict[str, Any], path: Path | None = None, frame: int | None = None
+    ) -> Detections:
         return Detections(
             boxes=found["boxes"].float(),
             scores=found["scores"].float(),
@@ -172,6 +174,7 @@ class Predictor:
             image_size=tuple(item["orig_size"]),
             image=item.get("original"),
             path=path,
+            frame=frame,
         )
 
     # ------------------------------------------------------------------------------------------------
@@ -199,7 +202,8 @@ class Predictor:
                     item.pop("original")  # drawn from the file when asked: no need to keep every image
                 items.append(item)
             for (x, path), item, found in zip(pending[start : start + self.batch_size], items, self.detect(items)):
-                results.append(self.result(found, item, path if isinstance(x, ImageEntry) else None))
+                frame = x.frame if isinstance(x, ImageEntry) else None
+                results.append(self.result(found, item, path if isinstance(x, ImageEntry) else None, frame))
         return results
 
     def _expand(self, x: Any, bgr: bool) -> list[tuple[Any, Path | None]]:

@@ -65,6 +65,13 @@ def test_a_three_frame_video_gives_three_images_of_detections(run, tmp_path):
     assert sorted(map(json.dumps, [row for k, r in enumerate(results, 1) for row in r.to_coco(k)])) == sorted(
         map(json.dumps, rows)
     )
+    # and each frame's result draws on its own frame (plot() read the video as an image before)
+    frame = cv2.VideoCapture(str(clip))
+    for k in range(2):
+        frame.read()
+    _, third = frame.read()
+    assert results[2].frame == 2 and results[2].plot(min_score=1.01).size == (128, 128)
+    assert np.abs(np.asarray(results[2].plot(min_score=1.01), np.int16) - third[:, :, ::-1]).mean() < 1.0
 
     # --save: an annotated video with the three frames, boxes drawn on them
     drawn = cv2.VideoCapture(str(tmp_path / "drawn" / "clip.mp4"))
