@@ -176,6 +176,18 @@ def _between_records(data: dict[str, Any], bad: set[tuple[str, int]]) -> Iterato
                 f"{section} ids mix {t1.__name__} and {t2.__name__} ({section}[{i1}].id and {section}[{i2}].id): use one type",
             )
         ids[section] = seen
+    names: dict[str, int] = {}
+    for i, r in good("categories"):
+        name = r.get("name")
+        if isinstance(name, str) and name in names:
+            yield Problem(
+                "categories",
+                i,
+                f"categories[{i}].name {shown(name)} is a duplicate (categories[{names[name]}] has it too): "
+                "a model's classes are matched to a data set's by name",
+            )
+        elif isinstance(name, str):
+            names[name] = i
     for i, r in good("annotations"):
         for name, target in (("image_id", "images"), ("category_id", "categories")):
             if r[name] not in ids[target]:

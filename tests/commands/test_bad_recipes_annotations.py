@@ -181,6 +181,7 @@ ANNOTATION_CASES = {
     "width-negative": ([dict(IMG, width=-5)], [], CATS, "images[0].width"),
     "duplicate-image-ids": ([IMG, dict(IMG, file_name="b.png")], [], CATS, "images[1].id 1 is a duplicate"),
     "duplicate-category-ids": ([IMG], [], [*CATS, {"id": 1, "name": "again"}], "categories[2].id 1 is a duplicate"),
+    "duplicate-category-names": ([IMG], [], [*CATS, {"id": 3, "name": "circle"}], 'categories[2].name "circle" is a duplicate'),
     "category-id-float": ([IMG], [], [{"id": 1.5, "name": "x"}], "categories[0].id"),
     "area-string": ([IMG], [dict(ANN, area="big")], CATS, "annotations[0].area"),
     "area-negative": ([IMG], [dict(ANN, area=-1)], CATS, "annotations[0].area"),

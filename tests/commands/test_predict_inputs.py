@@ -67,7 +67,7 @@ def test_a_three_frame_video_gives_three_images_of_detections(run, tmp_path):
     )
     # and each frame's result draws on its own frame (plot() read the video as an image before)
     frame = cv2.VideoCapture(str(clip))
-    for k in range(2):
+    for _ in range(2):
         frame.read()
     _, third = frame.read()
     assert results[2].frame == 2 and results[2].plot(min_score=1.01).size == (128, 128)
