@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -188,5 +189,7 @@ def read_reference_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict
             return unwrap_weights(load_file(str(path)), path)
         except (SafetensorError, OSError) as e:
             raise DyheadError(f"{path} is not a readable safetensors file: {e}") from None
-    obj = _torch_load_zip(path) if zipfile.is_zipfile(path) else _load_plain_pickle(path)
+    with warnings.catch_warnings():  # torch's notes on pickle protocols: our refusal, if any, is the one line
+        warnings.simplefilter("ignore", UserWarning)
+        obj = _torch_load_zip(path) if zipfile.is_zipfile(path) else _load_plain_pickle(path)
     return unwrap_weights(obj, path)

@@ -273,6 +273,7 @@ def test_gpu_without_cuda_is_one_line():
         (["--precision", "fp8"], "--precision"),
         (["--impl", "fastest"], "--impl"),
         (["--recipe", "missing.toml"], "recipe file not found"),
+        (["--threads", "9999"], "more than 4 per core"),  # it ran, and loaded 2 cores to 136
     ],
 )
 def test_user_errors_are_one_line(args, expected):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 from collections.abc import Callable
@@ -124,6 +125,9 @@ def check_settings(s: Settings) -> None:
         raise DyheadError("--warmup must be 0 or more")
     if s.threads is not None and s.threads < 1:
         raise DyheadError("--threads must be at least 1")
+    cores = os.cpu_count() or 1
+    if s.threads is not None and s.threads > 4 * cores:  # 999 threads on 2 cores drove the load to 136
+        raise DyheadError(f"--threads {s.threads} is more than 4 per core of this machine's {cores}: use at most {4 * cores}")
 
 
 def model_config_from(recipe: Path | None, model: str | None) -> tuple[ModelConfig, str]:
