@@ -222,3 +222,17 @@ def test_docs_pictures_are_small_pngs() -> None:
         path = docs / name
         assert path.stat().st_size < 300_000
         check_picture(path)
+
+
+def test_an_image_is_matched_by_name_only_when_its_listed_file_is_gone(tmp_path: Path) -> None:
+    """train/000001.jpg was drawn with the boxes of val/000001.jpg from val.json, without a word."""
+    from dyhead_cli.commands.visualize.command import ImageIndex
+
+    for folder in ("val", "train"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "000001.jpg").write_bytes(b"x")
+    index = ImageIndex.from_images([{"id": 7, "file_name": "000001.jpg"}], tmp_path / "val")
+    assert index.find(tmp_path / "val" / "000001.jpg") == 7
+    assert index.find(tmp_path / "train" / "000001.jpg") is None  # another image of the same name
+    (tmp_path / "val" / "000001.jpg").unlink()  # the data set moved: the name is all there is to go by
+    assert index.find(tmp_path / "train" / "000001.jpg") == 7

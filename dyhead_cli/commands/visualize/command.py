@@ -62,7 +62,9 @@ from dyhead_cli.recipe import MAX_IMAGE_SIDE
 
 @dataclass
 class ImageIndex:
-    """Find an image's id in a COCO image list, by path (resolved) or, failing that, by a unique file name."""
+    """Find an image's id in a COCO image list, by path (resolved) or, failing that, by a unique file name
+    whose listed file is not there (a moved or copied data set; where it is there, another image of that
+    name, train/000001.jpg for val/000001.jpg, would get its boxes)."""
 
     by_path: dict[Path, int] = field(default_factory=dict)
     by_name: dict[str, int | None] = field(default_factory=dict)  # None: the name is ambiguous
@@ -81,7 +83,12 @@ class ImageIndex:
 
     def find(self, path: Path) -> int | None:
         found = self.by_path.get(Path(path).resolve())
-        return found if found is not None else self.by_name.get(Path(path).name)
+        if found is not None:
+            return found
+        found = self.by_name.get(Path(path).name)
+        if found is not None and self.paths[found].exists():
+            return None  # the listed file exists and is another one
+        return found
 
 
 def output_name(path: Path, root: Path | None) -> str:
