@@ -441,7 +441,11 @@ def data_synth(
     colour_by_class: bool = typer.Option(
         False, "--colour-by-class", help="Each class keeps to its own band of hues (as the quickstart's data)."
     ),
-    force: bool = typer.Option(False, "--force", help="Write into a non-empty folder that holds no synthetic data set."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Write into a non-empty folder that holds no synthetic data set, or replace one made with other settings.",
+    ),
 ) -> None:
     """Write the built-in synthetic COCO-format data set (coloured shapes on textures)."""
     from dyhead_cli.commands import data as command

@@ -125,15 +125,21 @@ def ensure_synthetic(cfg: Any) -> dict[str, Any] | None:
     )
 
 
+def synthetic_settings(ann_file: Path) -> dict[str, Any] | None:
+    """The generator settings recorded in a synthetic split's annotation file (None when unreadable)."""
+    try:
+        got = json.loads(ann_file.read_text()).get("info", {}).get("generator")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return got if isinstance(got, dict) else None
+
+
 def check_settings(ann_file: Path, want: dict[str, Any]) -> None:
     """A one-line error when an existing synthetic split was made with other settings than the recipe's.
 
     We never delete or overwrite it ourselves: the user may have put work there.
     """
-    try:
-        got = json.loads(ann_file.read_text()).get("info", {}).get("generator")
-    except (OSError, ValueError, AttributeError):
-        got = None
+    got = synthetic_settings(ann_file)
     if got != want:
         made = "unknown settings" if not isinstance(got, dict) else ", ".join(f"{k}={v}" for k, v in got.items())
         raise DyheadError(

@@ -174,3 +174,21 @@ def test_a_smaller_set_over_a_larger_one_leaves_no_stale_image(tmp_path: Path) -
     make_synthetic_coco(tmp_path, 2, 1, image_size=32)
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["000001.jpg", "000002.jpg", "mine.jpg"]
     assert sorted(p.name for p in (tmp_path / "val").iterdir()) == ["000001.jpg"]
+
+
+def test_data_synth_over_a_set_of_other_settings_needs_force(tmp_path: Path) -> None:
+    """`dyhead data synth` over a synthetic set made with other settings replaced it (a run trained on it
+    lost its images); the same settings again are fine, other ones need --force."""
+    from typer.testing import CliRunner
+
+    from dyhead_cli.cli import app
+
+    runner = CliRunner()
+    base = ["data", "synth", str(tmp_path), "--image-size", "32"]
+    assert runner.invoke(app, [*base, "--num-train", "4", "--num-val", "2"]).exit_code == 0
+    assert runner.invoke(app, [*base, "--num-train", "4", "--num-val", "2"]).exit_code == 0  # the same again
+    refused = runner.invoke(app, [*base, "--num-train", "2", "--num-val", "1"])
+    assert refused.exit_code == 1 and "holds a synthetic set made with other settings (train: num_images=4" in refused.output
+    assert len(list((tmp_path / "val").iterdir())) == 2  # untouched
+    assert runner.invoke(app, [*base, "--num-train", "2", "--num-val", "1", "--force"]).exit_code == 0
+    assert len(list((tmp_path / "val").iterdir())) == 1
