@@ -101,9 +101,10 @@ def check_output_file(
 
 
 def is_coco_annotation_file(path: Path) -> bool:
-    """Whether an existing ``.json`` starts as a COCO annotation file (an object with "images",
-    "annotations" or "categories" in its first 64 KiB) and is not one of our image lists (``"image_ids"``).
-    A ``.json`` output may replace an earlier output of the same kind, never a data set's annotations."""
+    """Whether an existing ``.json`` starts as a COCO annotation file (an object whose first 64 KiB hold an
+    ``"images": [`` list of records with a ``"file_name"``) and is not one of our image lists
+    (``"image_ids"``). A ``.json`` output may replace an earlier output of its kind (a benchmark report's
+    ``"images"`` is a description), never a data set's annotations."""
     try:
         with open(path, "rb") as f:
             head = f.read(65536)
@@ -112,7 +113,8 @@ def is_coco_annotation_file(path: Path) -> bool:
     return (
         head.lstrip().startswith(b"{")
         and b'"image_ids"' not in head
-        and any(key in head for key in (b'"images"', b'"annotations"', b'"categories"'))
+        and re.search(rb'"images"\s*:\s*\[', head) is not None
+        and b'"file_name"' in head
     )
 
 
