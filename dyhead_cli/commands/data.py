@@ -9,7 +9,13 @@ import typer
 
 from dyhead_cli.commands.console import note, say
 from dyhead_cli.data.check import CheckReport, check_dataset
-from dyhead_cli.data.synthetic import generator_settings, holds_synthetic_set, make_synthetic_coco, synthetic_settings
+from dyhead_cli.data.synthetic import (
+    describe_settings,
+    generator_settings,
+    holds_synthetic_set,
+    make_synthetic_coco,
+    synthetic_settings,
+)
 from dyhead_cli.engine.paths import check_output_dir
 from dyhead_cli.errors import DyheadError
 
@@ -29,9 +35,8 @@ def synth(
             if ann.is_file():
                 made = synthetic_settings(ann)
                 if made != generator_settings(count, image_size, seed, colour_by_class):
-                    said = ", ".join(f"{k}={v}" for k, v in made.items()) if made else "unknown settings"
                     raise DyheadError(
-                        f"{out} holds a synthetic set made with other settings ({split}: {said}); a run trained on "
+                        f"{out} holds a synthetic set made with other settings ({split}: {describe_settings(made)}); a run trained on "
                         "it would lose its data: choose another folder, or pass --force to replace it"
                     )
     summary = make_synthetic_coco(out, num_train, num_val, image_size=image_size, seed=seed, colour_by_class=colour_by_class)

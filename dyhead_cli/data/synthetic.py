@@ -134,6 +134,11 @@ def synthetic_settings(ann_file: Path) -> dict[str, Any] | None:
     return got if isinstance(got, dict) else None
 
 
+def describe_settings(settings: dict[str, Any] | None) -> str:
+    """Generator settings in words: "num_images=4, image_size=32, ..." ("unknown settings" for None)."""
+    return "unknown settings" if not isinstance(settings, dict) else ", ".join(f"{k}={v}" for k, v in settings.items())
+
+
 def check_settings(ann_file: Path, want: dict[str, Any]) -> None:
     """A one-line error when an existing synthetic split was made with other settings than the recipe's.
 
@@ -141,10 +146,9 @@ def check_settings(ann_file: Path, want: dict[str, Any]) -> None:
     """
     got = synthetic_settings(ann_file)
     if got != want:
-        made = "unknown settings" if not isinstance(got, dict) else ", ".join(f"{k}={v}" for k, v in got.items())
         raise DyheadError(
-            f"{ann_file} was made with {made}, but the recipe asks for "
-            + ", ".join(f"{k}={v}" for k, v in want.items())
+            f"{ann_file} was made with {describe_settings(got)}, but the recipe asks for "
+            + describe_settings(want)
             + f"; delete {ann_file.parent.parent} to have it made again, or point data.* elsewhere"
         )
 
