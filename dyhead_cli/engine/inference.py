@@ -231,14 +231,14 @@ def predict_coco(
     progress=None,
     size_divisibility: int | None = None,
 ) -> list[dict]:
-    """Run ``model`` over a loader of the data set's collated batches (padded with ``size_divisibility``,
-    each image run as if alone: ``forward_alone``); return COCO result dicts."""
+    """Run ``model`` over a loader of the data set's collated batches (through ``run_model``: each image
+    padded alone with ``size_divisibility``); return COCO result dicts."""
     model.eval()
     results: list[dict] = []
     for batch in loader:
         images = batch["images"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            detections = forward_alone(model, images, batch["image_sizes"], batch["orig_sizes"], size_divisibility)
+        sizes, orig = batch["image_sizes"], batch["orig_sizes"]
+        detections = run_model(model, images, sizes, orig, device, autocast_dtype, size_divisibility)
         for image_id, det in zip(batch["image_ids"], detections):
             results.extend(detections_to_coco(det, int(image_id), cat_of_label))
         if progress is not None:
