@@ -53,7 +53,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 CLI = [PY, "-m", "dyhead_cli.cli"]
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("bf16", "fp32", "fp16")  # bf16 first: the goal is measured there
 CLI_TESTS = "checkpoint_written_on_cuda or predict_and_eval_on_cuda"  # tests/test_gpu.py's trained-run tests
 INSTALL = (
     "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
@@ -181,6 +181,10 @@ def check_tower(path: Path) -> Callable[[Step, str], dict[str, Any]]:
         }
 
     return check
+
+
+def check_choice(step: Step, out: str) -> dict[str, Any]:
+    return {"choice": [line.removeprefix("tower_choice: ") for line in out.splitlines() if line.startswith("tower_choice:")]}
 
 
 def check_benchmark(path: Path) -> Callable[[Step, str], dict[str, Any]]:
@@ -349,12 +353,23 @@ def plan(out: Path, work: Path, args: argparse.Namespace) -> list[Step]:
                 "0.6",
                 *(["--sweep"] if args.sweep else []),
                 *(["--profile"] if args.profile else []),
+                *(["--variants", args.tower_variants] if args.tower_variants else []),
             ],
             args.tower_seconds + 45,
             check_tower(out / "tower.json"),
             timing=True,
         )
     )
+    if args.apply_tower_choice:
+        # the sweep's winners into this tree's sources, so that the benchmarks below time them (tower_choice.py)
+        steps.append(
+            Step(
+                "tower choice",
+                [PY, str(ROOT / "benchmarks" / "tower_choice.py"), str(out / "tower.json"), "--write"],
+                30,
+                check_choice,
+            )
+        )
     for precision in PRECISIONS:
         path = out / f"bench_{precision}.json"
         steps.append(
@@ -567,6 +582,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tower-seconds", type=float, default=60.0, help="gpu_tower.py's --max-seconds")
     p.add_argument("--sweep", action="store_true", help="gpu_tower.py --sweep: also time the fused kernel's tile configurations")
     p.add_argument("--profile", action="store_true", help="gpu_tower.py --profile: the fused tower's kernels by GPU time")
+    p.add_argument("--tower-variants", default="", help="gpu_tower.py --variants (default: all that apply)")
+    p.add_argument(
+        "--apply-tower-choice",
+        action="store_true",
+        help="after the tower step, write the sweep's fastest tiles/method/epilogue into this tree's sources "
+        "(benchmarks/tower_choice.py --write), so the detector benchmarks run them",
+    )
     p.add_argument("--workers", type=int, default=6, help="data loader workers for training")
     p.add_argument("--only", default="", help="comma-separated step name prefixes to run (default: all)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")

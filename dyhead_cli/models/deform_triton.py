@@ -53,7 +53,11 @@ CONFIG: dict[torch.dtype, tuple[int, int, int, int, int]] = {
 # columns touch memory, but each kernel does one simple thing). "flat" and "columns" are candidates not yet
 # timed on a GPU: ``benchmarks/gpu_tower.py --sweep`` times them against "taps".
 METHODS = ("taps", "flat", "columns")
-METHOD: dict[torch.dtype, str] = dict.fromkeys(CONFIG, "taps")
+METHOD: dict[torch.dtype, str] = {
+    torch.float32: "taps",
+    torch.float16: "taps",
+    torch.bfloat16: "taps",
+}
 COLUMN_BYTES = 256 << 20  # "columns": at most this much column buffer (whole images; at least one)
 DTYPES = tuple(CONFIG)
 unavailable_reason: str | None = None if triton is not None else "Triton is not installed"

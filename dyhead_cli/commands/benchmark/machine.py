@@ -81,8 +81,8 @@ def nvidia_driver() -> str | None:
 
 def gpu_info() -> dict[str, Any]:
     """The CUDA device and its software: name, memory, compute capability, driver, CUDA, cuDNN, TF32 flags,
-    Triton and the fused deformable conv's configuration (or why it is unavailable)."""
-    from dyhead_cli.models import deform_triton
+    Triton, the fused deformable conv's configuration (or why it is unavailable) and the block end it runs."""
+    from dyhead_cli.models import deform_triton, dyhead_cuda
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return {
@@ -95,6 +95,7 @@ def gpu_info() -> dict[str, Any]:
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         **deform_triton.describe(),
+        "dyhead_epilogue": dyhead_cuda.EPILOGUE,
     }
 
 

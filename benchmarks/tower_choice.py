@@ -1,0 +1,178 @@
+"""Pick the CUDA tower's defaults from a ``gpu_tower.py --sweep`` report, and optionally write them into the source.
+
+    python benchmarks/tower_choice.py tower.json            # print what the report chooses (and why)
+    python benchmarks/tower_choice.py tower.json --write    # also set them in models/deform_triton.py, dyhead_cuda.py
+
+Why: the fused deformable conv's tiles and method (``deform_triton.CONFIG`` / ``METHOD``, per dtype) and the
+block's end (``dyhead_cuda.EPILOGUE``) are chosen by measurement on a GPU, and device time is short: the GPU
+check (``gpu_check.py --apply-tower-choice``) runs this between the tower timings and the detector benchmarks,
+so the benchmarks time what the sweep found, and the same command here turns the returned report into the
+same source change.
+
+Rules (each a measured win, never a guess):
+  - tiles and method, per swept precision: the configuration with the smallest geometric mean, over the
+    report's batch sizes, of its ``fused-graph`` median divided by the current default's (the report's
+    ``machine.fused_deform_conv``), if it is at least ``--margin`` (3%) faster, was timed at every batch
+    size and its outputs are as close to the float32 reference as the default's (at most 1.5x its error);
+    float16 takes bfloat16's choice (both 16-bit types, the same bytes per tile; the sweep times bf16 only);
+  - the block's end: ``folded`` where ``fused-folded-graph`` beats ``fused-graph`` by the margin in the
+    geometric mean over the 16-bit precisions and batches and float32 below batch 8 (where the fused conv
+    runs in float32), its float32 check against the reference passed and its 16-bit errors are within 1.5x
+    of the modules' end; otherwise ``modules``.
+Exit 1 when the report cannot be read or a source line to rewrite is not where it is expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TRITON_SOURCE = ROOT / "dyhead_cli" / "models" / "deform_triton.py"
+CUDA_SOURCE = ROOT / "dyhead_cli" / "models" / "dyhead_cuda.py"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+ERROR_SLACK = 1.5  # a candidate's error against the float32 reference may be this many times the default's
+SAMPLED_MIN_BATCH = 8  # float32 from here on runs grid_sample + GEMM, not the fused conv (dyhead_cuda)
+Config = tuple[int, int, int, int, int, str]
+
+
+def parse_config(variant: str) -> Config | None:
+    """'fused-graph (64, 256, 64, 8, 2, taps)' -> (64, 256, 64, 8, 2, 'taps'); None for other rows."""
+    m = re.fullmatch(r"fused-graph \((\d+), (\d+), (\d+), (\d+), (\d+), (\w+)\)", variant)
+    if not m:
+        return None
+    *tiles, method = m.groups()
+    return (*(int(t) for t in tiles), method)  # type: ignore[return-value]
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def choose_tiles(report: dict[str, Any], precision: str, margin: float) -> tuple[Config | None, str]:
+    """(the configuration to use, or None to keep the default; why) from the sweep rows of ``precision``."""
+    current = report["machine"]["fused_deform_conv"][DTYPES[precision]]
+    default: Config = (*current["tiles"], current["method"])
+    batches = report["settings"]["batches"]
+    rows: dict[Config, dict[int, dict[str, Any]]] = {}
+    for r in report["results"]:
+        config = parse_config(r["variant"])
+        if config is not None and r["precision"] == precision:
+            rows.setdefault(config, {})[r["batch"]] = r
+    if default not in rows or set(rows[default]) != set(batches):
+        return None, f"{precision}: the default {default} was not timed at every batch size {batches}; kept"
+    base = rows[default]
+    scored = []
+    for config, by_batch in rows.items():
+        if set(by_batch) != set(batches):
+            continue
+        accurate = all(
+            by_batch[b]["max_abs_diff_vs_fp32_strict_reference"]
+            <= ERROR_SLACK * base[b]["max_abs_diff_vs_fp32_strict_reference"] + 1e-6
+            for b in batches
+        )
+        if accurate:
+            scored.append((geomean([by_batch[b]["median_ms"] / base[b]["median_ms"] for b in batches]), config))
+    ratio, best = min(scored)
+    times = ", ".join(f"b{b} {rows[best][b]['median_ms']:.1f} vs {base[b]['median_ms']:.1f} ms" for b in batches)
+    if best == default or ratio > 1.0 - margin:
+        return None, f"{precision}: the default {default} kept (best other: {best} at {ratio:.3f}x of it)"
+    return best, f"{precision}: {best} at {ratio:.3f}x of the default {default} ({times})"
+
+
+def choose_epilogue(report: dict[str, Any], margin: float) -> tuple[str, str]:
+    """("modules" | "folded", why) from the fused-graph and fused-folded-graph rows."""
+    strict = report.get("fp32_strict", {})
+    folded_check = strict.get("fused-folded")
+    if not folded_check or not (folded_check["max_abs_diff_vs_reference"] < 1e-3 * max(1.0, folded_check["max_abs_reference"])):
+        return "modules", f"folded: float32 check against the reference missing or failed ({folded_check}); modules kept"
+    pairs: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for r in report["results"]:
+        if r["variant"] in ("fused-graph", "fused-folded-graph"):
+            if r["precision"] == "fp32" and r["batch"] >= SAMPLED_MIN_BATCH:
+                continue
+            pairs.setdefault((r["precision"], r["batch"]), {})[r["variant"]] = r
+    ratios = []
+    for key, pair in sorted(pairs.items()):
+        if len(pair) != 2:
+            continue
+        modules, folded = pair["fused-graph"], pair["fused-folded-graph"]
+        if key[0] != "fp32" and folded["max_abs_diff_vs_fp32_strict_reference"] > (
+            ERROR_SLACK * modules["max_abs_diff_vs_fp32_strict_reference"] + 1e-6
+        ):
+            return "modules", f"folded: {key[0]} b{key[1]} error above the modules' end's; modules kept"
+        ratios.append((key, folded["median_ms"] / modules["median_ms"]))
+    if not ratios:
+        return "modules", "folded: not timed against the modules' end; modules kept"
+    ratio = geomean([r for _, r in ratios])
+    detail = ", ".join(f"{p} b{b} {r:.3f}" for (p, b), r in ratios)
+    if ratio > 1.0 - margin:
+        return "modules", f"folded at {ratio:.3f}x of the modules' end ({detail}); modules kept"
+    return "folded", f"folded at {ratio:.3f}x of the modules' end ({detail})"
+
+
+def choose(report: dict[str, Any], margin: float) -> tuple[dict[str, Config], str, list[str]]:
+    """({dtype name: configuration} to change, the epilogue, the reasons, one line each)."""
+    changes: dict[str, Config] = {}
+    reasons = []
+    swept = sorted({r["precision"] for r in report["results"] if parse_config(r["variant"])})
+    for precision in swept:
+        config, why = choose_tiles(report, precision, margin)
+        reasons.append(why)
+        if config is not None:
+            changes[DTYPES[precision]] = config
+            if precision == "bf16" and "fp16" not in swept:
+                changes[DTYPES["fp16"]] = config
+                reasons.append("fp16: takes bf16's choice (not swept)")
+    epilogue, why = choose_epilogue(report, margin)
+    reasons.append(why)
+    return changes, epilogue, reasons
+
+
+def rewrite(path: Path, pattern: str, replace, expected: int) -> None:
+    """Substitute ``pattern`` (one line each, re.M) in ``path``; refuse unless exactly ``expected`` lines match."""
+    text = path.read_text()
+    new, count = re.subn(pattern, replace, text, flags=re.M)
+    if count != expected:
+        raise SystemExit(f"tower_choice: {path}: expected {expected} line(s) matching {pattern!r}, found {count}")
+    path.write_text(new)
+
+
+def write(changes: dict[str, Config], epilogue: str) -> None:
+    """Set the chosen tiles/methods in deform_triton.py's CONFIG / METHOD and the epilogue in dyhead_cuda.py."""
+    for dtype, config in changes.items():
+        tiles = ", ".join(map(str, config[:5]))
+        rewrite(TRITON_SOURCE, rf"^    torch\.{dtype}: \(\d+, \d+, \d+, \d+, \d+\),$", f"    torch.{dtype}: ({tiles}),", 1)
+        rewrite(TRITON_SOURCE, rf'^    torch\.{dtype}: "\w+",$', f'    torch.{dtype}: "{config[5]}",', 1)
+    rewrite(CUDA_SOURCE, r'^EPILOGUE = "\w+"$', f'EPILOGUE = "{epilogue}"', 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("report", type=Path, help="gpu_tower.py --json output (with --sweep)")
+    p.add_argument("--margin", type=float, default=0.03, help="a change must be at least this much faster")
+    p.add_argument("--write", action="store_true", help="set the choice in the source files")
+    args = p.parse_args(argv)
+    try:
+        report = json.loads(args.report.read_text())
+        changes, epilogue, reasons = choose(report, args.margin)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"tower_choice: {args.report}: cannot read the report: {type(e).__name__}: {e}")
+        return 1
+    for line in reasons:
+        print(f"tower_choice: {line}")
+    summary = {"tiles": {k: list(v[:5]) for k, v in changes.items()}, "methods": {k: v[5] for k, v in changes.items()}}
+    print(f"tower_choice: changes {json.dumps(summary)}; epilogue {epilogue}")
+    if args.write:
+        write(changes, epilogue)
+        print(f"tower_choice: written to {TRITON_SOURCE.relative_to(ROOT)} and {CUDA_SOURCE.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""benchmarks/tower_choice.py: the CUDA tower's defaults picked from a sweep report (faster by the margin, as
+accurate, timed at every batch size) and written into copies of the two source files, line for line."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def choice(tmp_path: Path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("tower_choice", ROOT / "benchmarks" / "tower_choice.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tower_choice"] = module
+    spec.loader.exec_module(module)
+    for name in ("TRITON_SOURCE", "CUDA_SOURCE"):
+        copy = tmp_path / getattr(module, name).name
+        shutil.copy(getattr(module, name), copy)
+        monkeypatch.setattr(module, name, copy)
+    yield module
+    sys.modules.pop("tower_choice", None)
+
+
+def row(precision: str, batch: int, variant: str, ms: float, diff: float = 0.03) -> dict:
+    return {
+        "precision": precision,
+        "batch": batch,
+        "variant": variant,
+        "median_ms": ms,
+        "max_abs_diff_vs_fp32_strict_reference": diff,
+    }
+
+
+def report(rows: list[dict], folded_diff: float = 5e-6) -> dict:
+    return {
+        "machine": {
+            "fused_deform_conv": {
+                "float32": {"method": "taps", "tiles": [32, 128, 32, 4, 2]},
+                "bfloat16": {"method": "taps", "tiles": [64, 256, 64, 8, 2]},
+                "float16": {"method": "taps", "tiles": [64, 256, 64, 8, 2]},
+            }
+        },
+        "settings": {"batches": [1, 8]},
+        "fp32_strict": {"fused-folded": {"max_abs_diff_vs_reference": folded_diff, "max_abs_reference": 1.4}},
+        "results": rows,
+    }
+
+
+DEFAULT = "fused-graph (64, 256, 64, 8, 2, taps)"
+FLAT = "fused-graph (64, 128, 64, 4, 3, flat)"
+
+
+def test_a_faster_accurate_configuration_is_chosen_for_bf16_and_fp16_and_written(choice) -> None:
+    rows = [
+        row("bf16", 1, DEFAULT, 17.3),
+        row("bf16", 8, DEFAULT, 66.0),
+        row("bf16", 1, FLAT, 16.0),
+        row("bf16", 8, FLAT, 50.0),
+        # faster still but only at one batch size: not a candidate
+        row("bf16", 1, "fused-graph (128, 256, 128, 8, 1, columns)", 5.0),
+        # faster but far less accurate: not a candidate
+        row("bf16", 1, "fused-graph (64, 256, 64, 8, 3, flat)", 10.0, diff=0.5),
+        row("bf16", 8, "fused-graph (64, 256, 64, 8, 3, flat)", 40.0, diff=0.5),
+        row("bf16", 1, "fused-graph", 18.6),
+        row("bf16", 8, "fused-graph", 66.1),
+        row("bf16", 1, "fused-folded-graph", 15.0),
+        row("bf16", 8, "fused-folded-graph", 60.0),
+    ]
+    changes, epilogue, reasons = choice.choose(report(rows), 0.03)
+    assert changes == {"bfloat16": (64, 128, 64, 4, 3, "flat"), "float16": (64, 128, 64, 4, 3, "flat")}
+    assert epilogue == "folded"
+    assert "fp16: takes bf16's choice (not swept)" in reasons
+    choice.write(changes, epilogue)
+    triton = choice.TRITON_SOURCE.read_text()
+    assert "    torch.bfloat16: (64, 128, 64, 4, 3),\n" in triton
+    assert "    torch.float16: (64, 128, 64, 4, 3),\n" in triton
+    assert "    torch.float32: (32, 128, 32, 4, 2),\n" in triton  # not swept: unchanged
+    assert '    torch.bfloat16: "flat",\n' in triton and '    torch.float32: "taps",\n' in triton
+    assert 'EPILOGUE = "folded"\n' in choice.CUDA_SOURCE.read_text()
+    original = (ROOT / "dyhead_cli" / "models" / "deform_triton.py").read_text()
+    assert len(triton.splitlines()) == len(original.splitlines())  # the same lines, two values changed
+
+
+def test_within_the_margin_or_inaccurate_the_defaults_stay(choice) -> None:
+    rows = [
+        row("bf16", 1, DEFAULT, 17.3),
+        row("bf16", 8, DEFAULT, 66.0),
+        row("bf16", 1, FLAT, 17.0),  # 1-2% faster: noise
+        row("bf16", 8, FLAT, 65.0),
+        row("bf16", 1, "fused-graph", 18.6),
+        row("bf16", 8, "fused-graph", 66.1),
+        row("bf16", 1, "fused-folded-graph", 10.0, diff=0.2),  # fast, but its 16-bit error is 6x
+        row("bf16", 8, "fused-folded-graph", 40.0),
+    ]
+    changes, epilogue, reasons = choice.choose(report(rows), 0.03)
+    assert changes == {} and epilogue == "modules"
+    assert any("default (64, 256, 64, 8, 2, 'taps') kept" in r for r in reasons)
+    # a failed float32 check keeps the modules' end whatever the timings
+    rows[-2]["max_abs_diff_vs_fp32_strict_reference"] = 0.03
+    assert choice.choose(report(rows), 0.03)[1] == "folded"
+    assert choice.choose(report(rows, folded_diff=0.1), 0.03)[1] == "modules"
+
+
+def test_a_source_line_not_where_expected_is_refused(choice) -> None:
+    path = choice.CUDA_SOURCE
+    path.write_text(path.read_text().replace('EPILOGUE = "modules"', 'EPILOGUE: str = "modules"'))
+    with pytest.raises(SystemExit, match="expected 1 line"):
+        choice.write({}, "folded")
