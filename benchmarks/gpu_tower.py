@@ -150,7 +150,7 @@ def tower_call(
     dyhead_cuda.SAMPLED_MIN_BATCH = 1 if variant == "sampled" else (1 << 30 if fused else 8)
     dyhead_cuda.EPILOGUE = "folded" if "folded" in variant else "modules"
     tower.set_impl(impl)
-    tower.cuda_graphs = variant == "fused-graph"
+    tower.cuda_graphs = fused and variant.endswith("-graph")  # fused-graph, fused-folded-graph: the tower's own graphs
     for block in tower.blocks:
         block.fast_fused = fused
         block.fast_low_precision = low
@@ -326,40 +326,43 @@ def time_variant(
 
 
 def profile_fused(tower, args, batches, precisions, sizes, rows: int = 20) -> list[dict[str, Any]]:
-    """Where the fused tower's GPU time goes: torch.profiler over 3 eager calls per (precision, batch) after a
-    warm-up, the ``rows`` kernels with the most CUDA time (ms per tower call, calls per tower call, share)."""
+    """Where the fused tower's GPU time goes, with either block end ("fused", "fused-folded"): torch.profiler
+    over 3 eager calls per (variant, precision, batch) after a warm-up, the ``rows`` kernels with the most CUDA
+    time (ms per tower call, calls per tower call, share)."""
     from torch.profiler import ProfilerActivity, profile
 
     out = []
-    for precision in precisions:
-        for batch in batches:
-            feats = make_features(batch, args.channels, sizes, args.device)
-            with torch.inference_mode():
-                fn = tower_call(tower, "fused", args.device, PRECISIONS[precision])
-                fn(feats)
+    runs = [(v, q, b) for v in ("fused", "fused-folded") for q in precisions for b in batches]
+    for variant, precision, batch in runs:
+        feats = make_features(batch, args.channels, sizes, args.device)
+        with torch.inference_mode():
+            fn = tower_call(tower, variant, args.device, PRECISIONS[precision])
+            fn(feats)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    fn(feats)
                 torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(3):
-                        fn(feats)
-                    torch.cuda.synchronize()
-            events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
-            key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-            total = sum(getattr(e, key) for e in events) or 1.0
-            top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]
-            kernels = [
-                {
-                    "name": e.key[:120],
-                    "ms_per_call": getattr(e, key) / 3e3,
-                    "calls": e.count / 3,
-                    "share": getattr(e, key) / total,
-                }
-                for e in top
-            ]
-            out.append({"precision": precision, "batch": batch, "gpu_ms_per_call": total / 3e3, "kernels": kernels})
-            print(f"profile {precision} b{batch}: {total / 3e3:.2f} ms of GPU time per tower call", flush=True)
-            for k in kernels[:8]:
-                print(f"  {k['ms_per_call']:7.2f} ms  {k['share']:5.1%}  x{k['calls']:<5.0f} {k['name'][:90]}", flush=True)
-            del feats
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+        key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        total = sum(getattr(e, key) for e in events) or 1.0
+        top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]
+        kernels = [
+            {
+                "name": e.key[:120],
+                "ms_per_call": getattr(e, key) / 3e3,
+                "calls": e.count / 3,
+                "share": getattr(e, key) / total,
+            }
+            for e in top
+        ]
+        out.append(
+            {"variant": variant, "precision": precision, "batch": batch, "gpu_ms_per_call": total / 3e3, "kernels": kernels}
+        )
+        print(f"profile {variant} {precision} b{batch}: {total / 3e3:.2f} ms of GPU time per tower call", flush=True)
+        for k in kernels[:8]:
+            print(f"  {k['ms_per_call']:7.2f} ms  {k['share']:5.1%}  x{k['calls']:<5.0f} {k['name'][:90]}", flush=True)
+        del feats
     return out
 
 

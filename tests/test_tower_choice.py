@@ -80,10 +80,11 @@ def test_a_faster_accurate_configuration_is_chosen_for_bf16_and_fp16_and_written
     triton = choice.TRITON_SOURCE.read_text()
     assert "    torch.bfloat16: (64, 128, 64, 4, 3),\n" in triton
     assert "    torch.float16: (64, 128, 64, 4, 3),\n" in triton
-    assert "    torch.float32: (32, 128, 32, 4, 2),\n" in triton  # not swept: unchanged
-    assert '    torch.bfloat16: "flat",\n' in triton and '    torch.float32: "taps",\n' in triton
+    assert '    torch.bfloat16: "flat",\n' in triton
     assert 'EPILOGUE = "folded"\n' in choice.CUDA_SOURCE.read_text()
     original = (ROOT / "dyhead_cli" / "models" / "deform_triton.py").read_text()
+    float32 = [line for line in original.splitlines() if line.startswith("    torch.float32: ")]
+    assert len(float32) == 2 and all(line in triton.splitlines() for line in float32)  # not swept: unchanged
     assert len(triton.splitlines()) == len(original.splitlines())  # the same lines, two values changed
 
 

@@ -36,27 +36,29 @@ except ImportError:  # pragma: no cover - depends on the install
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 # Per dtype: (BLOCK_M output positions, BLOCK_N output channels, BLOCK_K input channels per dot, warps, stages).
-# BLOCK_K input channels are 128 bytes of a channels-last row in 16-bit types. Chosen by the sweep of
-# ``benchmarks/gpu_tower.py --sweep`` on an H100 (6 x 256 tower at 800x1333, CUDA graphs; the benchmark may
-# set other values here): float32 (32, 128, 32, 4, 2) took 27.3 / 123.4 ms at batch 1 / 8 against 37.6 /
-# 136.6 for (64, 128, 32, 4, 2); bf16 (64, 256, 64, 8, 2), 256 output channels per program so that a 256-channel
-# conv samples each point once, took 17.3 ms at batch 1 against 18.7-22.9 for three others (batch 8 unmeasured).
+# BLOCK_K input channels are 128 bytes of a channels-last row in 16-bit types. Chosen with METHOD below by
+# ``benchmarks/gpu_check.py --sweep --apply-tower-choice`` (``benchmarks/tower_choice.py``: the smallest
+# geometric mean over batch 1 and 8 of the tower's time, CUDA graphs, 6 x 256 at 800x1333) on an H100,
+# 2026-11-27 (benchmarks/results/h100-tuned/tower.json): bf16 (64, 256, 64, 8, 3) "flat" took 14.7 / 48.3 ms
+# at batch 1 / 8 against 16.5 / 52.0 for the former (64, 256, 64, 8, 2) "taps" (eight candidates; "columns"
+# (64, 256, 64, 4, 1) was fastest at batch 1, 13.0 ms, but 55.7 at batch 8); float16 takes bfloat16's
+# (not swept); float32 (64, 128, 64, 4, 1) "columns" 16.3 / 94.8 ms against 26.4 / 119.7 for (32, 128, 32, 4, 2)
+# "taps" (from batch 8 float32 runs grid_sample + GEMM: 81.2 ms).
 CONFIG: dict[torch.dtype, tuple[int, int, int, int, int]] = {
-    torch.float32: (32, 128, 32, 4, 2),
-    torch.float16: (64, 256, 64, 8, 2),
-    torch.bfloat16: (64, 256, 64, 8, 2),
+    torch.float32: (64, 128, 64, 4, 1),
+    torch.float16: (64, 256, 64, 8, 3),
+    torch.bfloat16: (64, 256, 64, 8, 3),
 }
-# How: "taps", the fused kernel with 9 unrolled taps, each a short loop over channel slices (what the H100
-# figures above measured); "flat", the fused kernel with one loop over 9 x C / BLOCK_K (tap, slice) steps,
-# software-pipelined by Triton with NUM_STAGES stages; "columns", a sampling kernel that writes the (h w, 9 C)
-# columns of a few images at a time in x's dtype, then one cuBLAS GEMM per image straight into NCHW (the
-# columns touch memory, but each kernel does one simple thing). "flat" and "columns" are candidates not yet
-# timed on a GPU: ``benchmarks/gpu_tower.py --sweep`` times them against "taps".
+# How: "taps", the fused kernel with 9 unrolled taps, each a short loop over channel slices; "flat", the fused
+# kernel with one loop over 9 x C / BLOCK_K (tap, slice) steps, software-pipelined by Triton with NUM_STAGES
+# stages; "columns", a sampling kernel that writes the (h w, 9 C) columns of a few images at a time in x's
+# dtype, then one cuBLAS GEMM per image straight into NCHW (the columns touch memory, but each kernel does one
+# simple thing). Timed by the sweep above; ``benchmarks/tower_choice.py --write`` rewrites these lines.
 METHODS = ("taps", "flat", "columns")
 METHOD: dict[torch.dtype, str] = {
-    torch.float32: "taps",
-    torch.float16: "taps",
-    torch.bfloat16: "taps",
+    torch.float32: "columns",
+    torch.float16: "flat",
+    torch.bfloat16: "flat",
 }
 COLUMN_BYTES = 256 << 20  # "columns": at most this much column buffer (whole images; at least one)
 DTYPES = tuple(CONFIG)

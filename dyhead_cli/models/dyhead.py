@@ -296,7 +296,7 @@ class DyHeadBlock(nn.Module):
                 maps["low"] = self.spatial_low(features[level - 1], offset, mask, mode, exportable)
             if level < len(features) - 1:
                 high = self.spatial_high(features[level + 1], offset, mask, mode, exportable)
-                maps["high"] = F.interpolate(high, size=x.shape[-2:], mode="bilinear", align_corners=True)
+                maps["high"] = dyhead_cuda.upsample_aligned(high, tuple(x.shape[-2:]))
             weights = {name: self.scale_weight(f) for name, f in maps.items()}  # (B, 1, 1, 1) each
             fused = torch.stack([f * weights[name] for name, f in maps.items()]).mean(dim=0)
             outs.append(self.task_attn(fused))
@@ -356,7 +356,7 @@ class DyHeadBlock(nn.Module):
                 if level < len(features) - 1:
                     i = level + 1
                     y = high.forward_from_table(table, starts[i], sizes[i], offset, mask, mode, mats[high], cl)
-                    maps.append(F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True))
+                    maps.append(dyhead_cuda.upsample_aligned(y, tuple(x.shape[-2:])))
             # as in forward, with fewer passes over the maps: sum of f * (pi_L(f) / n), then fused DyReLU
             weight = self.scale_weight(maps[0]) / len(maps)
             fused = maps[0].mul_(weight) if not torch.is_grad_enabled() else maps[0] * weight

@@ -105,3 +105,22 @@ def test_dyrelu_whole_map_in_place_equals_dyrelu():
         got = dyrelu_whole_map_(y, *coeffs)
     assert got.data_ptr() == y.data_ptr()  # in place: the GPU path's memory stays flat
     assert (got - want).abs().max().item() < 1e-6
+
+
+def test_upsample_through_channels_last_equals_interpolate():
+    """The "high" map's upsampling as CUDA runs it (a channels-last copy) against F.interpolate: the same
+    values and gradients, a contiguous NCHW result."""
+    import torch.nn.functional as F
+
+    from dyhead_cli.models.dyhead_cuda import upsample_aligned
+
+    y = torch.randn(2, 8, 5, 7, dtype=torch.float64, requires_grad=True)
+    out = upsample_aligned(y, (9, 13), channels_last=True)
+    want = F.interpolate(y, size=(9, 13), mode="bilinear", align_corners=True)
+    assert out.shape == (2, 8, 9, 13) and out.is_contiguous()
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(want)
+    (a,) = torch.autograd.grad(out, y, grad)
+    (b,) = torch.autograd.grad(want, y, grad)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert upsample_aligned(y.detach(), (9, 13)).is_contiguous()  # on CPU: the plain op
