@@ -31,6 +31,7 @@ from torchvision.ops import box_iou
 
 from dyhead_cli.models.build import build_model
 from dyhead_cli.models.dyhead import DyHead
+from dyhead_cli.models.dyhead_cuda import EPILOGUES
 from dyhead_cli.recipe import load_recipe
 
 pytestmark = pytest.mark.gpu
@@ -281,11 +282,13 @@ def test_tower_cuda_graphs_replay_what_eager_computes():
     assert not tower.graphs.graphs
 
 
+@pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("mode", MODES)
-def test_folded_epilogue_on_cuda_equals_reference(mode, strict_fp32, monkeypatch):
+def test_each_epilogue_on_cuda_equals_reference(mode, epilogue, strict_fp32, monkeypatch):
+    """The fused tower with each block end of dyhead_cuda.EPILOGUES against the reference tower on CUDA."""
     from dyhead_cli.models import dyhead_cuda
 
-    monkeypatch.setattr(dyhead_cuda, "EPILOGUE", "folded")
+    monkeypatch.setattr(dyhead_cuda, "EPILOGUE", epilogue)
     tower = make_tower(mode).cuda()
     feats = features(ODD_LEVELS, device="cuda")
     with torch.no_grad():

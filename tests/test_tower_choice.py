@@ -4,6 +4,7 @@ accurate, timed at every batch size) and written into copies of the two source f
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -72,6 +73,8 @@ def test_a_faster_accurate_configuration_is_chosen_for_bf16_and_fp16_and_written
         row("bf16", 1, "fused-folded-graph", 15.0),
         row("bf16", 8, "fused-folded-graph", 60.0),
     ]
+    cuda = choice.CUDA_SOURCE
+    cuda.write_text(re.sub(r'^EPILOGUE = "\w+"$', 'EPILOGUE = "modules"', cuda.read_text(), flags=re.M))
     changes, epilogue, reasons = choice.choose(report(rows), 0.03)
     assert changes == {"bfloat16": (64, 128, 64, 4, 3, "flat"), "float16": (64, 128, 64, 4, 3, "flat")}
     assert epilogue == "folded"
@@ -110,6 +113,6 @@ def test_within_the_margin_or_inaccurate_the_defaults_stay(choice) -> None:
 
 def test_a_source_line_not_where_expected_is_refused(choice) -> None:
     path = choice.CUDA_SOURCE
-    path.write_text(path.read_text().replace('EPILOGUE = "modules"', 'EPILOGUE: str = "modules"'))
+    path.write_text(re.sub(r'^EPILOGUE = "(\w+)"$', r'EPILOGUE: str = "\1"', path.read_text(), flags=re.M))
     with pytest.raises(SystemExit, match="expected 1 line"):
         choice.write({}, "folded")

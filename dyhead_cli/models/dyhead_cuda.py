@@ -35,14 +35,15 @@ if TYPE_CHECKING:  # dyhead.py imports this module
 # eagerly (launch-bound), the fused kernel 50 ms, torchvision's op 67 ms. In bf16 / fp16 the fused kernel won
 # at both batch sizes (66 ms vs 90-122 ms at batch 8).
 SAMPLED_MIN_BATCH = 8
-# After the convs: "modules", GroupNorm modules and the reference's attention code (what the README's H100
-# figures measured; the weighted mean and DyReLU in place since then), or "folded", two Triton passes per conv
-# output with GroupNorm and the attentions folded into per-channel numbers (models/fold_triton.py; a
-# candidate not yet timed on a GPU, benchmarks/gpu_tower.py times it as "fused-folded"). Like
-# deform_triton.METHOD / CONFIG, set it before a tower's first call: captured CUDA graphs replay what they
+# After the convs: "folded", two Triton passes per conv output with GroupNorm and the attentions folded into
+# per-channel numbers (models/fold_triton.py), or "modules", GroupNorm modules and the reference's attention
+# code. Chosen by ``benchmarks/tower_choice.py`` from ``gpu_tower.py`` (CUDA graphs, 6 x 256 at 800x1333) on an
+# H200, 2026-11-27 (benchmarks/results/h200-folded/tower.json): folded took 0.76x the modules' time (bf16
+# 10.6 / 27.3 ms at batch 1 / 8 against 14.0 / 38.1; fp16 alike; float32 at batch 1 13.0 against 15.3).
+# Like deform_triton.METHOD / CONFIG, set it before a tower's first call: captured CUDA graphs replay what they
 # captured (``DyHead.set_impl`` drops them).
 EPILOGUES = ("modules", "folded")
-EPILOGUE = "modules"
+EPILOGUE = "folded"
 
 
 def upsample_aligned(y: Tensor, size: tuple[int, int], channels_last: bool | None = None) -> Tensor:
