@@ -1,9 +1,9 @@
-"""One GPU check of dyhead, in about 6 minutes on one CUDA GPU; a summary table at the end, non-zero exit on failure.
+"""One GPU check of dyhead, in under 5 minutes on one CUDA GPU; a summary table at the end, non-zero exit on failure.
 
-(The last full run, on an H100 with ``--sweep`` and 300 training steps one after the other, took 7 min 50 s:
-pytest 138 s alone (96 s of it the trained-run CLI tests, one process after another), the trainings 105-114
-s each, the tower 130 s, each benchmark 27 s. Since then, not re-timed: 150 training steps, the bf16
-training alongside the fp16 one, pytest as two runs side by side, the CLI test's four processes at once.)
+(The last full run, on an H100 on 2026-11-27 with ``--sweep --profile --apply-tower-choice --tower-variants
+reference,fused-graph,fused-folded-graph,sampled-graph --tower-seconds 130 --budget-s 450``, took 4 min 48 s:
+the two pytest runs 82 and 113 s side by side with the trainings (61 and 107 s), the tower 79 s, each
+benchmark 20-25 s; benchmarks/results/h100-tuned/summary.json.)
 
 On the device machine (Python 3.12 with torch; albumentations and pycocotools carried as wheels in .whl/):
 
@@ -12,7 +12,7 @@ On the device machine (Python 3.12 with torch; albumentations and pycocotools ca
 
 What it runs, in order, each step a subprocess with its own timeout (a hung step cannot eat the budget) and
 all under one overall budget (``--budget-s``; a step that no longer fits is skipped, which counts as failed).
-Steps 1-3 check behaviour and share the GPU (pytest runs alongside 2-3); steps 4-5 time things and run alone:
+Steps 1-3 check behaviour and share the GPU (pytest runs alongside 2-3); steps 4 and 6 time things and run alone:
 
   1. ``pytest -m gpu`` (tests/test_gpu.py and the other gpu-marked tests), as two runs side by side: the
      tests of a CLI-trained run (train, then predict on CUDA / CPU / --half and eval at once) and the rest;
@@ -22,9 +22,12 @@ Steps 1-3 check behaviour and share the GPU (pytest runs alongside 2-3); steps 4
   3. ``dyhead predict --half`` with the fp16 run's checkpoint on the synthetic validation set (AP by COCOeval);
   4. ``benchmarks/gpu_tower.py``: the DyHead tower's implementations on CUDA (torchvision's op per conv,
      grid_sample + GEMM, the fused Triton conv eager and as CUDA graphs, with either block end; with
-     ``--sweep`` also the fused kernel's tiles and methods, which needs ``--tower-seconds 120 --budget-s
-     480``; with ``--profile`` the fused tower's kernels by GPU time);
-  5. ``dyhead benchmark --gpu --compare`` at 800x1333, batch 1 and 8, in fp32, bf16 and fp16.
+     ``--sweep`` also the fused kernel's tiles and methods, which needs ``--tower-seconds 130 --budget-s
+     450``; with ``--profile`` the fused tower's kernels by GPU time);
+  5. with ``--apply-tower-choice``: ``benchmarks/tower_choice.py --write`` sets the fastest tiles, method and
+     block end found in step 4 in this tree's sources (the device's copy), so that step 6 times them;
+  6. ``dyhead benchmark --gpu --compare`` at 800x1333, batch 1 and 8, in bf16, fp32 and fp16, and bf16 with
+     ``--impl reference``.
 
 Writes into ``--out`` (at most 8 files, so that all of them come back from the device machine): summary.json
 (every step: command, status, seconds, figures; the benchmark, tower and training metrics inlined),
