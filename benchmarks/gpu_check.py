@@ -356,7 +356,7 @@ def plan(out: Path, work: Path, args: argparse.Namespace) -> list[Step]:
                 "0.6",
                 *(["--sweep"] if args.sweep else []),
                 *(["--profile"] if args.profile else []),
-                *(["--variants", args.tower_variants] if args.tower_variants else []),
+                *(["--variants", args.tower_variants] if args.tower_variants != "all" else []),
             ],
             args.tower_seconds + 45,
             check_tower(out / "tower.json"),
@@ -585,7 +585,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tower-seconds", type=float, default=60.0, help="gpu_tower.py's --max-seconds")
     p.add_argument("--sweep", action="store_true", help="gpu_tower.py --sweep: also time the fused kernel's tile configurations")
     p.add_argument("--profile", action="store_true", help="gpu_tower.py --profile: the fused tower's kernels by GPU time")
-    p.add_argument("--tower-variants", default="", help="gpu_tower.py --variants (default: all that apply)")
+    p.add_argument(
+        "--tower-variants",
+        default="reference,sampled-graph,fused-graph,fused-folded-graph,fused-inline-graph",
+        help="gpu_tower.py --variants (default: torchvision's op and the CUDA-graph variants, what dyhead runs; "
+        "'all': every variant that applies)",
+    )
     p.add_argument(
         "--apply-tower-choice",
         action="store_true",

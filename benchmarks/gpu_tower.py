@@ -17,6 +17,8 @@ fp16 autocast. Variants:
   fused-graph       the same through ``DyHead``'s own CUDA-graph cache (what ``dyhead predict/benchmark`` run);
   fused-folded(-graph)  fused with the block's end folded into two Triton passes per conv output
                     (``dyhead_cuda.EPILOGUE = "folded"``, models/fold_triton.py);
+  fused-inline(-graph)  the same with the "high" map upsampled inside those passes (EPILOGUE "inline");
+                    "fused" alone runs the GroupNorm modules' end (EPILOGUE "modules");
   sampled           one grid_sample + one GEMM per conv (``deform_conv2d_sampled``, the autograd path from
                     batch 8);
   fast              ``forward_fast`` on each block: one sampling table per block, per conv one
@@ -61,7 +63,8 @@ from dyhead_cli.models.dyhead import DyHead
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (fast, fast-lowp, fast-cl and fast-tf32: slower than sampled on an H100, still selectable by --variants)
-BASE_VARIANTS = ("reference", "sampled", "fused", "fused-graph", "fused-folded", "fused-folded-graph")
+FUSED = ("fused", "fused-folded", "fused-inline")  # one per block end: fused_epilogue() names it
+BASE_VARIANTS = ("reference", "sampled", *(f"{v}{g}" for v in FUSED for g in ("", "-graph")))
 # the (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, method) tried by --sweep, per precision, the current default
 # first (deform_triton.CONFIG / METHOD; "columns" reads BLOCK_K as its channels per program and ignores
 # BLOCK_N and stages); batch 8 first, where the tower's time is
@@ -134,6 +137,13 @@ def tf32_matmuls():
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def fused_epilogue(variant: str) -> str:
+    """The block end (``dyhead_cuda.EPILOGUES``) of a fused variant: "fused[-graph]" -> "modules",
+    "fused-<end>[-graph]" -> "<end>"."""
+    base = variant.removesuffix("-graph")
+    return "modules" if base == "fused" else base.removeprefix("fused-")
+
+
 def tower_call(
     tower: DyHead, variant: str, device: str, dtype: torch.dtype | None, cache: bool = True
 ) -> Callable[[Features], Features]:
@@ -148,7 +158,7 @@ def tower_call(
     # set up once here, not per call: set_impl drops the tower's CUDA graphs
     # "sampled" at every batch size, "fused" at every batch size (float32 from batch 8 would take grid_sample)
     dyhead_cuda.SAMPLED_MIN_BATCH = 1 if variant == "sampled" else (1 << 30 if fused else 8)
-    dyhead_cuda.EPILOGUE = "folded" if "folded" in variant else "modules"
+    dyhead_cuda.EPILOGUE = fused_epilogue(variant) if fused else "modules"
     tower.set_impl(impl)
     tower.cuda_graphs = fused and variant.endswith("-graph")  # fused-graph, fused-folded-graph: the tower's own graphs
     for block in tower.blocks:
@@ -326,13 +336,13 @@ def time_variant(
 
 
 def profile_fused(tower, args, batches, precisions, sizes, rows: int = 20) -> list[dict[str, Any]]:
-    """Where the fused tower's GPU time goes, with either block end ("fused", "fused-folded"): torch.profiler
+    """Where the fused tower's GPU time goes, with each block end (``FUSED``): torch.profiler
     over 3 eager calls per (variant, precision, batch) after a warm-up, the ``rows`` kernels with the most CUDA
     time (ms per tower call, calls per tower call, share)."""
     from torch.profiler import ProfilerActivity, profile
 
     out = []
-    runs = [(v, q, b) for v in ("fused", "fused-folded") for q in precisions for b in batches]
+    runs = [(v, q, b) for v in FUSED for q in precisions for b in batches]
     for variant, precision, batch in runs:
         feats = make_features(batch, args.channels, sizes, args.device)
         with torch.inference_mode():
@@ -464,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             references[batch] = tower_call(tower, "reference", args.device, None)(feats)
         feats = make_features(1, args.channels, sizes, args.device)
         scale = max(r.abs().max().item() for r in references[1])
-        for name in ("fused", "fused-folded", "sampled") if args.device == "cuda" else ("fast",):
+        for name in (*FUSED, "sampled") if args.device == "cuda" else ("fast",):
             out = tower_call(tower, name, args.device, None)(feats)
             report["fp32_strict"][name] = {
                 "batch": 1,

@@ -15,10 +15,11 @@ Rules (each a measured win, never a guess):
     ``machine.fused_deform_conv``), if it is at least ``--margin`` (3%) faster, was timed at every batch
     size and its outputs are as close to the float32 reference as the default's (at most 1.5x its error);
     float16 takes bfloat16's choice (both 16-bit types, the same bytes per tile; the sweep times bf16 only);
-  - the block's end: ``folded`` where ``fused-folded-graph`` beats ``fused-graph`` by the margin in the
-    geometric mean over the 16-bit precisions and batches and float32 below batch 8 (where the fused conv
-    runs in float32), its float32 check against the reference passed and its 16-bit errors are within 1.5x
-    of the modules' end; otherwise ``modules``.
+  - the block's end (``dyhead_cuda.EPILOGUES``): each end's ``fused-<end>-graph`` rows against the modules'
+    end's ``fused-graph`` rows, the geometric mean over the 16-bit precisions and batches and float32 below
+    batch 8 (where the fused conv runs in float32), for the ends whose float32 check against the reference
+    passed and whose 16-bit errors are within 1.5x of the modules' end's; the fastest, unless it is within
+    the margin of the report's current default (``machine.dyhead_epilogue``), which then stays.
 Exit 1 when the report cannot be read or a source line to rewrite is not where it is expected.
 """
 
@@ -85,35 +86,53 @@ def choose_tiles(report: dict[str, Any], precision: str, margin: float) -> tuple
     return best, f"{precision}: {best} at {ratio:.3f}x of the default {default} ({times})"
 
 
+def variant_epilogue(variant: str) -> str | None:
+    """The block end a CUDA-graph row of the fused tower ran: "fused-graph" -> "modules", "fused-<end>-graph"
+    -> "<end>" (gpu_tower.py's naming), None for other rows."""
+    if not (variant.startswith("fused") and variant.endswith("-graph")) or " " in variant:
+        return None
+    base = variant.removesuffix("-graph")
+    return "modules" if base == "fused" else base.removeprefix("fused-")
+
+
 def choose_epilogue(report: dict[str, Any], margin: float) -> tuple[str, str]:
-    """("modules" | "folded", why) from the fused-graph and fused-folded-graph rows."""
+    """(the block end to use, why) from the fused-graph and fused-<end>-graph rows: each end's geometric mean
+    ratio to the modules' end; the fastest, unless it is within the margin of the current default."""
+    current = report["machine"].get("dyhead_epilogue", "modules")
     strict = report.get("fp32_strict", {})
-    folded_check = strict.get("fused-folded")
-    if not folded_check or not (folded_check["max_abs_diff_vs_reference"] < 1e-3 * max(1.0, folded_check["max_abs_reference"])):
-        return "modules", f"folded: float32 check against the reference missing or failed ({folded_check}); modules kept"
-    pairs: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    by_case: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     for r in report["results"]:
-        if r["variant"] in ("fused-graph", "fused-folded-graph"):
-            if r["precision"] == "fp32" and r["batch"] >= SAMPLED_MIN_BATCH:
-                continue
-            pairs.setdefault((r["precision"], r["batch"]), {})[r["variant"]] = r
-    ratios = []
-    for key, pair in sorted(pairs.items()):
-        if len(pair) != 2:
+        end = variant_epilogue(r["variant"])
+        if end is None or (r["precision"] == "fp32" and r["batch"] >= SAMPLED_MIN_BATCH):
             continue
-        modules, folded = pair["fused-graph"], pair["fused-folded-graph"]
-        if key[0] != "fp32" and folded["max_abs_diff_vs_fp32_strict_reference"] > (
-            ERROR_SLACK * modules["max_abs_diff_vs_fp32_strict_reference"] + 1e-6
-        ):
-            return "modules", f"folded: {key[0]} b{key[1]} error above the modules' end's; modules kept"
-        ratios.append((key, folded["median_ms"] / modules["median_ms"]))
-    if not ratios:
-        return "modules", "folded: not timed against the modules' end; modules kept"
-    ratio = geomean([r for _, r in ratios])
-    detail = ", ".join(f"{p} b{b} {r:.3f}" for (p, b), r in ratios)
-    if ratio > 1.0 - margin:
-        return "modules", f"folded at {ratio:.3f}x of the modules' end ({detail}); modules kept"
-    return "folded", f"folded at {ratio:.3f}x of the modules' end ({detail})"
+        by_case.setdefault((r["precision"], r["batch"]), {})[end] = r
+    ratios: dict[str, float] = {"modules": 1.0}
+    reasons = []
+    for end in sorted({e for rows in by_case.values() for e in rows} - {"modules"}):
+        check = strict.get(f"fused-{end}")
+        if not check or not check["max_abs_diff_vs_reference"] < 1e-3 * max(1.0, check["max_abs_reference"]):
+            reasons.append(f"{end}: float32 check against the reference missing or failed ({check})")
+            continue
+        cases = [(key, rows) for key, rows in sorted(by_case.items()) if "modules" in rows and end in rows]
+        worse = [
+            f"{p} b{b}"
+            for (p, b), rows in cases
+            if p != "fp32"
+            and rows[end]["max_abs_diff_vs_fp32_strict_reference"]
+            > ERROR_SLACK * rows["modules"]["max_abs_diff_vs_fp32_strict_reference"] + 1e-6
+        ]
+        if worse or not cases:
+            reasons.append(f"{end}: error above the modules' end's at {', '.join(worse)}" if worse else f"{end}: not timed")
+            continue
+        each = [(key, rows[end]["median_ms"] / rows["modules"]["median_ms"]) for key, rows in cases]
+        ratios[end] = geomean([r for _, r in each])
+        detail = ", ".join(f"{p} b{b} {r:.3f}" for (p, b), r in each)
+        reasons.append(f"{end} at {ratios[end]:.3f}x of the modules' end ({detail})")
+    best = min(ratios, key=ratios.get)
+    if current in ratios and best != current and ratios[best] > ratios[current] * (1.0 - margin):
+        best = current  # within the margin of the default: noise
+    kept = "kept" if best == current else f"instead of {current}"
+    return best, "; ".join([*reasons, f"{best} {kept}"])
 
 
 def choose(report: dict[str, Any], margin: float) -> tuple[dict[str, Config], str, list[str]]:

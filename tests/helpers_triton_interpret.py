@@ -2,8 +2,8 @@
 
 Run as a script with ``TRITON_INTERPRET=1`` set (tests/models/test_deform_triton.py does): the variable must
 be set before Triton compiles anything, so it cannot be switched on inside the test process. Prints
-{"convs": {method: [[case, max abs diff, max abs reference], ...]}, "fp16": {method: [...]}, "blocks" and
-"blocks_folded": {mode: [diff, scale]} (the two epilogues of ``dyhead_cuda.EPILOGUES``), "fold": {kernel: [diff,
+{"convs": {method: [[case, max abs diff, max abs reference], ...]}, "fp16": {method: [...]}, "blocks":
+{epilogue: {mode: [diff, scale]}} (each block end of ``dyhead_cuda.EPILOGUES``), "fold": {kernel: [diff,
 scale]}}, for each method of ``deform_triton.METHODS``.
 """
 
@@ -13,6 +13,7 @@ import json
 import os
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
 from dyhead_cli.models import deform_triton, dyhead_cuda, fold_triton
@@ -105,14 +106,27 @@ def fold_errors() -> dict:
         a1, b1, a2, b2 = (t[..., None, None] for t in per[4:])
         want = torch.maximum(f * a1 + b1, f * a2 + b2)
         out[f"sum{k}"] = [(got - want).abs().max().item(), want.abs().max().item()]
+    # the last map upsampled inside the kernel ("inline"): 9x7 from 4x3, 5x7 and 1x1, and 1x1 from 1x1
+    for small, big in (((4, 3), (9, 7)), ((5, 7), (9, 7)), ((1, 1), (9, 7)), ((1, 1), (1, 1))):
+        levels = [torch.randn(2, 6, *big, generator=g) for _ in range(2)]
+        high = (torch.randn(2, 6, *small, generator=g) * 2).to(torch.bfloat16)  # as the raw conv outputs
+        up = F.interpolate(high.float(), size=big, mode="bilinear", align_corners=True)
+        name = f"{small[0]}x{small[1]}->{big[0]}x{big[1]}"
+        mean = fold_triton.upsampled_mean(high, big)
+        out[f"mean {name}"] = [(mean - up.mean(dim=(2, 3))).abs().max().item(), up.abs().max().item()]
+        for k in (2, 3):
+            got = fold_triton.scaled_sum_dyrelu([*levels[: k - 1], high], per[:k], per[3], per[4:], torch.float32, True)
+            f = per[3][..., None, None] + sum(m * s[..., None, None] for m, s in zip([*levels[: k - 1], up], per[:k]))
+            a1, b1, a2, b2 = (t[..., None, None] for t in per[4:])
+            want = torch.maximum(f * a1 + b1, f * a2 + b2)
+            out[f"sum{k} {name}"] = [(got - want).abs().max().item(), want.abs().max().item()]
     return out
 
 
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     result = {"convs": conv_errors(torch.float32), "fp16": conv_errors(torch.float16)}
-    result["blocks"] = block_errors("modules")
-    result["blocks_folded"] = block_errors("folded")
+    result["blocks"] = {epilogue: block_errors(epilogue) for epilogue in dyhead_cuda.EPILOGUES}
     result["fold"] = fold_errors()
     print(json.dumps(result))
 

@@ -116,3 +116,31 @@ def test_a_source_line_not_where_expected_is_refused(choice) -> None:
     path.write_text(re.sub(r'^EPILOGUE = "(\w+)"$', r'EPILOGUE: str = "\1"', path.read_text(), flags=re.M))
     with pytest.raises(SystemExit, match="expected 1 line"):
         choice.write({}, "folded")
+
+
+def test_the_fastest_block_end_replaces_the_default_only_beyond_the_margin(choice) -> None:
+    def rows(inline_ms: float) -> list[dict]:
+        return [
+            row("bf16", 1, "fused-graph", 14.0),
+            row("bf16", 8, "fused-graph", 38.0),
+            row("bf16", 1, "fused-folded-graph", 10.6),
+            row("bf16", 8, "fused-folded-graph", 27.3),
+            row("bf16", 1, "fused-inline-graph", inline_ms),
+            row("bf16", 8, "fused-inline-graph", inline_ms * 27.3 / 10.6),
+            row("fp32", 8, "fused-inline-graph", 1.0),  # float32 from batch 8 runs grid_sample: not counted
+            row("fp32", 8, "fused-graph", 80.0),
+        ]
+
+    def with_default(r: dict, end: str) -> dict:
+        r["machine"]["dyhead_epilogue"] = end
+        r["fp32_strict"]["fused-inline"] = {"max_abs_diff_vs_reference": 5e-6, "max_abs_reference": 1.4}
+        return r
+
+    assert choice.choose_epilogue(with_default(report(rows(10.4)), "folded"), 0.03)[0] == "folded"  # 2% faster
+    assert choice.choose_epilogue(with_default(report(rows(9.0)), "folded"), 0.03)[0] == "inline"  # 15% faster
+    # from the modules' end, folded (0.74x) is beyond the margin whatever inline's 0.73x does
+    assert choice.choose_epilogue(with_default(report(rows(10.4)), "modules"), 0.03)[0] == "inline"
+    failed = with_default(report(rows(9.0)), "folded")
+    failed["fp32_strict"]["fused-inline"]["max_abs_diff_vs_reference"] = 0.1
+    end, why = choice.choose_epilogue(failed, 0.03)
+    assert end == "folded" and "inline: float32 check against the reference missing or failed" in why

@@ -36,13 +36,14 @@ if TYPE_CHECKING:  # dyhead.py imports this module
 # at both batch sizes (66 ms vs 90-122 ms at batch 8).
 SAMPLED_MIN_BATCH = 8
 # After the convs: "folded", two Triton passes per conv output with GroupNorm and the attentions folded into
-# per-channel numbers (models/fold_triton.py), or "modules", GroupNorm modules and the reference's attention
-# code. Chosen by ``benchmarks/tower_choice.py`` from ``gpu_tower.py`` (CUDA graphs, 6 x 256 at 800x1333) on an
+# per-channel numbers (models/fold_triton.py), "modules", GroupNorm modules and the reference's attention
+# code, or "inline", folded with the "high" map upsampled inside those passes (no upsampled map, no layout
+# copies; a candidate not yet timed on a GPU: gpu_tower.py times it as "fused-inline"). Chosen by ``benchmarks/tower_choice.py`` from ``gpu_tower.py`` (CUDA graphs, 6 x 256 at 800x1333) on an
 # H200, 2026-11-27 (benchmarks/results/h200-folded/tower.json): folded took 0.76x the modules' time (bf16
 # 10.6 / 27.3 ms at batch 1 / 8 against 14.0 / 38.1; fp16 alike; float32 at batch 1 13.0 against 15.3).
 # Like deform_triton.METHOD / CONFIG, set it before a tower's first call: captured CUDA graphs replay what they
 # captured (``DyHead.set_impl`` drops them).
-EPILOGUES = ("modules", "folded")
+EPILOGUES = ("modules", "folded", "inline")
 EPILOGUE = "folded"
 
 
@@ -125,12 +126,15 @@ def folded_level(
     norms = [conv.norm for conv in convs]
     stats = [fold_triton.channel_stats(y) for y in ys]
     maps, pooled = list(ys), [mean for mean, _ in stats]
-    if has_high:
+    inline = has_high and EPILOGUE == "inline"
+    if inline:  # the upsampled map's mean from the small one; the sum kernel samples it
+        pooled[-1] = fold_triton.upsampled_mean(ys[-1], size)
+    elif has_high:
         maps[-1] = upsample_aligned(ys[-1], size)
         pooled[-1] = torch.mean(maps[-1], dim=(2, 3), dtype=torch.float32)
     scales, shift, coefficients = fold_attention(block, norms, stats, pooled)  # float32 (the statistics')
     out_dtype = torch.promote_types(ys[0].dtype, norms[0].weight.dtype)  # float32 under autocast, as GroupNorm
-    return fold_triton.scaled_sum_dyrelu(maps, scales, shift, list(coefficients), out_dtype)
+    return fold_triton.scaled_sum_dyrelu(maps, scales, shift, list(coefficients), out_dtype, upsample_last=inline)
 
 
 def block_forward_fused(block: DyHeadBlock, features: list[Tensor]) -> list[Tensor]:
@@ -147,7 +151,7 @@ def block_forward_fused(block: DyHeadBlock, features: list[Tensor]) -> list[Tens
     outs = []
     for level, x in enumerate(features):
         offset, mask = block.offset_and_mask(x)
-        if EPILOGUE == "folded":
+        if EPILOGUE in ("folded", "inline"):
             convs = [(mid, level)] + [(low, level - 1)] * (level > 0) + [(high, level + 1)] * (level + 1 < len(features))
             ys = [raw_conv(conv, xs[i], offset, mask, mode, mats[conv]) for conv, i in convs]
             size, has_high = tuple(x.shape[-2:]), level + 1 < len(features)
