@@ -104,6 +104,8 @@ class Predictor:
         self.tile, self.tile_overlap = int(tile or 0), float(tile_overlap)
         self.batch_size = batch_size or self.recipe.eval.batch_size
         self.model = det.model.to(self.device).eval()
+        if self.labels is not None and hasattr(self.model, "keep_only"):  # an ONNX model: filtered afterwards only
+            self.model.keep_only(self.labels)
 
     # ------------------------------------------------------------------------------------------------
     # the pipeline

@@ -40,6 +40,11 @@ class Detector(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).float().view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).float().view(1, 3, 1, 1), persistent=False)
 
+    def keep_only(self, labels: list[int] | None) -> None:
+        """Detect only these labels, 0..K-1 (None: all), as the head's post-processing candidates: the
+        wanted classes fill ``detections_per_img`` instead of what other classes leave of it."""
+        self.head.keep_only(labels)
+
     def normalize(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) 0..255 RGB -> the backbone's input: channel order flipped for BGR, minus mean, over std."""
         if images.dim() != 4 or images.shape[1] != 3:

@@ -112,6 +112,11 @@ def test_api_options_and_mistakes(run):
     (some,) = keep(image)
     wanted = [(n in ("square", "cross")) and float(s) >= 0.02 for n, s in zip(everything.names, everything.scores)]
     assert torch.equal(some.scores, everything.scores[wanted]) and set(some.names) <= {"square", "cross"}
+    # classes are filtered before the max_det cut: a class's 3 best, not what it has among the 3 best of all
+    rare = next(n for n in everything.names[::-1] if everything.names.count(n) >= 3 and n not in everything.names[:3])
+    best = everything.scores[[n == rare for n in everything.names]][:3]
+    (few,) = dyhead_cli.load(run["weights"], device="cpu", classes=rare, max_det=3)(image)
+    assert few.names == [rare] * 3 and torch.equal(few.scores, best)
     with pytest.raises(DyheadError, match="neither a class name"):
         dyhead_cli.load(run["weights"], device="cpu", classes=["sqare"])
     (one,) = dyhead_cli.load(run["weights"], device=torch.device("cpu"), classes="square", score_thr=0.02)(image)

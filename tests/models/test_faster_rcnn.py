@@ -182,6 +182,18 @@ def test_inference_drops_background_last_and_uses_each_class_own_deltas():
     assert out["scores"].item() == pytest.approx(math.exp(5) / (math.exp(5) + 2))
 
 
+def test_inference_keeps_only_the_wanted_labels_before_the_cap():
+    """``--classes``: the wanted label's best fill ``detections_per_img``; the others never become candidates."""
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    proposals = torch.tensor([[0.0, 0, 10, 10], [20.0, 20, 30, 30], [40.0, 40, 50, 50]])
+    logits = torch.tensor([[9.0, 5.0, 0.0], [9.0, 4.0, 0.0], [0.0, 3.0, 0.0]])  # class 0 best in RoIs 0 and 1
+    deltas = torch.zeros(3, 8)
+    capped = fast_rcnn_inference(logits, deltas, proposals, (100, 100), coder, 0.001, 0.5, 2)
+    assert capped["labels"].tolist() == [0, 0]
+    only = fast_rcnn_inference(logits, deltas, proposals, (100, 100), coder, 0.001, 0.5, 2, labels=(1,))
+    assert only["labels"].tolist() == [1, 1] and only["boxes"][:, 0].tolist() == [40.0, 0.0]  # RoI 2, then 0
+
+
 def test_fast_rcnn_losses_ce_mean_and_l1_of_the_own_class_over_sampled_count():
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # K = 2
     deltas = torch.arange(16.0).view(2, 8)

@@ -147,6 +147,27 @@ def test_box_coder_weights_clamp_and_inverse():
     # dw is clamped at log(1000 / 16): a 10 px anchor grows to at most 625 px.
     huge = coder.decode(torch.tensor([[0.0, 0.0, 100.0, 0.0]]), anchor)
     assert huge[0, 2] - huge[0, 0] == pytest.approx(10 * 1000 / 16, rel=1e-5)
+    # from below only as MMDetection decodes: a 10 px anchor shrinks to 0.16 px, not to exp(-20) of it
+    tiny = torch.tensor([[0.0, 0.0, -100.0, 0.0]])
+    assert (coder.decode(tiny, anchor)[0, 2] - coder.decode(tiny, anchor)[0, 0]).item() < 1e-7
+    small = coder.decode(tiny, anchor, clamp_below=True)
+    assert small[0, 2] - small[0, 0] == pytest.approx(10 * 16 / 1000, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["official", "mmdet"])
+def test_postprocess_decodes_as_its_reference_does(mode):
+    """A shrinking prediction (dw = -5, below -log(1000/16)): the official order keeps the 0.1 px box that
+    detectron2's coder gives; the MMDetection order clamps it to 1.6% of the 16 px anchor, 0.256 px."""
+    head = tiny_head(postprocess=mode)
+    outputs = head(zero_features())
+    outputs["cls_logits"][0] = torch.full((1, 2, 4, 4), -10.0)
+    outputs["cls_logits"][0][0, 1, 1, 2] = math.log(0.8 / 0.2)  # anchor [12, 4, 28, 20]
+    outputs["cls_logits"][1] = torch.full((1, 2, 2, 2), -10.0)
+    outputs["bbox_reg"][0][0, :, 1, 2] = torch.tensor([0.0, 0.0, 5 * -5.0, 0.0])
+    (result,) = head.postprocess(outputs, [(32, 32)])
+    width = result["boxes"][0, 2] - result["boxes"][0, 0]
+    want = 16 * (16 / 1000 if mode == "mmdet" else math.exp(-5))
+    assert width.item() == pytest.approx(want, rel=1e-4)
 
 
 def test_postprocess_decodes_the_firing_anchor_with_cls_times_centerness_score():

@@ -32,7 +32,9 @@ class BoxCoder:
     """Anchor-relative deltas (dx, dy, dw, dh), detectron2's ``Box2BoxTransform`` (widths = x2 - x1).
 
     ``weights`` scale the deltas ((10, 10, 5, 5) in ATSS, (1, 1, 1, 1) in detectron2's RetinaNet);
-    dw/dh are clamped at log(1000/16) when decoding so exp() cannot blow up early in training.
+    dw/dh are clamped at log(1000/16) when decoding so exp() cannot blow up early in training (the official
+    code and detectron2 clamp from above only; MMDetection's ``delta2bbox`` clamps to +-log(1000/16), so a
+    box is never under 1.6% of its anchor: ``decode(..., clamp_below=True)``).
     """
 
     def __init__(self, weights: tuple[float, float, float, float], scale_clamp: float = math.log(1000.0 / 16)) -> None:
@@ -48,16 +50,18 @@ class BoxCoder:
         bx, by = boxes[:, 0] + 0.5 * bw, boxes[:, 1] + 0.5 * bh
         return torch.stack([wx * (bx - ax) / aw, wy * (by - ay) / ah, ww * torch.log(bw / aw), wh * torch.log(bh / ah)], dim=1)
 
-    def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
-        """(N, 4) deltas, (N, 4) anchors -> (N, 4) boxes xyxy (always x2 >= x1, y2 >= y1)."""
+    def decode(self, deltas: Tensor, anchors: Tensor, clamp_below: bool = False) -> Tensor:
+        """(N, 4) deltas, (N, 4) anchors -> (N, 4) boxes xyxy (always x2 >= x1, y2 >= y1); ``clamp_below``:
+        dw/dh also at least -log(1000/16), as MMDetection decodes."""
         deltas = deltas.float()
         anchors = anchors.to(deltas)
         wx, wy, ww, wh = self.weights
         aw, ah = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
         ax, ay = anchors[:, 0] + 0.5 * aw, anchors[:, 1] + 0.5 * ah
         dx, dy = deltas[:, 0] / wx, deltas[:, 1] / wy
-        dw = (deltas[:, 2] / ww).clamp(max=self.scale_clamp)
-        dh = (deltas[:, 3] / wh).clamp(max=self.scale_clamp)
+        low = -self.scale_clamp if clamp_below else None
+        dw = (deltas[:, 2] / ww).clamp(min=low, max=self.scale_clamp)
+        dh = (deltas[:, 3] / wh).clamp(min=low, max=self.scale_clamp)
         cx, cy = dx * aw + ax, dy * ah + ay
         w, h = torch.exp(dw) * aw, torch.exp(dh) * ah
         return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=1)

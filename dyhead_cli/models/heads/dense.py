@@ -19,6 +19,7 @@ boxes (``decode``), assignment and loss targets (``loss``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -168,6 +169,10 @@ class DenseHead(nn.Module):
         return cls, reg, torch.cat([flatten_level(x, 1) for x in outputs["centerness"]], 1).float()[..., 0]
 
     @torch.no_grad()
+    def keep_only(self, labels: list[int] | None) -> None:
+        """Detect only these labels (None: all): filtered before the top-k, NMS and ``detections_per_img``."""
+        self.post = dataclasses.replace(self.post, labels=tuple(labels) if labels is not None else None)
+
     def postprocess(self, outputs: dict[str, list[Tensor]], image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
         """Detections per image; scores and thresholds as ``heads/postprocess.py`` describes."""
         priors = self.priors(outputs)
@@ -205,4 +210,5 @@ class AnchorHead(DenseHead):
         return self.anchors(outputs)
 
     def decode(self, deltas: Tensor, priors: Tensor, level: int) -> Tensor:
-        return self.box_coder.decode(deltas, priors)
+        # inference decoding: MMDetection's coder also clamps dw/dh from below (BoxCoder's docstring)
+        return self.box_coder.decode(deltas, priors, clamp_below=self.post.mode == "mmdet")

@@ -83,6 +83,7 @@ class FasterRCNNHead(nn.Module):
         self.rpn_post_nms_top_n, self.rpn_nms_thresh = rpn_post_nms_top_n, rpn_nms_thresh
         self.rpn_batch_size_per_image = rpn_batch_size_per_image
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
+        self.labels: tuple[int, ...] | None = None  # only these are detected (``keep_only``)
 
         # detectron2's RPN and RoI matchers and samplers, as torchvision has them
         self.rpn_matcher = Matcher(0.7, 0.3, allow_low_quality_matches=True)
@@ -95,6 +96,10 @@ class FasterRCNNHead(nn.Module):
         self.rpn = RPNHead(in_channels, len(aspect_ratios))
         self.box_head = BoxHead(in_channels * POOLER_RESOLUTION**2, fc_dim)
         self.box_predictor = BoxPredictor(fc_dim, num_classes)
+
+    def keep_only(self, labels: list[int] | None) -> None:
+        """Detect only these labels (None: all): filtered before NMS and the ``detections_per_img`` cut."""
+        self.labels = tuple(labels) if labels is not None else None
 
     def forward(self, features: list[Tensor]) -> dict[str, list[Tensor]]:
         """Levels (B, C, H, W), finest first -> {"features": the levels, "objectness": (B, A, H, W) per level,
@@ -169,7 +174,15 @@ class FasterRCNNHead(nn.Module):
         counts = [len(p) for p in proposals]
         return [
             fast_rcnn_inference(
-                logits, deltas, p, size, self.roi_box_coder, self.score_thresh, self.nms_thresh, self.detections_per_img
+                logits,
+                deltas,
+                p,
+                size,
+                self.roi_box_coder,
+                self.score_thresh,
+                self.nms_thresh,
+                self.detections_per_img,
+                self.labels,
             )
             for logits, deltas, p, size in zip(cls_logits.split(counts), box_deltas.split(counts), proposals, image_sizes)
         ]

@@ -48,6 +48,7 @@ class PostprocessOptions:
     pre_nms_top_n: int = 1000
     nms_thresh: float = 0.6
     detections_per_img: int = 100
+    labels: tuple[int, ...] | None = None  # only these become candidates (``dyhead predict --classes``)
 
     def __post_init__(self) -> None:
         check_choice("head post-processing", self.mode, POSTPROCESS_MODES)
@@ -65,6 +66,19 @@ def select_topk(ranking: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Te
         index = index[flat[index].topk(k).indices]
     num_classes = ranking.shape[1]
     return index // num_classes, index % num_classes
+
+
+def keep_labels(candidates: Tensor, labels: tuple[int, ...] | None) -> Tensor:
+    """candidates (R, K) boolean with the columns of labels outside ``labels`` cleared (None: all kept).
+
+    Filtering classes here, before the top-k, NMS and the ``detections_per_img`` cut, lets the wanted
+    classes fill the detections rather than what other classes left of them.
+    """
+    if labels is None:
+        return candidates
+    wanted = torch.zeros(candidates.shape[1], dtype=torch.bool, device=candidates.device)
+    wanted[[k for k in labels if 0 <= k < candidates.shape[1]]] = True
+    return candidates & wanted
 
 
 def clip_nonempty(boxes: Tensor, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -97,7 +111,7 @@ def level_candidates(
     """One level of one image: cls (P, K) and ctr (P,) probabilities -> candidate boxes (M, 4), scores, labels."""
     score = cls if ctr is None else cls * ctr[:, None]  # (P, K): the final score
     ranking = score if opts.mode == "official" else cls
-    loc, labels = select_topk(ranking, cls > opts.score_thresh, opts.pre_nms_top_n)
+    loc, labels = select_topk(ranking, keep_labels(cls > opts.score_thresh, opts.labels), opts.pre_nms_top_n)
     boxes, scores = decode(loc), score[loc, labels]
     if opts.mode == "mmdet":
         boxes, nonempty = clip_nonempty(boxes, image_size)

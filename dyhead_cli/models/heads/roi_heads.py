@@ -25,6 +25,8 @@ from torchvision.models.detection._utils import (
 )
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align
 
+from dyhead_cli.models.heads.postprocess import keep_labels
+
 CANONICAL_BOX_SIZE = 224
 CANONICAL_LEVEL = 4
 
@@ -133,11 +135,13 @@ def fast_rcnn_inference(
     score_thresh: float,
     nms_thresh: float,
     detections_per_img: int,
+    labels: tuple[int, ...] | None = None,
 ) -> dict[str, Tensor]:
     """One image's detections from its R RoIs: cls_logits (R, K+1), box_deltas (R, 4K), proposals (R, 4).
 
-    detectron2's order: per-class boxes clipped first, then score > ``score_thresh``, per-class NMS, the
-    ``detections_per_img`` best. Returns {"boxes" (M, 4), "scores" (M,), "labels" (M,) in 0..K-1}.
+    detectron2's order: per-class boxes clipped first, then score > ``score_thresh`` (of ``labels`` only,
+    when given), per-class NMS, the ``detections_per_img`` best. Returns {"boxes" (M, 4), "scores" (M,),
+    "labels" (M,) in 0..K-1}.
     """
     num_classes = cls_logits.shape[1] - 1
     scores = F.softmax(cls_logits.float(), dim=1)[:, :-1]  # (R, K): background (last) dropped
@@ -145,7 +149,7 @@ def fast_rcnn_inference(
     finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
     scores, boxes = scores[finite], boxes[finite]
     boxes = clip_boxes_to_image(boxes.view(-1, num_classes, 4), image_size)  # (R, K, 4)
-    roi, label = (scores > score_thresh).nonzero().unbind(1)
+    roi, label = keep_labels(scores > score_thresh, labels).nonzero().unbind(1)
     boxes, scores = boxes[roi, label], scores[roi, label]
     keep = batched_nms(boxes, scores, label, nms_thresh)[:detections_per_img]
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": label[keep]}
