@@ -207,6 +207,7 @@ def evaluate(
 
 @app.command()
 def predict(
+    ctx: typer.Context,
     paths: list[Path] = typer.Argument(
         ..., help="Images, videos, folders (recursive) or one COCO annotation file (its image list)."
     ),
@@ -259,6 +260,8 @@ def predict(
     from dyhead_cli.commands import predict as command
     from dyhead_cli.engine.predict import PredictOptions
 
+    if not tile and given_on_command_line(ctx, "tile_overlap"):
+        fail(f"--tile-overlap {tile_overlap} applies to tiled inference only: give --tile SIZE too")
     wanted = None if classes is None else [c for c in classes.split(",") if c.strip()]
     options = PredictOptions(
         recipe_path=recipe,
@@ -279,6 +282,13 @@ def predict(
         tile_overlap=tile_overlap,
     )
     run_guarded(command.run, paths, weights, out, options)
+
+
+def given_on_command_line(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was typed (not left at its default). By the source's name: Typer may carry
+    its own copy of Click, whose ParameterSource is another enum than ``click.core``'s."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
 
 
 @app.command()

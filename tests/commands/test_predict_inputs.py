@@ -234,7 +234,8 @@ def test_tiled_prediction_finds_small_objects_that_whole_image_prediction_misses
     found, ap50 = {}, {}
     for tile in ("0", "128"):
         out = tmp_path / f"tile{tile}.json"
-        code, output = predict(image, "--weights", run["weights"], "--out", out, "--tile", tile, "--tile-overlap", "0.25")
+        tiling = ["--tile", tile, "--tile-overlap", "0.25"] if tile != "0" else []
+        code, output = predict(image, "--weights", run["weights"], "--out", out, *tiling)
         assert code == 0, output
         rows = json.loads(out.read_text())
         assert {r["image_id"] for r in rows} == {1}
@@ -254,6 +255,13 @@ def test_tiled_prediction_finds_small_objects_that_whole_image_prediction_misses
     )
     with pytest.raises(Exception, match="--tile must be at least 32"):
         dyhead_cli.load(run["weights"], device="cpu", tile=8)
+    # an overlap without tiles is a mistake (it would change nothing), said in one line
+    for tiling in (["--tile-overlap", "0.3"], ["--tile", "0", "--tile-overlap", "0.3"]):
+        code, output = predict(image, "--weights", run["weights"], "--out", tmp_path / "x.json", *tiling)
+        assert code == 1 and output.strip().splitlines() == [
+            "error: --tile-overlap 0.3 applies to tiled inference only: give --tile SIZE too"
+        ]
+        assert not (tmp_path / "x.json").exists()
 
 
 def test_an_image_that_fits_in_one_tile_gives_the_untiled_detections(run):
