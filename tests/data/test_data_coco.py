@@ -216,6 +216,9 @@ def test_resize_backends_pillow_as_detectron2_and_opencv() -> None:
 def test_multiscale_resize_sizes_match_detectron2() -> None:
     assert shortest_edge_size(480, 640, 800, 1333) == (800, 1067)
     assert shortest_edge_size(300, 1200, 800, 1333) == (333, 1333)  # long side capped
+    # detectron2 sets the short side to 800 itself: 151 * (800 / 151) * (1333 / 1600) rounds to 666, not 667
+    assert shortest_edge_size(151, 302, 800, 1333) == (666, 1333)
+    assert shortest_edge_size(434, 161, 800, 1333) == (1333, 495)
     assert shortest_edge_size(640, 480, 800, 1333) == (1067, 800)
     t = train_transform([50, 80], 150, hflip_prob=0.0, color_jitter=0.0, seed=1)
     image = np.zeros((100, 200, 3), np.uint8)
