@@ -38,6 +38,14 @@ def frame_name(file_name: str, frame: int) -> str:
     return f"{file_name}#frame={frame:06d}"
 
 
+def split_frame_name(name: str) -> tuple[str, int] | None:
+    """``frame_name``'s inverse: ``clip.mp4#frame=000012`` -> ("clip.mp4", 12); None for other names."""
+    video, sep, index = str(name).rpartition("#frame=")
+    if not sep or not index.isdigit() or not is_video_file(Path(video)):
+        return None
+    return video, int(index)
+
+
 def video_info(path: Path) -> tuple[int, float] | None:
     """(number of frames, frames per second), or None when OpenCV cannot open ``path`` as a video.
 

@@ -87,6 +87,28 @@ def test_ground_truth_only_and_predictions_file(run, tmp_path: Path) -> None:
     assert image.width < 2 * 512  # one panel: predictions only
 
 
+def test_predictions_of_a_video_are_drawn_on_its_frames(run, tmp_path: Path) -> None:
+    """``visualize --preds`` of ``predict VIDEO``: one picture per predicted frame, read from the video."""
+    import cv2
+
+    frames = [np.asarray(Image.open(run["val_images"] / f"00000{i}.jpg").convert("RGB")) for i in (1, 2, 3)]
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, frames[0].shape[1::-1])
+    for rgb in frames:
+        writer.write(np.ascontiguousarray(rgb[:, :, ::-1]))
+    writer.release()
+    preds = tmp_path / "preds.json"
+    result = invoke(["predict", video, "--weights", run["weights"], "--out", preds, "--vid-stride", "2"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "vis"
+    result = invoke(["visualize", "--preds", preds, "--out", out, "--score-thr", "0", "--size", "200"])
+    assert result.exit_code == 0, result.output
+    assert "not found" not in result.output and "skipped" not in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["clip__frame000000.png", "clip__frame000002.png"]
+    first, third = (np.asarray(check_picture(out / n, (128, 128)).convert("RGB")) for n in sorted(p.name for p in out.iterdir()))
+    assert np.abs(first.astype(int) - third.astype(int)).mean() > 5  # two different frames
+
+
 def test_attention_pictures(run, tmp_path: Path) -> None:
     out = tmp_path / "att"
     image = run["val_images"] / "000004.jpg"

@@ -50,6 +50,7 @@ from dyhead_cli.commands.visualize.drawing import (
 )
 from dyhead_cli.data.annotations import check_results, read_annotation_file
 from dyhead_cli.data.images import collect_images, images_from_annotations, load_rgb
+from dyhead_cli.data.video import FrameReader, split_frame_name
 from dyhead_cli.engine.inference import LoadedDetector, category_ids, choose_device, load_detector
 from dyhead_cli.engine.paths import check_output_dir, check_output_file, temporary_name, writing
 from dyhead_cli.engine.results import images_json_path
@@ -92,12 +93,27 @@ class ImageIndex:
 
 
 def output_name(path: Path, root: Path | None) -> str:
-    """A flat PNG name for an image: its path under ``root`` with '/' -> '__'."""
+    """A flat PNG name for an image: its path under ``root`` with '/' -> '__'; a video's frame
+    (``clip.mp4#frame=000012``) gives ``clip__frame000012.png``."""
+    frame = split_frame_name(str(path))
+    if frame is not None:
+        return output_name(Path(frame[0]), root)[:-4] + f"__frame{frame[1]:06d}.png"
     try:
         rel = Path(os.path.abspath(path)).relative_to(root) if root is not None else Path(path.name)
     except ValueError:
         rel = Path(Path(path).name)
     return "__".join(rel.with_suffix("").parts) + ".png"
+
+
+def load_picture(path: Path, frames: FrameReader) -> Image.Image:
+    """An image file, or a video's frame named as ``dyhead predict`` lists it (``clip.mp4#frame=000012``)."""
+    frame = split_frame_name(str(path))
+    if frame is None:
+        return load_rgb(path)
+    video = Path(frame[0])
+    if not video.is_file():
+        raise DyheadError(f"video file not found: {video}")
+    return Image.fromarray(frames.read(video, frame[1]))
 
 
 def output_names(paths: Sequence[Path], root: Path | None) -> list[str]:
@@ -340,33 +356,37 @@ def visualize(
     stems = output_names(todo, root)
     check_pictures(out, stems, attention, inputs + [("input image", p) for p in todo])
     title_size = max(13, size // 30)
-    for path, stem in zip(todo, stems):
-        try:
-            image = load_rgb(path)
-        except DyheadError as e:
-            note("skipped", e, to=console)
-            summary.skipped.append(str(path))
-            continue
-        if attention:
-            summary.written.extend(
-                attention_pictures(det, image, Path(path), out, stem[:-4], sources.device, point, level, block, size, summary)
-            )
-            continue
-        panels = []
-        if sources.gt_index is not None:
-            gt = sources.ground_truth(path)
-            if gt is None:
-                note("note", f"{path} is not in {ann}: no ground truth drawn", to=console)
-            panels.append(
-                titled(draw_boxes(image, gt or [], sources.cats, size), f"ground truth ({len(gt or [])})", size=title_size)
-            )
-        if sources.has_predictions:
-            found = sources.predictions(path, score_thr)
-            if found is None:
-                note("note", f"{path} is not in the predictions' image list", to=console)
-            title = f"predictions ({len(found or [])}, score >= {score_thr:g})"
-            panels.append(titled(draw_boxes(image, found or [], sources.cats, size), title, size=title_size))
-        summary.written.append(save_png(hstack(panels, gap=12), out / stem))
+    frames = FrameReader()  # predictions of a video: its frames, read in order
+    try:
+        for path, stem in zip(todo, stems):
+            try:
+                image = load_picture(path, frames)
+            except DyheadError as e:
+                note("skipped", e, to=console)
+                summary.skipped.append(str(path))
+                continue
+            if attention:
+                summary.written.extend(
+                    attention_pictures(det, image, Path(path), out, stem[:-4], sources.device, point, level, block, size, summary)
+                )
+                continue
+            panels = []
+            if sources.gt_index is not None:
+                gt = sources.ground_truth(path)
+                if gt is None:
+                    note("note", f"{path} is not in {ann}: no ground truth drawn", to=console)
+                panels.append(
+                    titled(draw_boxes(image, gt or [], sources.cats, size), f"ground truth ({len(gt or [])})", size=title_size)
+                )
+            if sources.has_predictions:
+                found = sources.predictions(path, score_thr)
+                if found is None:
+                    note("note", f"{path} is not in the predictions' image list", to=console)
+                title = f"predictions ({len(found or [])}, score >= {score_thr:g})"
+                panels.append(titled(draw_boxes(image, found or [], sources.cats, size), title, size=title_size))
+            summary.written.append(save_png(hstack(panels, gap=12), out / stem))
+    finally:
+        frames.close()
     if summary.skipped and not summary.written:
         raise DyheadError(f"none of the {len(todo)} images could be read (first: {summary.skipped[0]}): nothing drawn")
     return summary
