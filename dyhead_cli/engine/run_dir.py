@@ -276,6 +276,42 @@ def saved_recipe(run: Path) -> Recipe:
     return recipes.from_dict(values, overrides)
 
 
+def checkpoint_recipe(path: Path) -> dict[str, Any] | None:
+    """The recipe in a checkpoint's safetensors metadata, read from its JSON header alone (no tensors, no
+    torch); None when the file is missing or not such a checkpoint."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= 100 << 20:
+                return None
+            header = json.loads(f.read(size))
+        recipe = json.loads(header.get("__metadata__", {}).get("recipe", "null"))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return recipe if isinstance(recipe, dict) else None
+
+
+def check_unedited(run: Path, flat_saved: dict[str, Any]) -> None:
+    """Refuse a ``recipe.toml`` edited since the run's last checkpoint (``last.safetensors`` keeps the recipe
+    it was trained with): a hand edit would change the run silently, unlike ``--set``, which is checked and
+    recorded. Keys that may change on resume (``RESUME_SAFE``, recorded in metrics.jsonl) and those the run
+    resolves itself (``RESUME_OWN``) are not compared."""
+    recorded = checkpoint_recipe(run / "last.safetensors")
+    if recorded is None:
+        return
+    flat_recorded = flatten(recorded)
+    saved = json.loads(json.dumps(flat_saved))  # tuples -> lists, as the checkpoint's JSON has them
+    for key, value in saved.items():
+        if key in RESUME_SAFE or key in RESUME_OWN or key not in flat_recorded:
+            continue
+        if flat_recorded[key] != value:
+            raise DyheadError(
+                f"--resume {run}: its {RECIPE_FILE} was edited after the run started: {key} = {value!r} there, "
+                f"{flat_recorded[key]!r} in its checkpoint last.safetensors. A run continues with the recipe it "
+                f"started with: undo the edit (keys that may change mid-run go on the command line, --set key=value)"
+            )
+
+
 def resume_recipe(run: Path, recipe_path: Path | None, overrides: list[str]) -> tuple[Recipe, dict[str, list[Any]]]:
     """The recipe to continue ``run`` with, and the keys this resume changes ({key: [old, new]}).
 
@@ -286,6 +322,7 @@ def resume_recipe(run: Path, recipe_path: Path | None, overrides: list[str]) -> 
     saved = saved_recipe(run)
     base = to_dict(saved)
     flat_base = flatten(base)
+    check_unedited(run, flat_base)
     if recipe_path is not None:
         given = flatten(to_dict(recipes.load(recipe_path, overrides)))
         if not given["model.class_names"] and given["model.num_classes"] == 80:

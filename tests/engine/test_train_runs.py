@@ -123,6 +123,14 @@ def test_resume_takes_the_runs_recipe_and_refuses_unsafe_changes(tmp_path, recip
     ):
         train_from_files(None, None, run, ["train.max_steps=1"])
     assert len(events(run, "resume")) == resumes
+    # a hand edit of RUN/recipe.toml is refused, naming the key and both values; a resume-safe key is not
+    text = saved.decode()
+    (run / "recipe.toml").write_text(text.replace("channels = 16", "channels = 32", 1))
+    with pytest.raises(DyheadError, match=r"recipe\.toml was edited after the run started: model\.fpn\.channels = 32 there, 16"):
+        train_from_files(None, None, run, [])
+    assert [e["step"] for e in events(run, "train")] == [1, 2, 3]  # nothing ran
+    (run / "recipe.toml").write_bytes(saved)
+    train_from_files(None, None, run, [])  # undone: resumes (nothing left to do)
 
 
 def test_a_larger_max_steps_on_resume_continues_where_the_epoch_stood(tmp_path, recipe):
