@@ -6,6 +6,7 @@ offers under short names. See ``engine/predictor.py`` for what a predictor accep
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,19 +58,42 @@ def load(
     device = str(device)  # a torch.device too
     if isinstance(classes, (str, int)):
         classes = [classes]  # one class, not the letters of its name
-    return load_predictor(
-        path,
-        device,
-        recipe,
-        overrides,
-        iou,
-        max_det,
-        score_thr=score_thr,
-        classes=classes,
-        tile=tile,
-        tile_overlap=tile_overlap,
-        batch_size=batch_size,
-        half=half,
-        bf16=bf16,
-        **extra,
-    )
+    try:
+        return load_predictor(
+            path,
+            device,
+            recipe,
+            overrides,
+            iou,
+            max_det,
+            score_thr=score_thr,
+            classes=classes,
+            tile=tile,
+            tile_overlap=tile_overlap,
+            batch_size=batch_size,
+            half=half,
+            bf16=bf16,
+            **extra,
+        )
+    except DyheadError as e:  # the engine names the command line's flags; here they are keyword arguments
+        raise DyheadError(keyword_names(str(e))) from None
+
+
+# the command line's flag for each keyword argument of ``load`` that the engine's messages name
+FLAGS = {
+    "--tile-overlap": "tile_overlap",
+    "--tile": "tile",
+    "--score-thr": "score_thr",
+    "--max-det": "max_det",
+    "--batch-size": "batch_size",
+    "--classes": "classes",
+    "--iou": "iou",
+    "--device": "device",
+    "--recipe": "recipe",
+    "--set": "overrides",
+}
+
+
+def keyword_names(message: str) -> str:
+    """``message`` with each flag of ``FLAGS`` (a whole word) replaced by its keyword argument's name."""
+    return re.sub(r"(?<![\w-])--[a-z][a-z-]*(?![\w-])", lambda m: FLAGS.get(m.group(0), m.group(0)), message)

@@ -123,6 +123,16 @@ def test_api_options_and_mistakes(run):
     assert torch.equal(
         one.scores, everything.scores[[n == "square" and float(s) >= 0.02 for n, s in zip(everything.names, everything.scores)]]
     )
+    # the engine's messages name the command line's flags; through the API, the keyword arguments
+    for option, value, message in (
+        ("max_det", 0, "max_det must be at least 1, got 0"),
+        ("tile_overlap", 1.5, "tile_overlap must be in [0, 1), got 1.5"),
+        ("score_thr", 2.0, "score_thr must be within 0..1, got 2.0"),
+    ):
+        kwargs = {option: value, **({"tile": 64} if option == "tile_overlap" else {})}
+        with pytest.raises(DyheadError) as caught:
+            dyhead_cli.load(run["weights"], device="cpu", **kwargs)
+        assert str(caught.value) == message
     with pytest.raises(DyheadError, match="weights must be the path"):
         dyhead_cli.load(5)
     for option, value, kind in (
