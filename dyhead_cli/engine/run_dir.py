@@ -299,8 +299,11 @@ def check_unedited(run: Path, flat_saved: dict[str, Any]) -> None:
     recorded = checkpoint_recipe(run / "last.safetensors")
     if recorded is None:
         return
-    flat_recorded = flatten(recorded)
-    saved = json.loads(json.dumps(flat_saved))  # tuples -> lists, as the checkpoint's JSON has them
+    try:  # through the same loader as recipe.toml: a run from an older version compares like with like
+        flat_recorded = json.loads(json.dumps(flatten(to_dict(recipes.from_dict(recorded)))))
+    except DyheadError:
+        return  # a recipe this version cannot read: nothing to compare with
+    saved = json.loads(json.dumps(flat_saved))  # tuples -> lists, as on the other side
     for key, value in saved.items():
         if key in RESUME_SAFE or key in RESUME_OWN or key not in flat_recorded:
             continue
