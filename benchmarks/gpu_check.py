@@ -24,8 +24,9 @@ Steps 1-3 check behaviour and share the GPU (pytest runs alongside 2-3); steps 4
      grid_sample + GEMM, the fused Triton conv eager and as CUDA graphs, with either block end; with
      ``--sweep`` also the fused kernel's tiles and methods, which needs ``--tower-seconds 130 --budget-s
      450``; with ``--profile`` the fused tower's kernels by GPU time);
-  5. with ``--apply-tower-choice``: ``benchmarks/tower_choice.py --write`` sets the fastest tiles, method and
-     block end found in step 4 in this tree's sources (the device's copy), so that step 6 times them;
+  5. with ``--apply-tower-choice``: ``benchmarks/tower_choice.py --write`` sets the fastest tiles, method
+     (also those of a batch of one image) and block end found in step 4 in this tree's sources (the
+     device's copy), so that step 6 times them;
   6. ``dyhead benchmark --gpu --compare`` at 800x1333, batch 1 and 8, in bf16, fp32 and fp16, and bf16 with
      ``--impl reference``.
 

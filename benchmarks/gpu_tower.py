@@ -382,6 +382,8 @@ def sweep(tower, args, batches, precisions, sizes, references, report, start) ->
     for precision in sorted((q for q in precisions if q in SWEEP), key=lambda q: q != "bf16"):  # bf16: the goal
         dtype = PRECISIONS[precision] or torch.float32
         default, default_loop = deform_triton.CONFIG[dtype], deform_triton.METHOD[dtype]
+        single = deform_triton.SINGLE[dtype]
+        deform_triton.SINGLE[dtype] = None  # each candidate at batch 1 too
         try:
             for batch in sorted(batches, reverse=True):
                 feats = make_features(batch, args.channels, sizes, args.device)
@@ -399,6 +401,7 @@ def sweep(tower, args, batches, precisions, sizes, references, report, start) ->
                 del feats
         finally:
             deform_triton.CONFIG[dtype], deform_triton.METHOD[dtype] = default, default_loop
+            deform_triton.SINGLE[dtype] = single
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,8 @@ Rules (each a measured win, never a guess):
     ``machine.fused_deform_conv``), if it is at least ``--margin`` (3%) faster, was timed at every batch
     size and its outputs are as close to the float32 reference as the default's (at most 1.5x its error);
     float16 takes bfloat16's choice (both 16-bit types, the same bytes per tile; the sweep times bf16 only);
+  - for a batch of one image (``deform_triton.SINGLE``): the fastest accurate configuration at batch 1 when
+    it is at least the margin faster there than the one above, else none (the same);
   - the block's end (``dyhead_cuda.EPILOGUES``): each end's ``fused-<end>-graph`` rows against the modules'
     end's ``fused-graph`` rows, the geometric mean over the 16-bit precisions and batches and float32 below
     batch 8 (where the fused conv runs in float32), for the ends whose float32 check against the reference
@@ -135,22 +137,52 @@ def choose_epilogue(report: dict[str, Any], margin: float) -> tuple[str, str]:
     return best, "; ".join([*reasons, f"{best} {kept}"])
 
 
-def choose(report: dict[str, Any], margin: float) -> tuple[dict[str, Config], str, list[str]]:
-    """({dtype name: configuration} to change, the epilogue, the reasons, one line each)."""
+def choose_single(report: dict[str, Any], precision: str, chosen: Config, margin: float) -> tuple[Config | None, str]:
+    """(the configuration a batch of one image takes, None: the chosen one; why): the fastest accurate sweep
+    row at batch 1, where it is at least ``margin`` faster there than ``chosen``."""
+    current = report["machine"]["fused_deform_conv"][DTYPES[precision]]
+    default: Config = (*current["tiles"], current["method"])
+    at_one = {
+        config: r
+        for r in report["results"]
+        if r["precision"] == precision and r["batch"] == 1 and (config := parse_config(r["variant"])) is not None
+    }
+    if chosen not in at_one or default not in at_one:
+        return None, f"{precision}: batch 1 not timed for {chosen} and {default}: no own choice for one image"
+    limit = ERROR_SLACK * at_one[default]["max_abs_diff_vs_fp32_strict_reference"] + 1e-6
+    accurate = {c: r for c, r in at_one.items() if r["max_abs_diff_vs_fp32_strict_reference"] <= limit}
+    best = min(accurate, key=lambda c: accurate[c]["median_ms"])
+    ms, base = accurate[best]["median_ms"], at_one[chosen]["median_ms"]
+    if best == chosen or ms > (1.0 - margin) * base:
+        return None, f"{precision}: one image takes the same ({best} {ms:.1f} ms at batch 1 vs {base:.1f})"
+    return best, f"{precision}: one image takes {best} ({ms:.1f} ms at batch 1 vs {base:.1f} for {chosen})"
+
+
+def choose(report: dict[str, Any], margin: float) -> tuple[dict[str, Config], dict[str, Config | None], str, list[str]]:
+    """({dtype name: configuration} to change, {dtype name: configuration for one image, or None}, the
+    epilogue, the reasons, one line each)."""
     changes: dict[str, Config] = {}
+    singles: dict[str, Config | None] = {}
     reasons = []
     swept = sorted({r["precision"] for r in report["results"] if parse_config(r["variant"])})
     for precision in swept:
         config, why = choose_tiles(report, precision, margin)
         reasons.append(why)
-        if config is not None:
-            changes[DTYPES[precision]] = config
-            if precision == "bf16" and "fp16" not in swept:
-                changes[DTYPES["fp16"]] = config
-                reasons.append("fp16: takes bf16's choice (not swept)")
+        current = report["machine"]["fused_deform_conv"][DTYPES[precision]]
+        chosen = config or (*current["tiles"], current["method"])
+        single, why = choose_single(report, precision, chosen, margin)
+        reasons.append(why)
+        targets = [precision, *(["fp16"] if precision == "bf16" and "fp16" not in swept else [])]
+        for target in targets:
+            if config is not None:
+                changes[DTYPES[target]] = config
+            if 1 in report["settings"]["batches"]:
+                singles[DTYPES[target]] = single
+        if len(targets) > 1:
+            reasons.append("fp16: takes bf16's choice (not swept)")
     epilogue, why = choose_epilogue(report, margin)
     reasons.append(why)
-    return changes, epilogue, reasons
+    return changes, singles, epilogue, reasons
 
 
 def rewrite(path: Path, pattern: str, replace, expected: int) -> None:
@@ -162,12 +194,17 @@ def rewrite(path: Path, pattern: str, replace, expected: int) -> None:
     path.write_text(new)
 
 
-def write(changes: dict[str, Config], epilogue: str) -> None:
-    """Set the chosen tiles/methods in deform_triton.py's CONFIG / METHOD and the epilogue in dyhead_cuda.py."""
+def write(changes: dict[str, Config], epilogue: str, singles: dict[str, Config | None] | None = None) -> None:
+    """Set the chosen tiles/methods in deform_triton.py's CONFIG / METHOD / SINGLE and the epilogue in
+    dyhead_cuda.py."""
     for dtype, config in changes.items():
         tiles = ", ".join(map(str, config[:5]))
         rewrite(TRITON_SOURCE, rf"^    torch\.{dtype}: \(\d+, \d+, \d+, \d+, \d+\),$", f"    torch.{dtype}: ({tiles}),", 1)
         rewrite(TRITON_SOURCE, rf'^    torch\.{dtype}: "\w+",$', f'    torch.{dtype}: "{config[5]}",', 1)
+    for dtype, single in (singles or {}).items():
+        value = "None" if single is None else f'(({", ".join(map(str, single[:5]))}), "{single[5]}")'
+        pattern = rf'^    torch\.{dtype}: (None|\(\(\d+, \d+, \d+, \d+, \d+\), "\w+"\)),$'
+        rewrite(TRITON_SOURCE, pattern, f"    torch.{dtype}: {value},", 1)
     rewrite(CUDA_SOURCE, r'^EPILOGUE = "\w+"$', f'EPILOGUE = "{epilogue}"', 1)
 
 
@@ -179,16 +216,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         report = json.loads(args.report.read_text())
-        changes, epilogue, reasons = choose(report, args.margin)
+        changes, singles, epilogue, reasons = choose(report, args.margin)
     except (OSError, ValueError, KeyError) as e:
         print(f"tower_choice: {args.report}: cannot read the report: {type(e).__name__}: {e}")
         return 1
     for line in reasons:
         print(f"tower_choice: {line}")
-    summary = {"tiles": {k: list(v[:5]) for k, v in changes.items()}, "methods": {k: v[5] for k, v in changes.items()}}
+    summary = {
+        "tiles": {k: list(v[:5]) for k, v in changes.items()},
+        "methods": {k: v[5] for k, v in changes.items()},
+        "single": {k: None if v is None else [*v[:5], v[5]] for k, v in singles.items()},
+    }
     print(f"tower_choice: changes {json.dumps(summary)}; epilogue {epilogue}")
     if args.write:
-        write(changes, epilogue)
+        write(changes, epilogue, singles)
         print(f"tower_choice: written to {TRITON_SOURCE.relative_to(ROOT)} and {CUDA_SOURCE.relative_to(ROOT)}")
     return 0
 

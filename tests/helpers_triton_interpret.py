@@ -52,13 +52,13 @@ def conv_errors(dtype: torch.dtype) -> dict:
 
 
 def conv_errors_with(dtype: torch.dtype, method: str) -> list:
-    saved = deform_triton.METHOD[dtype], deform_triton.COLUMN_BYTES
-    deform_triton.METHOD[dtype] = method
+    saved = deform_triton.METHOD[dtype], deform_triton.SINGLE[dtype], deform_triton.COLUMN_BYTES
+    deform_triton.METHOD[dtype], deform_triton.SINGLE[dtype] = method, None  # the method at batch 1 too
     deform_triton.COLUMN_BYTES = 1  # "columns": one image per chunk, so the batch-2 cases take two chunks
     try:
         return conv_rows(dtype)
     finally:
-        deform_triton.METHOD[dtype], deform_triton.COLUMN_BYTES = saved
+        deform_triton.METHOD[dtype], deform_triton.SINGLE[dtype], deform_triton.COLUMN_BYTES = saved
 
 
 def conv_rows(dtype: torch.dtype) -> list:

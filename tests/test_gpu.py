@@ -239,6 +239,7 @@ def test_fused_triton_conv_on_cuda_matches_torchvision(dtype, method, strict_fp3
     from dyhead_cli.models.deform_triton import deform_conv3x3_triton, weight_rows
 
     monkeypatch.setitem(deform_triton.METHOD, dtype, method)
+    monkeypatch.setitem(deform_triton.SINGLE, dtype, None)  # the method under test at batch 1 too
     monkeypatch.setattr(deform_triton, "COLUMN_BYTES", 8 << 20)  # "columns": several chunks at batch 2-3
     monkeypatch.setattr(deform_triton, "unavailable_reason", None)  # a method that fails cannot leak into others
 

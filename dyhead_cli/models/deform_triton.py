@@ -60,6 +60,15 @@ METHOD: dict[torch.dtype, str] = {
     torch.float16: "flat",
     torch.bfloat16: "flat",
 }
+# A batch of one image may take other tiles and method, (tiles, method), where the sweep's fastest at batch 1
+# beat the choice above there by 3% or more (None: the same): on the H100 sweep, bf16 "columns"
+# (64, 256, 64, 4, 1) took 13.0 ms at batch 1 against 14.7 for the "flat" choice (55.7 against 48.3 at batch 8);
+# float16 takes bfloat16's. ``benchmarks/tower_choice.py --write`` rewrites these lines too.
+SINGLE: dict[torch.dtype, tuple[tuple[int, int, int, int, int], str] | None] = {
+    torch.float32: None,
+    torch.float16: ((64, 256, 64, 4, 1), "columns"),
+    torch.bfloat16: ((64, 256, 64, 4, 1), "columns"),
+}
 COLUMN_BYTES = 256 << 20  # "columns": at most this much column buffer (whole images; at least one)
 DTYPES = tuple(CONFIG)
 unavailable_reason: str | None = None if triton is not None else "Triton is not installed"
@@ -70,13 +79,26 @@ class KernelFailed(RuntimeError):
     back to torchvision's op. Once raised, ``available()`` is False for the rest of the process."""
 
 
+def kernel_choice(dtype: torch.dtype, batch: int) -> tuple[tuple[int, int, int, int, int], str]:
+    """(tiles, method) for a conv over ``batch`` images in ``dtype``: ``SINGLE``'s for one image where it has
+    one, else ``CONFIG`` / ``METHOD``'s."""
+    single = SINGLE.get(dtype)
+    if batch == 1 and single is not None:
+        return single
+    return CONFIG[dtype], METHOD[dtype]
+
+
 def describe() -> dict:
     """What benchmark reports record: the Triton version, each dtype's method and tiles, and why the kernel
     is unavailable (None when it is not)."""
     return {
         "triton": getattr(triton, "__version__", None),
         "fused_deform_conv": {
-            str(dtype).removeprefix("torch."): {"method": METHOD[dtype], "tiles": list(config)}
+            str(dtype).removeprefix("torch."): {
+                "method": METHOD[dtype],
+                "tiles": list(config),
+                "single": None if SINGLE[dtype] is None else {"method": SINGLE[dtype][1], "tiles": list(SINGLE[dtype][0])},
+            }
             for dtype, config in CONFIG.items()
         },
         "fused_deform_conv_unavailable": unavailable_reason,
@@ -278,8 +300,7 @@ def deform_conv3x3_triton(
         return out
     has_bias = bias is not None
     bias_arg = bias.detach().float().contiguous() if has_bias else out
-    block_m, block_n, block_k, num_warps, num_stages = CONFIG[x.dtype]
-    method = METHOD[x.dtype]
+    (block_m, block_n, block_k, num_warps, num_stages), method = kernel_choice(x.dtype, b)
     try:
         if method == "columns":
             _conv_by_columns(x, offset, mask, weight_mat, bias, stride, out, block_m, block_k, num_warps)

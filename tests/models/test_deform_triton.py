@@ -127,3 +127,16 @@ def test_upsample_through_channels_last_equals_interpolate():
     (b,) = torch.autograd.grad(want, y, grad)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert upsample_aligned(y.detach(), (9, 13)).is_contiguous()  # on CPU: the plain op
+
+
+def test_a_single_image_takes_its_own_tiles_where_set(monkeypatch):
+    from dyhead_cli.models.deform_triton import CONFIG, METHOD, SINGLE, kernel_choice
+
+    for dtype in CONFIG:
+        assert kernel_choice(dtype, 8) == (CONFIG[dtype], METHOD[dtype])
+        assert kernel_choice(dtype, 1) == (SINGLE[dtype] or (CONFIG[dtype], METHOD[dtype]))
+    monkeypatch.setitem(SINGLE, torch.bfloat16, ((32, 64, 32, 4, 1), "taps"))
+    assert kernel_choice(torch.bfloat16, 1) == ((32, 64, 32, 4, 1), "taps")
+    assert kernel_choice(torch.bfloat16, 2) == (CONFIG[torch.bfloat16], METHOD[torch.bfloat16])
+    monkeypatch.setitem(SINGLE, torch.bfloat16, None)
+    assert kernel_choice(torch.bfloat16, 1) == (CONFIG[torch.bfloat16], METHOD[torch.bfloat16])
