@@ -129,3 +129,17 @@ def test_head_default_options_are_absent_from_toml_and_come_back_as_none():
     with pytest.raises(DyheadError, match="anchor_offset' must be of type float"):
         recipe_from_dict({"model": {"head_options": {"anchor_offset": "half"}}})
     assert HeadOptions(anchor_offset=None).anchor_offset is None
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_detections_carry_no_autograd_graph(head):
+    """Inference outputs of every head are plain tensors (post-processing runs without autograd), so they
+    hold no activations and ``.numpy()`` works, even when the caller did not turn autograd off."""
+    cfg = tiny_config(head, num_blocks=1, score_thresh=0.0)
+    if head == "faster_rcnn":  # RoIs pooled from P2..P5
+        cfg.fpn = dataclasses.replace(cfg.fpn, levels=[2, 3, 4, 5, 6], top_block="maxpool")
+    model = build_model(cfg).eval()
+    (found,) = model(torch.rand(1, 3, 64, 64) * 255, [(64, 64)])
+    assert len(found["scores"]) > 0
+    assert not any(t.requires_grad for t in found.values()), head
+    found["boxes"].numpy()

@@ -168,11 +168,11 @@ class DenseHead(nn.Module):
             return cls, reg, None
         return cls, reg, torch.cat([flatten_level(x, 1) for x in outputs["centerness"]], 1).float()[..., 0]
 
-    @torch.no_grad()
     def keep_only(self, labels: list[int] | None) -> None:
         """Detect only these labels (None: all): filtered before the top-k, NMS and ``detections_per_img``."""
         self.post = dataclasses.replace(self.post, labels=tuple(labels) if labels is not None else None)
 
+    @torch.no_grad()
     def postprocess(self, outputs: dict[str, list[Tensor]], image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
         """Detections per image; scores and thresholds as ``heads/postprocess.py`` describes."""
         priors = self.priors(outputs)
