@@ -104,8 +104,6 @@ class Predictor:
         self.tile, self.tile_overlap = int(tile or 0), float(tile_overlap)
         self.batch_size = batch_size or self.recipe.eval.batch_size
         self.model = det.model.to(self.device).eval()
-        if self.labels is not None and hasattr(self.model, "keep_only"):  # an ONNX model: filtered afterwards only
-            self.model.keep_only(self.labels)
 
     # ------------------------------------------------------------------------------------------------
     # the pipeline
@@ -145,15 +143,24 @@ class Predictor:
     def _run(self, items: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
         batch = collate_images(items, self.recipe.data.size_divisibility)
         images = batch["images"].to(self.device, non_blocking=True)
-        out = run_model(
-            self.model,
-            images,
-            batch["image_sizes"],
-            batch["orig_sizes"],
-            self.device,
-            self.dtype,
-            self.recipe.data.size_divisibility,
-        )
+        # the classes as the only candidates, for this call alone: the model may be shared (by other
+        # predictors of one loaded detector, by evaluation); an ONNX model is filtered afterwards only
+        narrowed = self.labels is not None and hasattr(self.model, "keep_only")
+        if narrowed:
+            self.model.keep_only(self.labels)
+        try:
+            out = run_model(
+                self.model,
+                images,
+                batch["image_sizes"],
+                batch["orig_sizes"],
+                self.device,
+                self.dtype,
+                self.recipe.data.size_divisibility,
+            )
+        finally:
+            if narrowed:
+                self.model.keep_only(None)
         return [{k: d[k].detach().cpu() for k in ("boxes", "scores", "labels")} for d in out]
 
     def _filter(self, found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

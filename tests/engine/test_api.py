@@ -184,3 +184,26 @@ def test_a_batch_of_mixed_sizes_gives_each_image_its_own_detections(run):
         padded = forward_alone(model.model, batch["images"], batch["image_sizes"], batch["orig_sizes"], None)
     assert batch["images"].shape[-2:] == (128, 256)  # both padded to the wide one's size, as before
     assert not torch.allclose(padded[0]["scores"][:5], alone[0].scores[:5], atol=1e-4)
+
+
+def test_predictors_sharing_one_model_keep_their_own_classes(run):
+    """Two predictors of one loaded detector: each call narrows the shared model to its own classes for
+    that call only, so neither filter leaks into the other (or into later users of the model)."""
+    from dyhead_cli.engine.inference import load_detector
+    from dyhead_cli.engine.predictor import Predictor
+
+    image = run["val_images"] / "000002.jpg"
+    det = load_detector(Path(run["weights"]), None, ["model.head_options.detections_per_img=3"])
+    (everything,) = Predictor(det, "cpu")([image])
+    names = sorted(set(everything.names) | {"circle", "square"})
+    a = Predictor(det, "cpu", classes=[names[0]])
+    b = Predictor(det, "cpu")
+    c = Predictor(det, "cpu", classes=[names[1]])
+    (only_a,) = a([image])
+    (all_b,) = b([image])
+    (only_c,) = c([image])
+    (again_a,) = a([image])
+    assert set(only_a.names) == {names[0]} and len(only_a) == 3
+    assert all_b.names == everything.names and torch.equal(all_b.scores, everything.scores)
+    assert set(only_c.names) == {names[1]} and len(only_c) == 3
+    assert again_a.names == only_a.names and torch.equal(again_a.scores, only_a.scores)
