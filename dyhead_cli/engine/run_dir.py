@@ -62,6 +62,16 @@ RESUME_SAFE = {
 }
 # Keys a resumed run decides itself (recorded in the run, checked separately).
 RESUME_OWN = {"train.mixed_precision", "train.device"}
+# Keys a hand edit of RUN/recipe.toml may change (check_unedited): where the inputs are (data moved, the run
+# resumed from another folder or machine; what they hold must be the same) and the run's name.
+RELOCATABLE = {
+    "name",
+    "data.train_images",
+    "data.train_ann",
+    "data.val_images",
+    "data.val_ann",
+    "model.backbone.pretrained_file",
+}
 
 
 def is_run(folder: Path) -> bool:
@@ -294,8 +304,9 @@ def checkpoint_recipe(path: Path) -> dict[str, Any] | None:
 def check_unedited(run: Path, flat_saved: dict[str, Any]) -> None:
     """Refuse a ``recipe.toml`` edited since the run's last checkpoint (``last.safetensors`` keeps the recipe
     it was trained with): a hand edit would change the run silently, unlike ``--set``, which is checked and
-    recorded. Keys that may change on resume (``RESUME_SAFE``, recorded in metrics.jsonl) and those the run
-    resolves itself (``RESUME_OWN``) are not compared."""
+    recorded. Keys that may change on resume (``RESUME_SAFE``, recorded in metrics.jsonl), those the run
+    resolves itself (``RESUME_OWN``) and the paths of its inputs and its name (``RELOCATABLE``: editing
+    them is how a run follows its moved data) are not compared."""
     recorded = checkpoint_recipe(run / "last.safetensors")
     if recorded is None:
         return
@@ -305,13 +316,14 @@ def check_unedited(run: Path, flat_saved: dict[str, Any]) -> None:
         return  # a recipe this version cannot read: nothing to compare with
     saved = json.loads(json.dumps(flat_saved))  # tuples -> lists, as on the other side
     for key, value in saved.items():
-        if key in RESUME_SAFE or key in RESUME_OWN or key not in flat_recorded:
+        if key in RESUME_SAFE or key in RESUME_OWN or key in RELOCATABLE or key not in flat_recorded:
             continue
         if flat_recorded[key] != value:
             raise DyheadError(
                 f"--resume {run}: its {RECIPE_FILE} was edited after the run started: {key} = {value!r} there, "
                 f"{flat_recorded[key]!r} in its checkpoint last.safetensors. A run continues with the recipe it "
-                f"started with: undo the edit (keys that may change mid-run go on the command line, --set key=value)"
+                f"started with: undo the edit (keys that may change mid-run go on the command line, --set key=value; "
+                f"only the inputs' paths and the name may be edited there)"
             )
 
 

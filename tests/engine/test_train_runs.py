@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,6 +132,14 @@ def test_resume_takes_the_runs_recipe_and_refuses_unsafe_changes(tmp_path, recip
     assert [e["step"] for e in events(run, "train")] == [1, 2, 3]  # nothing ran
     (run / "recipe.toml").write_bytes(saved)
     train_from_files(None, None, run, [])  # undone: resumes (nothing left to do)
+    # the data moved: its paths (and the run's name) may be edited; the run goes on with the new ones
+    root = Path(re.search(r'^train_images = "(.*)"$', text, re.M).group(1)).parent
+    moved = tmp_path / "moved_data"
+    shutil.copytree(root, moved)
+    (run / "recipe.toml").write_text(text.replace(f'"{root}/', f'"{moved}/').replace('name = "', 'name = "renamed-', 1))
+    train_from_files(None, None, run, ["train.max_steps=4"])
+    assert [e["step"] for e in events(run, "train")] == [1, 2, 3, 4]
+    assert load_weights(run / "last.safetensors")[1]["recipe"]["data"]["train_images"] == str(moved / "train")
 
 
 def test_a_larger_max_steps_on_resume_continues_where_the_epoch_stood(tmp_path, recipe):
