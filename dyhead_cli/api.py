@@ -6,6 +6,7 @@ offers under short names. See ``engine/predictor.py`` for what a predictor accep
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ def load(
     iou: float | None = None,
     max_det: int | None = None,
     tile: int = 0,
-    tile_overlap: float = 0.2,
+    tile_overlap: float | None = None,
     batch_size: int | None = None,
     half: bool = False,
     bf16: bool = False,
@@ -55,6 +56,14 @@ def load(
         whole = name in counts
         if value is not None and (isinstance(value, bool) or not isinstance(value, int if whole else (int, float))):
             raise DyheadError(f"{name} must be {'a whole number' if whole else 'a number'}, got {value!r}")
+    unknown = sorted(set(extra) - EXTRA_OPTIONS)
+    if unknown:
+        options = [n for n in inspect.signature(load).parameters if n not in ("weights", "extra")]
+        raise DyheadError(f"load() has no option {unknown[0]!r}; its options: {', '.join(options + sorted(EXTRA_OPTIONS))}")
+    if tile_overlap is not None and not tile:
+        raise DyheadError(f"tile_overlap={tile_overlap} applies to tiled inference only: give tile=SIZE too")
+    if tile_overlap is not None:
+        extra["tile_overlap"] = tile_overlap  # else the predictor's default
     device = str(device)  # a torch.device too
     if isinstance(classes, (str, int)):
         classes = [classes]  # one class, not the letters of its name
@@ -69,7 +78,6 @@ def load(
             score_thr=score_thr,
             classes=classes,
             tile=tile,
-            tile_overlap=tile_overlap,
             batch_size=batch_size,
             half=half,
             bf16=bf16,
@@ -79,6 +87,7 @@ def load(
         raise DyheadError(keyword_names(str(e))) from None
 
 
+EXTRA_OPTIONS = {"ann_categories"}  # passed on to the Predictor as they are
 # the command line's flag for each keyword argument of ``load`` that the engine's messages name
 FLAGS = {
     "--tile-overlap": "tile_overlap",
@@ -89,11 +98,17 @@ FLAGS = {
     "--classes": "classes",
     "--iou": "iou",
     "--device": "device",
-    "--recipe": "recipe",
+    "--weights": "weights",
+    "--recipe": "recipe=PATH",
     "--set": "overrides",
+    "--half": "half=True",
+    "--bf16": "bf16=True",
 }
+# a flag as a message names it: after a space, a parenthesis or at the start (not inside a quoted value, a
+# path or an override), and not followed by more of a name or a path
+FLAG = re.compile(r"(?:(?<=^)|(?<=[\s(]))--[a-z][a-z0-9-]*(?![\w\-/\\]|\.\w)")
 
 
 def keyword_names(message: str) -> str:
-    """``message`` with each flag of ``FLAGS`` (a whole word) replaced by its keyword argument's name."""
-    return re.sub(r"(?<![\w-])--[a-z][a-z-]*(?![\w-])", lambda m: FLAGS.get(m.group(0), m.group(0)), message)
+    """``message`` with each flag of ``FLAGS`` replaced by its keyword argument's name."""
+    return FLAG.sub(lambda m: FLAGS.get(m.group(0), m.group(0)), message)

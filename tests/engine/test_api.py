@@ -133,6 +133,12 @@ def test_api_options_and_mistakes(run):
         with pytest.raises(DyheadError) as caught:
             dyhead_cli.load(run["weights"], device="cpu", **kwargs)
         assert str(caught.value) == message
+    with pytest.raises(DyheadError, match=r"^tile_overlap=0.3 applies to tiled inference only: give tile=SIZE too$"):
+        dyhead_cli.load(run["weights"], device="cpu", tile_overlap=0.3)
+    with pytest.raises(DyheadError, match=r"^load\(\) has no option 'max_dets'; its options: device, recipe, "):
+        dyhead_cli.load(run["weights"], device="cpu", max_dets=3)
+    with pytest.raises(DyheadError, match=r"^classes: '--tile' is neither"):  # a value is not a flag to rename
+        dyhead_cli.load(run["weights"], device="cpu", classes=["--tile"])
     with pytest.raises(DyheadError, match="weights must be the path"):
         dyhead_cli.load(5)
     for option, value, kind in (
