@@ -258,3 +258,14 @@ def test_an_image_is_matched_by_name_only_when_its_listed_file_is_gone(tmp_path:
     assert index.find(tmp_path / "train" / "000001.jpg") is None  # another image of the same name
     (tmp_path / "val" / "000001.jpg").unlink()  # the data set moved: the name is all there is to go by
     assert index.find(tmp_path / "train" / "000001.jpg") == 7
+
+
+def test_frame_pictures_are_named_by_video_and_frame() -> None:
+    from dyhead_cli.commands.visualize.command import output_names
+
+    frames = [Path("/v/clip.avi#frame=000000"), Path("/v/clip.mp4#frame=000000"), Path("/v/sub/clip.avi#frame=000002")]
+    assert output_names(frames, Path("/v")) == [
+        "clip__frame000000.avi.png",
+        "clip__frame000000.mp4.png",
+        "sub__clip__frame000002.png",
+    ]

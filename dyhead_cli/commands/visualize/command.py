@@ -129,7 +129,9 @@ def output_names(paths: Sequence[Path], root: Path | None) -> list[str]:
     taken: set[str] = set()
     for p, name in zip(paths, plain):
         if name.lower() in clashes:
-            name = name[:-4] + Path(p).suffix.lower() + ".png"
+            frame = split_frame_name(str(p))
+            source = frame[0] if frame is not None else p  # a video's frame: the video's extension
+            name = name[:-4] + Path(source).suffix.lower() + ".png"
         base, n = name[:-4], 2
         while name.lower() in taken:
             name, n = f"{base}-{n}.png", n + 1
