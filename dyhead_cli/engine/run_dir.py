@@ -91,6 +91,11 @@ def check_out_dir(out: Path, inputs: list[Path], force: bool) -> None:
             raise DyheadError(f"--out {out} holds {path}, an input of the run that the run writes over: choose another folder")
     if out.is_dir() and not force:
         if is_run(out):
+            if not (out / STATE_FILE).is_file():  # stopped (kill -9, a crash) before its first checkpoint
+                raise DyheadError(
+                    f"--out {out} holds a run that stopped before its first checkpoint (no {STATE_FILE}): nothing to "
+                    "resume; start over in it with --force (its logs are replaced)"
+                )
             raise DyheadError(
                 f"--out {out} holds a run already: continue it with --resume {out}, or start over in it with --force "
                 "(its checkpoints and logs are replaced)"

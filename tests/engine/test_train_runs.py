@@ -266,6 +266,13 @@ def test_a_run_that_stepped_keeps_its_folder_when_it_fails_before_logging(tmp_pa
     with pytest.raises(DyheadError, match="non-finite"):
         train_from_files(recipe, run, None, ["train.max_steps=6", "train.log_every=5", "model.dyhead.num_blocks=0"])
     assert (run / "recipe.toml").is_file() and [e["event"] for e in events(run)][-1] == "error"
+    # no checkpoint to resume from: a retry says so and points to --force, which starts over
+    assert not (run / "state.safetensors").exists()
+    with pytest.raises(DyheadError, match=r"stopped before its first checkpoint \(no state.safetensors\).*--force"):
+        train_from_files(recipe, run, None, QUICK)
+    monkeypatch.setattr(engine, "forward_losses", real)
+    train_from_files(recipe, run, None, QUICK, force=True)
+    assert [e["step"] for e in events(run, "train")] == [1, 2]
 
 
 def test_the_users_recipe_inside_out_is_never_written_over(tmp_path, recipe):
