@@ -297,7 +297,7 @@ def test_gpu_info_names_triton_and_the_fused_kernel(monkeypatch):
     from types import SimpleNamespace
 
     from dyhead_cli.commands.benchmark import machine
-    from dyhead_cli.models import deform_triton
+    from dyhead_cli.models import deform_triton, dyhead_cuda
 
     props = SimpleNamespace(name="Fake GPU", total_memory=80 << 30, major=9, minor=0, multi_processor_count=132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -306,8 +306,11 @@ def test_gpu_info_names_triton_and_the_fused_kernel(monkeypatch):
     info = machine.gpu_info()
     assert info["gpu"] == "Fake GPU" and info["gpu_capability"] == "9.0" and info["driver"] == "580.159.04"
     assert info["triton"] == getattr(deform_triton.triton, "__version__", None)
+    tiles, method = deform_triton.SINGLE[torch.bfloat16] or (None, None)
     assert info["fused_deform_conv"]["bfloat16"] == {
         "method": deform_triton.METHOD[torch.bfloat16],
         "tiles": list(deform_triton.CONFIG[torch.bfloat16]),
+        "single": None if tiles is None else {"method": method, "tiles": list(tiles)},
     }
+    assert info["dyhead_epilogue"] in dyhead_cuda.EPILOGUES
     assert set(info["fused_deform_conv"]) == {"float32", "float16", "bfloat16"}
