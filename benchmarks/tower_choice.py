@@ -137,9 +137,12 @@ def choose_epilogue(report: dict[str, Any], margin: float) -> tuple[str, str]:
     return best, "; ".join([*reasons, f"{best} {kept}"])
 
 
-def choose_single(report: dict[str, Any], precision: str, chosen: Config, margin: float) -> tuple[Config | None, str]:
-    """(the configuration a batch of one image takes, None: the chosen one; why): the fastest accurate sweep
-    row at batch 1, where it is at least ``margin`` faster there than ``chosen``."""
+KEEP: Any = object()  # choose_single: batch 1 was not timed, the source's choice stays
+
+
+def choose_single(report: dict[str, Any], precision: str, chosen: Config, margin: float) -> tuple[Any, str]:
+    """(the configuration a batch of one image takes, None: the chosen one, KEEP: not timed; why): the
+    fastest accurate sweep row at batch 1, where it is at least ``margin`` faster there than ``chosen``."""
     current = report["machine"]["fused_deform_conv"][DTYPES[precision]]
     default: Config = (*current["tiles"], current["method"])
     at_one = {
@@ -148,7 +151,7 @@ def choose_single(report: dict[str, Any], precision: str, chosen: Config, margin
         if r["precision"] == precision and r["batch"] == 1 and (config := parse_config(r["variant"])) is not None
     }
     if chosen not in at_one or default not in at_one:
-        return None, f"{precision}: batch 1 not timed for {chosen} and {default}: no own choice for one image"
+        return KEEP, f"{precision}: batch 1 not timed for {chosen} and {default}: one image's choice kept"
     limit = ERROR_SLACK * at_one[default]["max_abs_diff_vs_fp32_strict_reference"] + 1e-6
     accurate = {c: r for c, r in at_one.items() if r["max_abs_diff_vs_fp32_strict_reference"] <= limit}
     best = min(accurate, key=lambda c: accurate[c]["median_ms"])
@@ -176,7 +179,7 @@ def choose(report: dict[str, Any], margin: float) -> tuple[dict[str, Config], di
         for target in targets:
             if config is not None:
                 changes[DTYPES[target]] = config
-            if 1 in report["settings"]["batches"]:
+            if single is not KEEP:
                 singles[DTYPES[target]] = single
         if len(targets) > 1:
             reasons.append("fp16: takes bf16's choice (not swept)")

@@ -150,3 +150,16 @@ def test_the_fastest_block_end_replaces_the_default_only_beyond_the_margin(choic
     failed["fp32_strict"]["fused-inline"]["max_abs_diff_vs_reference"] = 0.1
     end, why = choice.choose_epilogue(failed, 0.03)
     assert end == "folded" and "inline: float32 check against the reference missing or failed" in why
+
+
+def test_without_batch_1_rows_the_single_image_choice_stays(choice) -> None:
+    rows = [row("bf16", 8, DEFAULT, 66.0), row("bf16", 8, FLAT, 50.0)]
+    r = report(rows)
+    r["settings"]["batches"] = [8]
+    changes, singles, _, reasons = choice.choose(r, 0.03)
+    assert changes["bfloat16"] == (64, 128, 64, 4, 3, "flat") and singles == {}
+    assert any("one image's choice kept" in line for line in reasons)
+    before = [line for line in choice.TRITON_SOURCE.read_text().splitlines() if line.endswith('"columns"),')]
+    choice.write(changes, "folded", singles)
+    after = [line for line in choice.TRITON_SOURCE.read_text().splitlines() if line.endswith('"columns"),')]
+    assert before == after
