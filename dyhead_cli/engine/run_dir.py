@@ -292,16 +292,16 @@ def saved_recipe(run: Path) -> Recipe:
 
 
 def checkpoint_recipe(path: Path) -> dict[str, Any] | None:
-    """The recipe in a checkpoint's safetensors metadata, read from its JSON header alone (no tensors, no
-    torch); None when the file is missing or not such a checkpoint."""
+    """The recipe in a checkpoint's safetensors metadata, read from its header alone (``safe_open`` reads no
+    tensors); None when the file is missing or not such a checkpoint."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
     try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size <= 100 << 20:
-                return None
-            header = json.loads(f.read(size))
-        recipe = json.loads(header.get("__metadata__", {}).get("recipe", "null"))
-    except (OSError, ValueError, AttributeError, TypeError):
+        with safe_open(str(path), "np") as f:
+            recipe = json.loads((f.metadata() or {}).get("recipe", "null"))
+    except (SafetensorError, OSError, ValueError, TypeError):
         return None
     return recipe if isinstance(recipe, dict) else None
 
