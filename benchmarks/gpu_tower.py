@@ -61,6 +61,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from dyhead_cli.models import deform_triton, dyhead_cuda
 from dyhead_cli.models.dyhead import DyHead
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tower_choice.py beside this script
+from tower_choice import fused_epilogue  # noqa: E402  (the variant -> block end naming, defined there)
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (fast, fast-lowp, fast-cl and fast-tf32: slower than sampled on an H100, still selectable by --variants)
 FUSED = ("fused", "fused-folded", "fused-inline")  # one per block end: fused_epilogue() names it
@@ -134,13 +137,6 @@ def tf32_matmuls():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def fused_epilogue(variant: str) -> str:
-    """The block end (``dyhead_cuda.EPILOGUES``) of a fused variant: "fused[-graph]" -> "modules",
-    "fused-<end>[-graph]" -> "<end>"."""
-    base = variant.removesuffix("-graph")
-    return "modules" if base == "fused" else base.removeprefix("fused-")
 
 
 def tower_call(

@@ -57,10 +57,15 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def default_config(report: dict[str, Any], precision: str) -> Config:
+    """The tiles and method the report's run had as ``precision``'s default (its ``machine`` record)."""
+    current = report["machine"]["fused_deform_conv"][DTYPES[precision]]
+    return (*current["tiles"], current["method"])
+
+
 def choose_tiles(report: dict[str, Any], precision: str, margin: float) -> tuple[Config | None, str]:
     """(the configuration to use, or None to keep the default; why) from the sweep rows of ``precision``."""
-    current = report["machine"]["fused_deform_conv"][DTYPES[precision]]
-    default: Config = (*current["tiles"], current["method"])
+    default = default_config(report, precision)
     batches = report["settings"]["batches"]
     rows: dict[Config, dict[int, dict[str, Any]]] = {}
     for r in report["results"]:
@@ -88,13 +93,18 @@ def choose_tiles(report: dict[str, Any], precision: str, margin: float) -> tuple
     return best, f"{precision}: {best} at {ratio:.3f}x of the default {default} ({times})"
 
 
-def variant_epilogue(variant: str) -> str | None:
-    """The block end a CUDA-graph row of the fused tower ran: "fused-graph" -> "modules", "fused-<end>-graph"
-    -> "<end>" (gpu_tower.py's naming), None for other rows."""
-    if not (variant.startswith("fused") and variant.endswith("-graph")) or " " in variant:
-        return None
+def fused_epilogue(variant: str) -> str:
+    """The block end (``dyhead_cuda.EPILOGUES``) of a fused variant of gpu_tower.py (which imports this
+    naming): "fused[-graph]" -> "modules", "fused-<end>[-graph]" -> "<end>"."""
     base = variant.removesuffix("-graph")
     return "modules" if base == "fused" else base.removeprefix("fused-")
+
+
+def variant_epilogue(variant: str) -> str | None:
+    """The block end a CUDA-graph row of the fused tower ran (``fused_epilogue``), None for other rows."""
+    if not (variant.startswith("fused") and variant.endswith("-graph")) or " " in variant:
+        return None
+    return fused_epilogue(variant)
 
 
 def choose_epilogue(report: dict[str, Any], margin: float) -> tuple[str, str]:
@@ -143,8 +153,7 @@ KEEP: Any = object()  # choose_single: batch 1 was not timed, the source's choic
 def choose_single(report: dict[str, Any], precision: str, chosen: Config, margin: float) -> tuple[Any, str]:
     """(the configuration a batch of one image takes, None: the chosen one, KEEP: not timed; why): the
     fastest accurate sweep row at batch 1, where it is at least ``margin`` faster there than ``chosen``."""
-    current = report["machine"]["fused_deform_conv"][DTYPES[precision]]
-    default: Config = (*current["tiles"], current["method"])
+    default = default_config(report, precision)
     at_one = {
         config: r
         for r in report["results"]
@@ -171,8 +180,7 @@ def choose(report: dict[str, Any], margin: float) -> tuple[dict[str, Config], di
     for precision in swept:
         config, why = choose_tiles(report, precision, margin)
         reasons.append(why)
-        current = report["machine"]["fused_deform_conv"][DTYPES[precision]]
-        chosen = config or (*current["tiles"], current["method"])
+        chosen = config or default_config(report, precision)
         single, why = choose_single(report, precision, chosen, margin)
         reasons.append(why)
         targets = [precision, *(["fp16"] if precision == "bf16" and "fp16" not in swept else [])]
