@@ -1,14 +1,21 @@
 """One GPU check of dyhead, in under 5 minutes on one CUDA GPU; a summary table at the end, non-zero exit on failure.
 
-(The last full run, on an H100 on 2026-11-27 with ``--sweep --profile --apply-tower-choice --tower-variants
-reference,fused-graph,fused-folded-graph,sampled-graph --tower-seconds 130 --budget-s 450``, took 4 min 48 s:
-the two pytest runs 82 and 113 s side by side with the trainings (61 and 107 s), the tower 79 s, each
-benchmark 20-25 s; benchmarks/results/h100-tuned/summary.json.)
+(The last run of this default command, on an H100 on 2026-11-27, took 4 min 22 s: the two pytest runs 89
+and 137 s side by side with the trainings (66 and 131 s), the tower 40 s, each benchmark 18-21 s;
+benchmarks/results/h100-default/summary.json. With ``--sweep --profile --apply-tower-choice --tower-seconds
+130 --budget-s 450`` the tower takes 96 s and the whole check 5 min 10 s: h100-inline/summary.json.)
 
 On the device machine (Python 3.12 with torch; albumentations and pycocotools carried as wheels in .whl/):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT
+
+The wheels (the device image has torch, torchvision, timm, accelerate, typer, rich, safetensors, opencv but
+not these; 8 MB): albumentations, albucore, stringzilla, simsimd, pydantic, pydantic_core, annotated-types,
+typing-inspection and pycocotools, at the versions installed here, fetched with ``python3 -m pip download
+--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl NAME==VERSION`` (``.whl/`` in
+``.git/info/exclude``, carried to the device with the tree).
 
 What it runs, in order, each step a subprocess with its own timeout (a hung step cannot eat the budget) and
 all under one overall budget (``--budget-s``; a step that no longer fits is skipped, which counts as failed).

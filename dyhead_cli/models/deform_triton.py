@@ -43,7 +43,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interprete
 # at batch 1 / 8 against 16.5 / 52.0 for the former (64, 256, 64, 8, 2) "taps" (eight candidates; "columns"
 # (64, 256, 64, 4, 1) was fastest at batch 1, 13.0 ms, but 55.7 at batch 8); float16 takes bfloat16's
 # (not swept); float32 (64, 128, 64, 4, 1) "columns" 16.3 / 94.8 ms against 26.4 / 119.7 for (32, 128, 32, 4, 2)
-# "taps" (from batch 8 float32 runs grid_sample + GEMM: 81.2 ms).
+# "taps" (from batch 8 float32 runs grid_sample + GEMM: 81.2 ms). A second sweep on an H100 the same day
+# (benchmarks/results/h100-inline/tower.json, GroupNorm modules end) kept both: bf16 14.1 / 41.0 ms, float32
+# 15.7 / 87.2.
 CONFIG: dict[torch.dtype, tuple[int, int, int, int, int]] = {
     torch.float32: (64, 128, 64, 4, 1),
     torch.float16: (64, 256, 64, 8, 3),
@@ -63,7 +65,8 @@ METHOD: dict[torch.dtype, str] = {
 # A batch of one image may take other tiles and method, (tiles, method), where the sweep's fastest at batch 1
 # beat the choice above there by 3% or more (None: the same): on the H100 sweep, bf16 "columns"
 # (64, 256, 64, 4, 1) took 13.0 ms at batch 1 against 14.7 for the "flat" choice (55.7 against 48.3 at batch 8);
-# float16 takes bfloat16's. ``benchmarks/tower_choice.py --write`` rewrites these lines too.
+# float16 takes bfloat16's; the second sweep confirmed it (12.8 against 14.1 ms). ``benchmarks/tower_choice.py
+# --write`` rewrites these lines too.
 SINGLE: dict[torch.dtype, tuple[tuple[int, int, int, int, int], str] | None] = {
     torch.float32: None,
     torch.float16: ((64, 256, 64, 4, 1), "columns"),

@@ -4,8 +4,7 @@
 replaced by ``deform_triton.deform_conv3x3_triton`` (bilinear sampling inside the GEMM, no column buffer);
 offset conv, offset fitting, GroupNorm and the attention weights are the reference code itself, the weighted
 mean of the maps and DyReLU are computed in place with fewer passes (as ``forward_fast``), so the two agree
-to float32 rounding. (The H100 figures in the README were measured before the in-place combination, with
-the reference's stack + mean and DyReLU.)
+to float32 rounding. Off the "modules" end (``EPILOGUE``) the block's end is ``fold_triton``'s passes.
 
 Precision: the convs compute in the autocast dtype under autocast (bf16 / fp16 columns and weights, float32
 sample points and accumulation), else in the features' dtype (float32: an IEEE float32 dot, equal to
@@ -35,16 +34,19 @@ if TYPE_CHECKING:  # dyhead.py imports this module
 # eagerly (launch-bound), the fused kernel 50 ms, torchvision's op 67 ms. In bf16 / fp16 the fused kernel won
 # at both batch sizes (66 ms vs 90-122 ms at batch 8).
 SAMPLED_MIN_BATCH = 8
-# After the convs: "folded", two Triton passes per conv output with GroupNorm and the attentions folded into
-# per-channel numbers (models/fold_triton.py), "modules", GroupNorm modules and the reference's attention
-# code, or "inline", folded with the "high" map upsampled inside those passes (no upsampled map, no layout
-# copies; a candidate not yet timed on a GPU: gpu_tower.py times it as "fused-inline"). Chosen by ``benchmarks/tower_choice.py`` from ``gpu_tower.py`` (CUDA graphs, 6 x 256 at 800x1333) on an
-# H200, 2026-11-27 (benchmarks/results/h200-folded/tower.json): folded took 0.76x the modules' time (bf16
-# 10.6 / 27.3 ms at batch 1 / 8 against 14.0 / 38.1; fp16 alike; float32 at batch 1 13.0 against 15.3).
+# After the convs: "inline", two Triton passes per conv output with GroupNorm and the attentions folded into
+# per-channel numbers and the "high" map upsampled inside them (models/fold_triton.py; no upsampled map, no
+# layout copies), "folded", the same with the upsampled map made first (upsample_aligned), or "modules",
+# GroupNorm modules and the reference's attention code. Chosen by ``benchmarks/tower_choice.py`` from
+# ``gpu_tower.py`` (CUDA graphs, 6 x 256 at 800x1333) on an H100, 2026-11-27
+# (benchmarks/results/h100-inline/tower.json): inline took 0.66x the modules' time, folded 0.74x (geometric
+# means of five cases; bf16 8.3 / 24.4 ms at batch 1 / 8 against 9.1 / 29.3 folded and 12.9 / 40.8 modules;
+# fp16 alike; float32 at batch 1 12.7 against 13.4 / 15.7). Two more runs on the same machine gave the same
+# (h100-inline-rerun/, h100-default/).
 # Like deform_triton.METHOD / CONFIG, set it before a tower's first call: captured CUDA graphs replay what they
 # captured (``DyHead.set_impl`` drops them).
 EPILOGUES = ("modules", "folded", "inline")
-EPILOGUE = "folded"
+EPILOGUE = "inline"
 
 
 def upsample_aligned(y: Tensor, size: tuple[int, int], channels_last: bool | None = None) -> Tensor:
