@@ -282,13 +282,13 @@ def saved_recipe(run: Path) -> Recipe:
     if not (run / RECIPE_FILE).is_file():
         raise DyheadError(f"--resume {run}: no {RECIPE_FILE} there")
     values = to_dict(recipes.load(run / RECIPE_FILE))
-    overrides = [
-        f"{key}={_toml(new)}"
-        for event in read_events(run / "metrics.jsonl")
-        if event.get("event") == "resume"
-        for key, (_, new) in (event.get("changed") or {}).items()
-    ]
+    overrides = [f"{key}={_toml(new)}" for changed in resume_changes(run) for key, (_, new) in changed.items()]
     return recipes.from_dict(values, overrides)
+
+
+def resume_changes(run: Path) -> list[dict[str, list[Any]]]:
+    """What each earlier ``--resume`` changed, in order: {key: [old, new]} of its ``resume`` event."""
+    return [event.get("changed") or {} for event in read_events(run / "metrics.jsonl") if event.get("event") == "resume"]
 
 
 def checkpoint_recipe(path: Path) -> dict[str, Any] | None:
@@ -309,9 +309,13 @@ def checkpoint_recipe(path: Path) -> dict[str, Any] | None:
 def check_unedited(run: Path, flat_saved: dict[str, Any]) -> None:
     """Refuse a ``recipe.toml`` edited since the run's last checkpoint (``last.safetensors`` keeps the recipe
     it was trained with): a hand edit would change the run silently, unlike ``--set``, which is checked and
-    recorded. Keys that may change on resume (``RESUME_SAFE``, recorded in metrics.jsonl), those the run
-    resolves itself (``RESUME_OWN``) and the paths of its inputs and its name (``RELOCATABLE``: editing
-    them is how a run follows its moved data) are not compared."""
+    recorded. Keys the run resolves itself (``RESUME_OWN``) and the paths of its inputs and its name
+    (``RELOCATABLE``: editing them is how a run follows its moved data) are not compared.
+
+    Keys that may change on resume (``RESUME_SAFE``) change through ``--set``, recorded in metrics.jsonl and
+    replayed over ``recipe.toml`` by later resumes: there the file must still hold the value the run started
+    with (the first recorded change's old value, else the checkpoint's), or an edit would be overridden by a
+    replayed change, or take effect unrecorded."""
     recorded = checkpoint_recipe(run / "last.safetensors")
     if recorded is None:
         return
@@ -324,12 +328,22 @@ def check_unedited(run: Path, flat_saved: dict[str, Any]) -> None:
         if key in RESUME_SAFE or key in RESUME_OWN or key in RELOCATABLE or key not in flat_recorded:
             continue
         if flat_recorded[key] != value:
-            raise DyheadError(
-                f"--resume {run}: its {RECIPE_FILE} was edited after the run started: {key} = {value!r} there, "
-                f"{flat_recorded[key]!r} in its checkpoint last.safetensors. A run continues with the recipe it "
-                f"started with: undo the edit (keys that may change mid-run go on the command line, --set key=value; "
-                f"only the inputs' paths and the name may be edited there)"
-            )
+            raise _edited(run, key, value, f"{flat_recorded[key]!r} in its checkpoint last.safetensors")
+    started = dict(flat_recorded)
+    for changed in reversed(resume_changes(run)):  # the first change of a key sets what it started as
+        started.update({key: old for key, (old, _new) in changed.items()})
+    in_file = json.loads(json.dumps(flatten(to_dict(recipes.load(run / RECIPE_FILE)))))
+    for key in RESUME_SAFE:
+        if key in in_file and key in started and in_file[key] != started[key]:
+            raise _edited(run, key, in_file[key], f"{started[key]!r} when the run started")
+
+
+def _edited(run: Path, key: str, value: Any, before: str) -> DyheadError:
+    return DyheadError(
+        f"--resume {run}: its {RECIPE_FILE} was edited after the run started: {key} = {value!r} there, {before}. "
+        f"A run continues with the recipe it started with: undo the edit (keys that may change mid-run go on the "
+        f"command line, --set key=value; only the inputs' paths and the name may be edited there)"
+    )
 
 
 def resume_recipe(run: Path, recipe_path: Path | None, overrides: list[str]) -> tuple[Recipe, dict[str, list[Any]]]:

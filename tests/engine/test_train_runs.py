@@ -132,6 +132,17 @@ def test_resume_takes_the_runs_recipe_and_refuses_unsafe_changes(tmp_path, recip
     assert [e["step"] for e in events(run, "train")] == [1, 2, 3]  # nothing ran
     (run / "recipe.toml").write_bytes(saved)
     train_from_files(None, None, run, [])  # undone: resumes (nothing left to do)
+    # a resume-safe key edited there too: its recorded --set would override the edit (max_steps), or the edit
+    # would take effect unrecorded (eval.batch_size): refused, with the value the run started with
+    for old, new, message in (
+        ("max_steps = 2", "max_steps = 5", r"train\.max_steps = 5 there, 2 when the run started.*--set key=value"),
+        ("[eval]\nbatch_size = 4", "[eval]\nbatch_size = 8", r"eval\.batch_size = 8 there, 4 when the run started"),
+    ):
+        assert text.count(old) == 1, old
+        (run / "recipe.toml").write_text(text.replace(old, new))
+        with pytest.raises(DyheadError, match=message):
+            train_from_files(None, None, run, [])
+    (run / "recipe.toml").write_bytes(saved)
     # the data moved: its paths (and the run's name) may be edited; the run goes on with the new ones
     root = Path(re.search(r'^train_images = "(.*)"$', text, re.M).group(1)).parent
     moved = tmp_path / "moved_data"
