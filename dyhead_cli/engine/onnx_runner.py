@@ -78,6 +78,13 @@ class OnnxDetector:
     def eval(self) -> OnnxDetector:
         return self
 
+    def keep_only(self, labels: list[int] | None) -> None:
+        """As ``Detector.keep_only`` where the head's post-processing runs here (a model exported with
+        ``--no-postprocess``): the wanted classes fill ``detections_per_img``. A graph that post-processes keeps
+        its ``detections_per_img`` best of all classes, which the caller then filters."""
+        if self._head is not None:
+            self._head.keep_only(labels)
+
     def fit(self, images: Tensor) -> Tensor:
         """Pad (B, 3, H, W) with zeros to the shape the graph accepts."""
         h, w = images.shape[-2:]

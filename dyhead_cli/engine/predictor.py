@@ -144,7 +144,8 @@ class Predictor:
         batch = collate_images(items, self.recipe.data.size_divisibility)
         images = batch["images"].to(self.device, non_blocking=True)
         # the classes as the only candidates, for this call alone: the model may be shared (by other
-        # predictors of one loaded detector, by evaluation); an ONNX model is filtered afterwards only
+        # predictors of one loaded detector, by evaluation); an ONNX graph that post-processes itself is
+        # filtered afterwards only (_filter)
         narrowed = self.labels is not None and hasattr(self.model, "keep_only")
         if narrowed:
             self.model.keep_only(self.labels)

@@ -243,3 +243,35 @@ def test_missing_onnxruntime_names_the_extra(tmp_path, monkeypatch):
         runner.invoke(app, ["predict", str(tmp_path), "--weights", str(model), "--out", str(tmp_path / "p.json")])
     )
     assert "pip install -e '.[export]'" in line
+
+
+def test_classes_fill_max_det_on_an_onnx_model_without_in_graph_postprocessing(tmp_path):
+    """``predict --classes`` on a ``--no-postprocess`` ONNX model narrows the candidates as on PyTorch (the
+    head's post-processing runs in Python there): a class's own best detections, not what it has among the
+    best of all classes. A graph that post-processes itself keeps its cap of all classes, filtered after."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from dyhead_cli.engine.inference import load_detector
+    from dyhead_cli.engine.onnx_runner import load_onnx_detector
+    from dyhead_cli.engine.predictor import Predictor
+
+    weights = tmp_path / "m.safetensors"
+    tiny_checkpoint(weights, "atss", None, detections_per_img=6)
+    pixels = (torch.rand(224, 288, 3, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8).numpy()
+    torch_det = load_detector(weights)
+    (everything,) = Predictor(torch_det, "cpu")([pixels])
+    rare = next(k for k in range(3) if int((everything.labels == k).sum()) < 3)  # fewer than 3 among the best 6
+    (want,) = Predictor(torch_det, "cpu", classes=[f"class_{rare}"])([pixels])
+    assert len(want) == 6 and set(want.labels.tolist()) == {rare}  # the class's own 6 best
+    for postprocess in (False, True):
+        _, onnx_path = export_both(weights, tmp_path, postprocess)
+        (got,) = Predictor(load_onnx_detector(onnx_path), "cpu", classes=[f"class_{rare}"])([pixels])
+        if postprocess:  # the graph's 6 best of all classes, then filtered
+            assert len(got) == int((everything.labels == rare).sum()) < 6
+            continue
+        assert_same_detections(
+            {"boxes": got.boxes, "scores": got.scores, "labels": got.labels},
+            {"boxes": want.boxes, "scores": want.scores, "labels": want.labels},
+            iou=0.99,
+            score=1e-4,
+        )
