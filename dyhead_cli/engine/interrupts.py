@@ -45,6 +45,7 @@ class StopRequests:
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is None:
             self.signum = signum
+            self._quiet_worker_deaths()
             # os.write, not print: a signal handler may run in the middle of the console's own writing
             os.write(2, b"\nstopping after this step, with a checkpoint (Ctrl-C again to stop at once)\n")
             return
@@ -53,6 +54,15 @@ class StopRequests:
         self.__exit__()
         self.signum = signum
         self.interrupt()
+
+    def _quiet_worker_deaths(self) -> None:
+        """The group's signal also ends the DataLoader workers, and PyTorch's SIGCHLD handler raises a worker's
+        death wherever the main process is: inside an optimizer step nothing whole is left to save. Once a stop
+        is asked, SIGCHLD takes its default (nothing happens; restored on exit): the step ends and the loop
+        stops at its check, and a loader that still needs a dead worker says so at its next batch, between
+        steps, where the state is whole."""
+        if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self._previous and self._previous:
+            self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     @property
     def name(self) -> str:

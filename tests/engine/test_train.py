@@ -259,3 +259,54 @@ def test_sigterm_and_ctrl_c_stop_after_the_step_with_a_checkpoint(tmp_path, data
         assert [r["step"] for r in after] == list(range(stopped["step"] + 1, last + 1)), name
         for r in after:
             assert r["loss"] == pytest.approx(reference[r["step"]], rel=1e-4, abs=1e-5), (name, r["step"])
+
+
+SLOW_STEP = """
+import runpy, sys, time
+from pathlib import Path
+import dyhead_cli.engine.train as train
+
+marker, real, calls = Path(sys.argv.pop(1)), train.grad_norm, []
+
+
+def slow_grad_norm(*args, **kwargs):  # between backward and the optimizer step: the step is half done
+    calls.append(1)
+    if len(calls) >= 3:
+        marker.touch()
+        time.sleep(1.5)
+    return real(*args, **kwargs)
+
+
+train.grad_norm = slow_grad_norm
+sys.argv[0] = "dyhead"
+runpy.run_module("dyhead_cli.cli", run_name="__main__")
+"""
+
+
+def test_sigterm_mid_step_with_workers_still_checkpoints_at_the_step(tmp_path, data_root):
+    """The group's SIGTERM also ends the DataLoader workers, and PyTorch's SIGCHLD handler raised their death
+    wherever the main process was: inside a step (after backward, before the optimizer step) the run then
+    stopped without a checkpoint at that step. Once asked to stop, worker deaths no longer interrupt: the
+    step ends, and the checkpoint is written there."""
+    recipe = write_tiny_recipe(tmp_path, data_root)
+    run, marker = tmp_path / "run", tmp_path / "in_step_3"
+    args = ["train", str(recipe), "--out", str(run), "--set", "train.max_steps=20", "--set", "train.eval_every=0"]
+    args += ["--set", "train.checkpoint_every=0", "--set", "data.num_workers=2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_STEP, str(marker), *args],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143 and "without a checkpoint" not in err, err[-2000:]
+    stopped = events(run, "interrupted")
+    assert stopped, err[-3000:]
+    (stopped,) = stopped
+    assert stopped["step"] == 3 and events(run, "checkpoint")[-1]["step"] == 3, (stopped, err[-2000:])
