@@ -269,3 +269,42 @@ def test_frame_pictures_are_named_by_video_and_frame() -> None:
         "clip__frame000000.mp4.png",
         "sub__clip__frame000002.png",
     ]
+
+
+def test_predictions_of_a_folder_drawn_with_an_annotation_file_use_their_own_ids(run, tmp_path: Path) -> None:
+    """``predict FOLDER`` numbers the images by sorted path; an annotation file may number them otherwise.
+    With ``--ann``, the results' ids are read through their ``.images.json`` (each image got another's boxes
+    before); results without one are taken as the annotation file's ids, and refused when none of them is."""
+    import json
+    import shutil
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = {1: "c.jpg", 2: "a.jpg", 3: "b.jpg"}  # sorted paths give a = 1, b = 2, c = 3
+    for i, name in names.items():
+        shutil.copy(run["val_images"] / f"00000{i}.jpg", folder / name)
+    data = json.loads(Path(run["val_ann"]).read_text())
+    data["images"] = [dict(im, file_name=names[im["id"]]) for im in data["images"] if im["id"] in names]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in names]
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(data))
+    preds = tmp_path / "p.json"
+    assert invoke(["predict", folder, "--weights", run["weights"], "--out", preds]).exit_code == 0
+    common = ["--preds", preds, "--score-thr", "0.05", "--size", "200"]
+    alone, paired = tmp_path / "alone", tmp_path / "paired"
+    assert invoke(["visualize", folder / "c.jpg", *common, "--out", alone]).exit_code == 0
+    result = invoke(["visualize", *common, "--ann", ann, "--images", folder, "--out", paired])
+    assert result.exit_code == 0 and "not in" not in result.output, result.output
+    single = np.asarray(Image.open(alone / "c.png").convert("RGB"))
+    both = np.asarray(Image.open(paired / "c.png").convert("RGB"))
+    assert both.shape[1] > 2 * 200 and np.array_equal(both[: single.shape[0], -single.shape[1] :], single)
+
+    images_json = tmp_path / "p.images.json"
+    images_json.unlink()  # results of another tool: their ids are the annotation file's
+    result = invoke(["visualize", *common, "--ann", ann, "--images", folder, "--out", tmp_path / "other"])
+    assert result.exit_code == 0, result.output
+    other = tmp_path / "elsewhere.json"
+    other.write_text(json.dumps([dict(r, image_id=r["image_id"] + 100) for r in json.loads(preds.read_text())]))
+    result = invoke(["visualize", "--preds", other, "--ann", ann, "--images", folder, "--out", tmp_path / "none"])
+    assert result.exit_code == 1 and "none of the 3 image ids in" in result.output and "is an image of" in result.output
+    assert not (tmp_path / "none").exists()

@@ -275,8 +275,9 @@ def visualize(
     """Write the pictures (see the module docstring) into ``out``; return what was written.
 
     Images: ``images`` (files/folders) if given, else the annotation file's, else the results' image list.
-    Ids of a results file are looked up in the annotation file when given (predicted from it), else in
-    the ``<stem>.images.json`` that ``dyhead predict`` wrote next to it.
+    Ids of a results file are looked up in the ``<stem>.images.json`` that ``dyhead predict`` wrote next to it
+    (also with ``ann``: ids of a folder's images are not the annotation file's), else in the annotation file
+    (results of another tool, predicted from it).
     """
     console = console or err_console
     if not 64 <= size <= MAX_IMAGE_SIDE:
@@ -324,19 +325,25 @@ def visualize(
     if preds is not None:
         rows = check_results(load_json(Path(preds), "predictions file"), Path(preds))
         sources.preds_rows = group_by_image(rows)
-        if sources.gt_index is not None:
-            sources.preds_index = sources.gt_index
-        else:
-            listing_path = images_json_path(Path(preds))
-            if not listing_path.is_file():
-                raise DyheadError(
-                    f"image list not found: {listing_path} (written by 'dyhead predict' next to the results; or pass --ann)"
-                )
+        listing_path = images_json_path(Path(preds))
+        if listing_path.is_file():  # what the results' ids mean, as 'dyhead predict' wrote it: also with --ann
             listing = read_annotation_file(listing_path)
             root = Path(os.path.abspath(str(listing.get("root") or listing_path.parent)))
             sources.preds_index = ImageIndex.from_images(listing["images"], root)
-            names.update({c["id"]: str(c.get("name", c["id"])) for c in listing.get("categories", [])})
+            for c in listing.get("categories", []):
+                names.setdefault(c["id"], str(c.get("name", c["id"])))
             roots.append(root)
+        elif sources.gt_index is not None:  # another tool's results: their ids are the annotation file's
+            sources.preds_index = sources.gt_index
+            if sources.preds_rows and not set(sources.preds_rows) & set(sources.gt_index.paths):
+                raise DyheadError(
+                    f"none of the {len(sources.preds_rows)} image ids in {preds} is an image of {ann}: "
+                    "results of other images (give the annotation file they were predicted from)"
+                )
+        else:
+            raise DyheadError(
+                f"image list not found: {listing_path} (written by 'dyhead predict' next to the results; or pass --ann)"
+            )
 
     if images:
         listed_images = collect_images(list(images))
