@@ -98,7 +98,7 @@ class BackboneConfig:
     pretrained_file: str = ""  # a local weight file (safetensors or a weights-only torch file)
     img_size: list[int] = ranged(
         list, ge=32, le=MAX_IMAGE_SIDE, length=(0, 2)
-    )  # [H, W] for models that need it (Swin); [] = none
+    )  # [H, W] (or [S]: S x S) for models built for one input size (Swin, ViT-style); [] = none
     frozen_stages: int = ranged(0, ge=0, le=5)  # stem + this many stages get requires_grad=False (detectron2's freeze_at)
     norm_eval: bool = False  # keep BatchNorm in eval mode while training (frozen statistics)
     # BatchNorm's weight and bias not trained either (detectron2's FrozenBN, which the official DyHead

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import NoReturn
 
 import timm
 import torch
@@ -37,36 +38,77 @@ def create_features_model(name: str, pretrained: bool, pretrained_file: str, img
     kwargs: dict = {"features_only": True, "pretrained": pretrained or bool(pretrained_file)}
     if pretrained_file:
         if not Path(pretrained_file).is_file():
-            raise DyheadError(f"backbone.pretrained_file not found: {pretrained_file}")
+            what = "is a folder, not a weights file" if Path(pretrained_file).is_dir() else "not found"
+            raise DyheadError(f"backbone.pretrained_file {what}: {pretrained_file}")
         kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
     if img_size:
-        kwargs["img_size"] = tuple(img_size)
+        kwargs["img_size"] = tuple(img_size) if len(img_size) == 2 else int(img_size[0])  # [S]: S x S
     try:
         with WeightLoadReport() as report:
-            try:
-                # Transformers (Swin, ViT-style) take any input size with dynamic_img_size; CNNs reject the keyword.
-                body = timm.create_model(name, dynamic_img_size=True, **kwargs)
-            except TypeError:
-                body = timm.create_model(name, **kwargs)
+            body = create_sized(name, kwargs)
+    except DyheadError:
+        raise
     except RuntimeError as e:
-        if "features_only" in str(e) or "feature" in str(e):
-            raise DyheadError(f"timm model '{name}' cannot be used with features_only: {e}") from None
-        raise DyheadError(f"could not create timm model '{name}': {str(e).splitlines()[0]}") from None
+        text = str(e)
+        if "features_only" in text or "feature" in text:
+            raise DyheadError(f"timm model '{name}' cannot be used with features_only: {first_line(e)}") from None
+        if pretrained_file and "state_dict" in text:  # "Error(s) in loading state_dict for ...": one line per key
+            reasons = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+            more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+            raise DyheadError(
+                f"backbone.pretrained_file {pretrained_file} does not fit timm model '{name}': "
+                f"{(reasons[0] if reasons else first_line(e))[:300]}{more}"
+            ) from None
+        if pretrained_file:  # torch.load's refusals (a pickle of other things than tensors)
+            raise not_weights(pretrained_file, e) from None
+        raise DyheadError(f"could not create timm model '{name}': {first_line(e)}") from None
     except OSError as e:  # no network / missing cache for pretrained=True
         if name.startswith(SOURCE_PREFIXES):
-            raise DyheadError(
-                f"could not fetch timm model '{name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-            ) from None
-        raise DyheadError(f"could not load pretrained weights for '{name}': {str(e).splitlines()[0]}") from None
-    except Exception as e:  # noqa: BLE001 - the Hub client's own errors (offline, no such repo) for hf-hub: names
-        if not name.startswith(SOURCE_PREFIXES) or isinstance(e, DyheadError):
+            raise DyheadError(f"could not fetch timm model '{name}': {first_line(e)}") from None
+        raise DyheadError(f"could not load pretrained weights for '{name}': {first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - a file that is no weights file; the Hub client's own errors
+        if pretrained_file:  # the safetensors / pickle readers' own errors (a truncated or foreign file)
+            raise not_weights(pretrained_file, e) from None
+        if not name.startswith(SOURCE_PREFIXES):
             raise
-        raise DyheadError(
-            f"could not fetch timm model '{name}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from None
+        raise DyheadError(f"could not fetch timm model '{name}': {type(e).__name__}: {first_line(e)}") from None
     if kwargs["pretrained"]:
         report.check(body, pretrained_file or name, name)
     return body
+
+
+def create_sized(name: str, kwargs: dict) -> nn.Module:
+    """``timm.create_model(name, **kwargs)``, with ``dynamic_img_size`` where the model takes it: transformers
+    (Swin, ViT-style) then take any input size; CNNs reject the keyword, and ``img_size`` too."""
+    try:
+        return timm.create_model(name, dynamic_img_size=True, **kwargs)
+    except TypeError as e:
+        if "dynamic_img_size" not in str(e):
+            raise_unsized(name, kwargs, e)
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:
+        raise_unsized(name, kwargs, e)
+
+
+def raise_unsized(name: str, kwargs: dict, error: TypeError) -> NoReturn:
+    if "img_size" in kwargs and "img_size" in str(error):
+        raise DyheadError(
+            f"model.backbone.img_size applies to backbones built for one input size (Swin, ViT-style): "
+            f"timm model '{name}' takes any size; leave img_size out (= [])"
+        ) from None
+    raise DyheadError(f"could not create timm model '{name}': TypeError: {first_line(error)}") from None
+
+
+def not_weights(path: str, error: BaseException) -> DyheadError:
+    return DyheadError(
+        f"backbone.pretrained_file {path} is not a weights file timm can read ({type(error).__name__}: {first_line(error)[:200]})"
+    )
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class WeightLoadReport(logging.Handler):

@@ -96,3 +96,34 @@ def test_fpn_p6_from_c5_for_retinanet():
     assert fpn.fpn.extra_blocks.p6.in_channels == 128
     levels = fpn([torch.randn(1, 32, 16, 16), torch.randn(1, 64, 8, 8), torch.randn(1, 128, 4, 4)])
     assert [p.shape[-1] for p in levels] == [16, 8, 4, 2, 1]
+
+
+def test_weights_files_that_do_not_fit_are_one_line_naming_the_file(tmp_path):
+    """A file that is no weights file, weights of another width, and ``img_size`` for a CNN: each a
+    DyheadError naming what is wrong (were internal errors, or a message cut before its reason)."""
+    import timm
+    from safetensors.torch import save_file
+
+    garbage, text = tmp_path / "g.safetensors", tmp_path / "notes.pth"
+    garbage.write_bytes(b"garbage")
+    text.write_text("name = 'not weights'\n")
+    for path in (garbage, text):
+        with pytest.raises(DyheadError, match=rf"pretrained_file {path} is not a weights file timm can read \("):
+            TimmBackbone("resnet18", pretrained_file=str(path))
+    narrow = tmp_path / "mobilenetv2_050.safetensors"
+    state = timm.create_model("mobilenetv2_050", pretrained=False).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(narrow))
+    with pytest.raises(
+        DyheadError, match=rf"pretrained_file {narrow} does not fit timm model 'mobilenetv2_100': size mismatch for "
+    ):
+        TimmBackbone("mobilenetv2_100", pretrained_file=str(narrow))
+    with pytest.raises(DyheadError, match=r"img_size applies to backbones built for one input size .* 'resnet18' takes any size"):
+        TimmBackbone("resnet18", pretrained=False, img_size=[224, 224])
+    with pytest.raises(DyheadError, match="pretrained_file is a folder"):
+        TimmBackbone("resnet18", pretrained_file=str(tmp_path))
+
+
+def test_a_single_img_size_is_a_square():
+    backbone = TimmBackbone("swin_tiny_patch4_window7_224", pretrained=False, img_size=[96]).eval()
+    with torch.no_grad():
+        assert [f.shape[-1] for f in backbone(torch.randn(1, 3, 96, 96))] == [12, 6, 3]
