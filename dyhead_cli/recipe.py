@@ -170,11 +170,13 @@ class RCNNConfig:
     R-CNN config. Test score threshold and detections per image come from ``head_options``, and so does the
     box NMS threshold (set it to 0.5, detectron2's, in Faster R-CNN recipes)."""
 
-    rpn_pre_nms_top_n_train: int = 2000  # proposals kept per level before the RPN's NMS (0.7)
-    rpn_pre_nms_top_n_test: int = 1000
-    rpn_post_nms_top_n: int = 1000  # proposals kept per image after it (training and test)
-    roi_batch_size_per_image: int = 512  # RoIs sampled per image for the box head's losses (25% positives)
-    fc_dim: int = 1024  # width of the box head's two fully connected layers
+    rpn_pre_nms_top_n_train: int = ranged(2000, ge=1, le=1_000_000)  # proposals kept per level before the RPN's NMS (0.7)
+    rpn_pre_nms_top_n_test: int = ranged(1000, ge=1, le=1_000_000)
+    rpn_post_nms_top_n: int = ranged(1000, ge=1, le=1_000_000)  # proposals kept per image after it (training and test)
+    roi_batch_size_per_image: int = ranged(
+        512, ge=1, le=1_000_000
+    )  # RoIs sampled per image for the box head's losses (25% positives)
+    fc_dim: int = ranged(1024, ge=1, le=65_536)  # width of the box head's two fully connected layers
 
 
 @dataclass

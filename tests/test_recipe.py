@@ -42,6 +42,10 @@ def test_wrong_types_and_choices(tmp_path):
         load_recipe(write(tmp_path, '[train]\nepochs = "ten"\n'))
     with pytest.raises(DyheadError, match=r"model.head' = 'atts' is not one of .*did you mean 'atss'"):
         recipes.load(write(tmp_path, '[model]\nhead = "atts"\n'))
+    # every number has its range: Faster R-CNN's knobs too (a negative width was an internal error)
+    for key, value in (("fc_dim", -5), ("roi_batch_size_per_image", 0), ("rpn_post_nms_top_n", 0)):
+        with pytest.raises(DyheadError, match=rf"'model.rcnn.{key}' = {value} is out of range: it must be >= 1"):
+            recipes.load(write(tmp_path, f"[model.rcnn]\n{key} = {value}\n"))
 
 
 def test_dotted_overrides(tmp_path):
