@@ -110,7 +110,10 @@ class CocoDetection(Dataset):
             image = load_rgb(self.image_path(index))
         except DyheadError as e:
             if not self.skip_corrupt:
-                raise DyheadError(f"{e} (data.skip_corrupt = true skips unreadable images)") from None
+                raise DyheadError(
+                    f"{e}, listed in {self.ann_file} (data.skip_corrupt = true skips unreadable images; "
+                    "dyhead data check lists every problem of the data set)"
+                ) from None
             self.num_skipped += 1
             return None
         width, height = image.size

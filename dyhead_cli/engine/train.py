@@ -66,6 +66,7 @@ from dyhead_cli.engine.preflight import (
     check_inputs,
     check_model,
     check_trackers,
+    check_train_images,
     check_val_images,
 )
 from dyhead_cli.engine.progress import Reporter
@@ -163,6 +164,7 @@ def train(
         raise DyheadError(
             f"validation annotation file {recipe.data.val_ann} lists other categories than {recipe.data.train_ann}: it {difference}"
         )
+    check_train_images(dataset)
     check_val_images(val_data)
     category_ids = list(dataset.cat_ids)  # label i <-> the data set's category id, for predict
 

@@ -299,13 +299,18 @@ def test_the_users_recipe_inside_out_is_never_written_over(tmp_path, recipe):
     assert mine.read_text().startswith("# my notes") and sorted(p.name for p in project.iterdir()) == ["recipe.toml"]
 
 
-def test_missing_validation_image_is_found_before_the_first_step(tmp_path, data_root):
+@pytest.mark.parametrize("split, what", [("val", "validation"), ("train", "training")])
+def test_missing_image_is_found_before_the_first_step(tmp_path, data_root, split, what):
+    """A missing validation or training image file is one line before any work, naming the file, the
+    annotation file that lists it and `data check` (a training image was found when the loader reached it)."""
     data = tmp_path / "data"
     shutil.copytree(data_root, data)
-    victim = sorted((data / "val").iterdir())[0]
-    victim.unlink()
+    victims = sorted((data / split).iterdir())[-2:]
+    for victim in victims:
+        victim.unlink()
     recipe = write_tiny_recipe(tmp_path, data)
-    with pytest.raises(DyheadError, match=f"validation image not found: .*{victim.name}"):
+    message = rf"{what} image not found: .*{victims[0].name} \(and 1 more\), listed in .*{split}.json; .*dyhead data check"
+    with pytest.raises(DyheadError, match=message):
         train_from_files(recipe, tmp_path / "run", None, QUICK)
     assert not (tmp_path / "run").exists()
 
@@ -327,7 +332,7 @@ def test_unreadable_validation_images_are_found_early_or_skipped_on_resume(tmp_p
     first.write_bytes(keep)
     second.write_bytes(second.read_bytes()[: second.stat().st_size * 2 // 3])  # a JPEG cut short: its header reads
     run = tmp_path / "run"
-    with pytest.raises(DyheadError, match=r"cannot read image .*data.skip_corrupt = true skips unreadable images"):
+    with pytest.raises(DyheadError, match=r"cannot read image .*, listed in .*data.skip_corrupt = true skips unreadable"):
         train_from_files(recipe, run, None, QUICK)
     assert [e["step"] for e in events(run, "checkpoint")] == [2]  # trained, stopped in the evaluation
     train_from_files(None, None, run, ["data.skip_corrupt=true"])
