@@ -221,6 +221,11 @@ def resolve_classes(recipe: Recipe, dataset: CocoDetection) -> None:
         raise DyheadError(f"model.class_names {recipe.model.class_names} differ from the data set's {dataset.class_names}")
 
 
+def evaluated_at(run_dir: Path, step: int) -> bool:
+    """Whether metrics.jsonl records an evaluation at ``step`` (the one after a checkpoint may not have run)."""
+    return any(e.get("event") == "eval" and e.get("step") == step for e in read_events(run_dir / "metrics.jsonl"))
+
+
 class RunState:
     """The counters a checkpoint stores (and a resume restores)."""
 
@@ -272,11 +277,17 @@ def _run(
                 f"--resume {run_dir}: the run is at step {state.step}, past the end (step {total_steps}) that train.epochs = "
                 f"{t.epochs}" + (f" and train.max_steps = {t.max_steps}" if t.max_steps else "") + " give; nothing to train"
             )
+        if state.step == total_steps and evaluated_at(run_dir, state.step):  # nothing recorded: nothing happens
+            reporter.message(
+                f"{run_dir} is finished: step {state.step} of {total_steps}, evaluated; nothing to train (more: "
+                f"--resume {run_dir} --set train.max_steps=N, or train.epochs=N)"
+            )
+            return {}
         log.rewind(state.step)  # what was logged past the checkpoint is done again
         log.write("resume", step=state.step, epoch=state.epoch, changed=changes)
         said = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
         reporter.message(
-            f"resuming {run_dir} at step {state.step} (epoch {state.epoch + 1} of {last_epoch})"
+            f"resuming {run_dir} at step {state.step} (epoch {min(state.epoch + 1, last_epoch)} of {last_epoch})"
             + (f" with {said}" if said else "")
         )
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -362,8 +373,9 @@ def _run(
 
     if resume and state.step > 0 and (state.batch_in_epoch == 0 or state.step >= total_steps):
         due = state.step >= total_steps or (t.eval_every > 0 and state.epoch % t.eval_every == 0)
-        done = any(e.get("event") == "eval" and e.get("step") == state.step for e in read_events(run_dir / "metrics.jsonl"))
-        if due and not done:  # the run was stopped in the evaluation that follows its checkpoint: do it now
+        if due and not evaluated_at(
+            run_dir, state.step
+        ):  # the run was stopped in the evaluation that follows its checkpoint: do it now
             metrics = evaluate_now()
     model.train()
     reporter.start(total_steps, state.step)

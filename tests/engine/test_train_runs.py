@@ -114,9 +114,17 @@ def test_resume_takes_the_runs_recipe_and_refuses_unsafe_changes(tmp_path, recip
     assert [e["step"] for e in events(run, "train")] == [1, 2, 3]
     assert (run / "recipe.toml").read_bytes() == saved
     assert load_weights(run / "last.safetensors")[1]["recipe"]["model"]["fpn"]["channels"] == 16
-    # a later resume replays the recorded change: nothing left to do at step 3 of 3
-    train_from_files(None, None, run, [])
-    assert [e["step"] for e in events(run, "train")] == [1, 2, 3]
+    # a later resume replays the recorded change: finished at step 3 of 3 and evaluated, it says so and
+    # records nothing (it logged a resume "at step 3 (epoch 2 of 1)")
+    messages = []
+
+    class Collect(engine.Reporter):
+        def message(self, text: str) -> None:
+            messages.append(text)
+
+    train_from_files(None, None, run, [], reporter=Collect())
+    assert [e["step"] for e in events(run, "train")] == [1, 2, 3] and len(events(run, "resume")) == 1
+    assert messages == [f"{run} is finished: step 3 of 3, evaluated; nothing to train (more: --resume {run} --set train.max_steps=N, or train.epochs=N)"]
     # shortened below where the run is: refused, and not recorded (a later resume would replay it)
     resumes = len(events(run, "resume"))
     with pytest.raises(
