@@ -103,10 +103,15 @@ class FrameReader:
 
 
 class VideoWriter:
-    """Write RGB frames to a video (mp4v in .mp4/.mov/.m4v, MJPG otherwise); the size is the first frame's."""
+    """Write RGB frames to a video (mp4v in .mp4/.mov/.m4v, MJPG otherwise); the size is the first frame's.
+
+    The frames go to a hidden file beside ``path`` (same extension: OpenCV picks the container by it) that
+    ``close()`` renames to ``path`` and ``abort()`` deletes, so an interrupted run leaves no cut video.
+    """
 
     def __init__(self, path: Path, fps: float) -> None:
         self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.stem}.tmp-{os.getpid()}{self.path.suffix}")
         self.fps = fps
         self.writer = None
 
@@ -117,8 +122,9 @@ class VideoWriter:
             codec = "mp4v" if self.path.suffix.lower() in (".mp4", ".mov", ".m4v") else "MJPG"
             h, w = rgb.shape[:2]
             self.size = (w, h)
-            self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*codec), self.fps, self.size)
+            self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*codec), self.fps, self.size)
             if not self.writer.isOpened():
+                self.abort()
                 raise DyheadError(f"cannot write video {self.path} (codec {codec})")
         frame = np.ascontiguousarray(rgb[:, :, ::-1])
         if (frame.shape[1], frame.shape[0]) != self.size:
@@ -129,3 +135,11 @@ class VideoWriter:
         if self.writer is not None:
             self.writer.release()
             self.writer = None
+            os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop what was written; ``path`` keeps whatever it held before."""
+        if self.writer is not None:
+            self.writer.release()
+            self.writer = None
+        self.tmp.unlink(missing_ok=True)

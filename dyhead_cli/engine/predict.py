@@ -152,6 +152,10 @@ def predict(
     )
     saver.check()
     out = Path(out)
+    if saver.folder is not None:
+        for written in (out, images_json_path(out)):
+            if os.path.realpath(saver.folder) == os.path.realpath(written):
+                raise DyheadError(f"--save {saver.folder} is where the results go ({written}): choose another folder")
     summary = PredictSummary(
         out=out,
         images_json=images_json_path(out),
@@ -208,14 +212,18 @@ def predict(
                 f"none of the {summary.num_images} images could be read{first}: nothing predicted, {out} not written"
             )
         image_list.write_raw("\n]," + f'"skipped":{json.dumps(json_safe(summary.skipped))}' + "}\n")
-        results.close()
-        image_list.close()
-    except BaseException:
-        results.abort()
-        image_list.abort()
-        raise
-    finally:
         saver.close()
+        image_list.close()
+        try:
+            results.close()
+        except BaseException:
+            summary.images_json.unlink(missing_ok=True)  # both files or neither
+            raise
+    except BaseException:
+        saver.abort()
+        image_list.abort()  # first: the folder results made for both goes once it is empty
+        results.abort()
+        raise
     return summary
 
 
@@ -274,3 +282,8 @@ class AnnotatedOutput:
     def close(self) -> None:
         for writer in self.videos.values():
             writer.close()
+
+    def abort(self) -> None:
+        """An interrupted or failed run: no video cut short (the pictures drawn so far are whole and stay)."""
+        for writer in self.videos.values():
+            writer.abort()

@@ -30,6 +30,7 @@ class JsonStream:
         self.tail = tail
         self.count = 0
         self.file = None
+        self.made = next((d for d in reversed(self.path.parents) if not d.exists()), None)  # removed by abort
         with writing(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(self.tmp, "w", encoding="utf-8")
@@ -76,6 +77,13 @@ class JsonStream:
             self.tmp.unlink(missing_ok=True)
         except OSError:
             pass
+        folder = self.path.parent
+        while self.made is not None and folder.is_relative_to(self.made):  # the folders made for it, if empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            folder = folder.parent
 
 
 def json_safe(value: Any) -> Any:

@@ -311,3 +311,38 @@ def test_tiling_ap_on_a_mosaic_with_a_trained_model(trained_run, tmp_path):
     total = len(json.loads(gt.read_text())["annotations"])
     print(f"mosaic of {total} objects, (AP, AP50, found at IoU 0.5): whole image {figures[0]}, tiled {figures[128]}")
     assert figures[128][0] > figures[0][0] + 5.0 and figures[128][2] > figures[0][2]
+
+
+def test_a_stopped_or_failed_predict_leaves_no_cut_video_and_no_half_output(run, tmp_path):
+    """Stopped after its first frames, ``predict VIDEO --save DIR`` leaves neither results nor a cut video
+    (the video was written in place: a valid file of the frames so far). ``--save`` naming the results' own
+    file is refused before any work, and a run that predicts nothing leaves no folder it made."""
+    from dyhead_cli.engine.predict import PredictOptions
+    from dyhead_cli.engine.predict import predict as predict_engine
+
+    clip = tmp_path / "clip.mp4"
+    write_video(clip, val_frames(run, 4))
+    out, drawn = tmp_path / "new" / "p.json", tmp_path / "drawn"
+
+    def stop_after_two(summary) -> None:
+        if summary.num_predicted >= 2:
+            raise KeyboardInterrupt
+
+    options = PredictOptions(device="cpu", batch_size=1, workers=0, save_dir=drawn)
+    with pytest.raises(KeyboardInterrupt):
+        predict_engine([clip], run["weights"], out, options, on_batch=stop_after_two)
+    assert not (tmp_path / "new").exists()  # results, image list and the folder made for them: gone
+    assert not drawn.exists() or not any(drawn.iterdir()), list(drawn.iterdir())
+    summary = predict_engine([clip], run["weights"], out, options)
+    assert summary.num_predicted == 4 and sorted(p.name for p in drawn.iterdir()) == ["clip.mp4"]  # no leftovers
+
+    for save in (out, images_json_path(out)):
+        code, output = predict(
+            clip, "--weights", run["weights"], "--out", tmp_path / "o" / "p.json", "--save", tmp_path / "o" / save.name
+        )
+        assert code == 1 and f"is where the results go ({tmp_path / 'o' / save.name})" in output, output
+        assert not (tmp_path / "o").exists()
+    text = tmp_path / "text.jpg"
+    text.write_text("hello world")
+    code, output = predict(text, "--weights", run["weights"], "--out", tmp_path / "o1" / "p.json")
+    assert code == 1 and "none of the 1 images could be read" in output and not (tmp_path / "o1").exists()
