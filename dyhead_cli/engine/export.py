@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from dyhead_cli.engine.inference import LoadedDetector, category_ids, load_detector
 from dyhead_cli.errors import DyheadError, check_choice
+from dyhead_cli.models.heads import HEADS
 from dyhead_cli.recipe import to_dict
 
 FORMATS = ("onnx", "torch-export")
@@ -199,12 +200,34 @@ def default_out(weights: Path, fmt: str) -> Path:
 def prepare(weights: Path, opts: ExportOptions) -> tuple[LoadedDetector, ExportWrapper]:
     """Load the checkpoint's detector and wrap it for tracing (float16 weights with ``half``)."""
     opts.check()
+    if metadata_keys(Path(weights)) is not None and "recipe" not in metadata_keys(Path(weights)):
+        raise DyheadError(
+            f"{weights} carries no recipe in its metadata: export takes a model checkpoint of 'dyhead train' "
+            "(RUN/last.safetensors or best.safetensors; state.safetensors is the training state) or 'dyhead convert'"
+        )
     det = load_detector(weights)
+    head = det.recipe.model.head
+    if not HEADS[head].exportable:
+        raise DyheadError(
+            f"{weights}: {head} models cannot be exported yet (their proposal and RoI stages are not traced); "
+            f"export takes {', '.join(name for name, spec in HEADS.items() if spec.exportable)}"
+        )
     model = det.model.eval()
     if opts.half:
         model.half()
         model.pixel_mean, model.pixel_std = model.pixel_mean.float(), model.pixel_std.float()
     return det, ExportWrapper(model, opts.postprocess, opts.half).eval()
+
+
+def metadata_keys(path: Path) -> set[str] | None:
+    """The keys of a safetensors file's metadata, from its header alone; None when it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            return set(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return None
 
 
 def trace(wrapper: ExportWrapper, opts: ExportOptions) -> torch.export.ExportedProgram:

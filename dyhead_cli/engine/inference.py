@@ -182,7 +182,7 @@ def forward_alone(model: nn.Module, images: torch.Tensor, sizes, orig_sizes, siz
     """``model(images, sizes)`` with each image padded as if it were alone (see ``data.loaders.alone_groups``):
     a batch of mixed padded sizes runs one size group at a time, cropped to it. ``images`` (B, 3, Hp, Wp)
     with each image at the top left; ``size_divisibility`` None runs the batch as it is."""
-    if getattr(model, "pads_itself", False):  # an ONNX graph pads every input to its own size anyway
+    if getattr(model, "pads_itself", False):  # a fixed-size ONNX graph pads every input to its own size anyway
         size_divisibility = None
     groups = alone_groups(sizes, size_divisibility) if size_divisibility else []
     if len(groups) <= 1 and (not groups or groups[0][1] == tuple(images.shape[-2:])):

@@ -38,8 +38,6 @@ def build_head(recipe: Recipe) -> torch.nn.Module:
 class OnnxDetector:
     """An onnxruntime session over a file written by ``dyhead export --format onnx`` (CPU provider)."""
 
-    pads_itself = True  # fit() pads every batch to the graph's size: splitting by padded size changes nothing
-
     def __init__(self, path: Path, threads: int | None = None) -> None:
         require_onnx("running an ONNX model")
         import onnxruntime as ort
@@ -64,6 +62,9 @@ class OnnxDetector:
         self.recipe = recipe_from_dict(self.meta["recipe"])
         self.postprocess = bool(self.meta["postprocess"])
         self.dynamic = bool(self.meta["dynamic"])
+        # a fixed-size graph pads every batch to its size: splitting a batch by padded size changes nothing; a
+        # dynamic one takes the batch's size, so images of another padded size run apart, as in PyTorch
+        self.pads_itself = not self.dynamic
         self.size = tuple(self.meta["size"])
         self.batch = self.meta["batch"]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from dyhead_cli.cli import app
+from dyhead_cli.engine.checkpoint import save_weights
 from dyhead_cli.models.build import build_model
 from dyhead_cli.models.export_postprocess import postprocess_padded
-from dyhead_cli.recipe import Recipe, save_recipe
+from dyhead_cli.recipe import Recipe, save_recipe, to_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
@@ -215,10 +216,17 @@ def test_bad_input_is_one_line_and_leaves_no_file(tmp_path):
     tiny_checkpoint(weights, "atss", None)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
+    rcnn = tmp_path / "rcnn.safetensors"
+    cfg = tiny_config("faster_rcnn", 0)
+    cfg.fpn.levels, cfg.fpn.top_block = [2, 3, 4, 5, 6], "maxpool"
+    save_weights(rcnn, build_model(cfg), to_dict(Recipe(model=cfg)))
     out = tmp_path / "out" / "m.onnx"
     cases = [
         (["export", str(tmp_path / "missing.safetensors"), "--out", str(out)], "not found"),
-        (["export", str(foreign), "--out", str(out)], "recipe"),
+        # no recipe: what export takes instead (it said "pass --recipe", an option export does not have)
+        (["export", str(foreign), "--out", str(out)], "carries no recipe in its metadata: export takes a model checkpoint"),
+        (["export", str(rcnn), "--out", str(out)], "faster_rcnn models cannot be exported yet"),
+        (["export", str(rcnn), "--no-postprocess", "--out", str(out)], "export takes atss, fcos, retinanet"),
         (["export", str(weights), "--size", "300x300", "--out", str(out)], "multiples of 128"),
         (["export", str(weights), "--size", "128x128", "--dynamic", "--out", str(out)], "at least 256"),
         (["export", str(weights), "--format", "onx", "--out", str(out)], "did you mean 'onnx'"),
@@ -232,7 +240,7 @@ def test_bad_input_is_one_line_and_leaves_no_file(tmp_path):
         line = _one_line_error(runner.invoke(app, args))
         assert expected in line, line
     assert not out.parent.exists() or not any(out.parent.iterdir())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.safetensors", "m.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.safetensors", "m.safetensors", "rcnn.safetensors"]
 
 
 def test_missing_onnxruntime_names_the_extra(tmp_path, monkeypatch):
@@ -275,3 +283,29 @@ def test_classes_fill_max_det_on_an_onnx_model_without_in_graph_postprocessing(t
             iou=0.99,
             score=1e-4,
         )
+
+
+def test_a_dynamic_onnx_model_runs_a_batch_of_mixed_padded_sizes_as_pytorch_does(tmp_path):
+    """Images of another padded size in one batch run apart (``forward_alone``), as in PyTorch: the dynamic
+    graph padded the smaller one to its neighbour's size, and DyHead's means took the padding in."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from dyhead_cli.engine.inference import forward_alone
+    from dyhead_cli.engine.onnx_runner import OnnxDetector
+
+    weights = tmp_path / "m.safetensors"
+    model = tiny_checkpoint(weights, "atss", "official")
+    _, onnx_path = export_both(weights, tmp_path, postprocess=True)
+    onnx_model = OnnxDetector(onnx_path)
+    assert onnx_model.dynamic and not onnx_model.pads_itself
+    g = torch.Generator().manual_seed(5)
+    images = torch.zeros(2, 3, 256, 512)
+    sizes = [(256, 384), (256, 512)]  # padded alone to 256 x 384 and 256 x 512 (multiples of 128)
+    for i, (h, w) in enumerate(sizes):
+        images[i, :, :h, :w] = torch.rand(3, h, w, generator=g) * 255
+    with torch.no_grad():
+        want = forward_alone(model, images, sizes, sizes, 128)
+    got = forward_alone(onnx_model, images, sizes, sizes, 128)
+    for a, b in zip(got, want):
+        assert len(b["scores"]) > 0
+        assert_same_detections(a, b, iou=0.99, score=1e-4)

@@ -124,7 +124,9 @@ def test_resume_takes_the_runs_recipe_and_refuses_unsafe_changes(tmp_path, recip
 
     train_from_files(None, None, run, [], reporter=Collect())
     assert [e["step"] for e in events(run, "train")] == [1, 2, 3] and len(events(run, "resume")) == 1
-    assert messages == [f"{run} is finished: step 3 of 3, evaluated; nothing to train (more: --resume {run} --set train.max_steps=N, or train.epochs=N)"]
+    assert messages == [
+        f"{run} is finished: step 3 of 3, evaluated; nothing to train (more: --resume {run} --set train.max_steps=N, or train.epochs=N)"
+    ]
     # shortened below where the run is: refused, and not recorded (a later resume would replay it)
     resumes = len(events(run, "resume"))
     with pytest.raises(

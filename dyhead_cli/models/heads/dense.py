@@ -42,6 +42,7 @@ class HeadSpec:
 
     head: type[nn.Module]
     options: Callable[[ModelConfig, tuple[int, ...]], dict[str, Any]]
+    exportable: bool = True  # ``dyhead export`` traces it (engine/export.py: raw outputs and padded detections)
 
     @property
     def defaults(self) -> dict[str, Any]:

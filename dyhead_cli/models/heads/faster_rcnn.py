@@ -200,4 +200,4 @@ def faster_rcnn_options(cfg: ModelConfig, strides: tuple[int, ...]) -> dict[str,
     }
 
 
-SPEC = HeadSpec(FasterRCNNHead, faster_rcnn_options)
+SPEC = HeadSpec(FasterRCNNHead, faster_rcnn_options, exportable=False)  # proposals and RoIs: not traced yet
