@@ -125,14 +125,30 @@ OURS = {
 
 @dataclass
 class Gap:
+    """A difference between the reference's model and ours: an option our model lacks, or (``in_recipe``)
+    a recipe field that ``--recipe`` sets otherwise than the weights want."""
+
     key: str
     reference: Any
     ours: Any
     what: str
     approximable: bool
+    in_recipe: bool = False
 
     def describe(self) -> str:
+        if self.in_recipe:
+            return f"the recipe's model.{self.key} = {self.ours!r}, the weights want {self.reference!r} ({self.what})"
         return f"{self.what} ({self.key} = {self.reference!r}; ours: {self.ours!r})"
+
+
+def gaps_advice(gaps: list[Gap]) -> str:
+    """What to do about ``gaps``: set the recipe's fields, and/or wait for the options our model lacks."""
+    advice = []
+    if any(g.in_recipe for g in gaps):
+        advice.append("set the recipe's value (or convert without --recipe)")
+    if any(not g.in_recipe for g in gaps):
+        advice.append("our model has no option for this yet")
+    return "; ".join(advice)
 
 
 @dataclass
@@ -299,7 +315,7 @@ def find_gaps(ref: ReferenceModel, model: dict[str, Any], set_fields: bool = Tru
             if set_fields:
                 set_dotted(model, key, wanted)
             elif _resolved(model, key, ours_now) != wanted:
-                gaps.append(Gap(key, wanted, _resolved(model, key, ours_now), cap.what, cap.approximable))
+                gaps.append(Gap(key, wanted, _resolved(model, key, ours_now), cap.what, cap.approximable, in_recipe=True))
         elif wanted != ours_now[key]:
             gaps.append(Gap(key, wanted, ours_now[key], cap.what, cap.approximable))
     return gaps

@@ -20,6 +20,7 @@ from dyhead_cli.convert.capabilities import (
     Gap,
     default_model_section,
     find_gaps,
+    gaps_advice,
 )
 from dyhead_cli.convert.mapping import check_complete, map_state_dict
 from dyhead_cli.convert.reading import read_reference_checkpoint
@@ -28,6 +29,16 @@ from dyhead_cli.errors import DyheadError
 
 # ---------------------------------------------------------------------------------------------------
 # the whole conversion
+
+
+# [model] fields a --recipe may set otherwise than the weights were trained with (input handling and the DyHead
+# offsets: the weights load either way, and give other numbers)
+RECIPE_INPUTS = {
+    "input_format": "the channel order the weights expect",
+    "pixel_mean": "the normalisation the weights were trained with",
+    "pixel_std": "the normalisation the weights were trained with",
+    "dyhead.offset_mode": "how DyHead reads its offsets: other numbers on the same weights",
+}
 
 
 def convert_state_dict(
@@ -58,16 +69,16 @@ def convert_state_dict(
         if offset_mode is not None:
             model["dyhead"]["offset_mode"] = offset_mode
         gaps = find_gaps(ref, model, set_fields=False)
-        for key in ("input_format", "pixel_mean", "pixel_std"):
-            if model[key] != getattr(ref, key):
-                notes.append(f"the recipe's model.{key} = {model[key]!r}; the weights were trained with {getattr(ref, key)!r}")
-        if model["dyhead"]["offset_mode"] != ref.offset_mode:
-            notes.append(f"the recipe's offset_mode = {model['dyhead']['offset_mode']!r}; the weights want {ref.offset_mode!r}")
+        for key, what in RECIPE_INPUTS.items():  # what the weights were trained with, set otherwise: other numbers
+            ours = model["dyhead"]["offset_mode"] if key == "dyhead.offset_mode" else model[key]
+            wanted = ref.offset_mode if key == "dyhead.offset_mode" else getattr(ref, key)
+            if ours != wanted:
+                gaps.append(Gap(key, wanted, ours, what, approximable=True, in_recipe=True))
         if not model.get("class_names") and model.get("num_classes") == len(ref.class_names):
             model["class_names"] = list(ref.class_names)
     hard = [g for g in gaps if not g.approximable]
     if hard:
-        raise DyheadError("cannot convert: " + "; ".join(g.describe() for g in hard) + " - our model has no such option yet")
+        raise DyheadError("cannot convert: " + "; ".join(g.describe() for g in hard) + f" - {gaps_advice(hard)}")
     model_cfg = from_dict(ModelConfig, model, "model.")
     with torch.device("meta"):  # names and shapes only: no memory, no random init
         target = build_model(model_cfg).state_dict()
@@ -153,8 +164,8 @@ def convert_checkpoint(
         raise DyheadError(
             f"cannot convert {src.name} faithfully: "
             + "; ".join(g.describe() for g in conv.gaps)
-            + ". Our model has no option for this yet; --approximate converts anyway (numbers will differ: "
-            "a starting point for fine-tuning, not the published AP)"
+            + f". To convert faithfully, {gaps_advice(conv.gaps)}; --approximate converts anyway (numbers will "
+            "differ: a starting point for fine-tuning, not the published AP)"
         )
     recipe["model"] = conv.model
     settings = REFERENCE_SETTINGS[source]

@@ -407,10 +407,32 @@ def test_published_r50_models_convert_without_approximations(tmp_path):
     assert conv.model["backbone"]["stride_in_1x1"] is True and conv.model["fpn"]["p7_relu"] is False
     assert conv.model["head_options"]["anchor_offset"] == 0.5 and conv.model["head_options"]["pred_kernel_size"] == 1
 
-    # into our own recipe: "the head's default" sentinels resolve (ATSS: offset 0.5, 1x1), only the stride differs
+    # into our own recipe: "the head's default" sentinels resolve (ATSS: offset 0.5, 1x1); the stride and the
+    # input handling differ (ours: RGB ImageNet statistics, the MSRA R-50's: BGR caffe), each named as a
+    # recipe value (they were notes, and "our model has no option" for fields it has)
     ours = to_dict(load_recipe("recipes/atss_r50_dyhead_1x_coco.toml").model)
     conv = convert_state_dict(official, "official", model=ours)
-    assert [(g.key, g.reference, g.ours) for g in conv.gaps] == [("backbone.stride_in_1x1", True, False)]
+    assert [(g.key, g.in_recipe) for g in conv.gaps] == [
+        ("backbone.stride_in_1x1", True),
+        ("input_format", True),
+        ("pixel_mean", True),
+        ("pixel_std", True),
+    ]
+    assert (
+        conv.gaps[1].describe()
+        == "the recipe's model.input_format = 'RGB', the weights want 'BGR' (the channel order the weights expect)"
+    )
+    matching = dict(ours, input_format="BGR", pixel_mean=conv.gaps[2].reference, pixel_std=conv.gaps[3].reference)
+    matching["backbone"] = dict(ours["backbone"], stride_in_1x1=True)
+    assert convert_state_dict(official, "official", model=matching).gaps == []
+    aligned = dict(matching, dyhead=dict(matching["dyhead"], offset_mode="aligned"))  # other numbers: refused
+    (gap,) = convert_state_dict(official, "official", model=aligned).gaps
+    assert (gap.key, gap.reference, gap.ours, gap.approximable) == ("dyhead.offset_mode", "official", "aligned", True)
+    narrow = dict(matching, head_options=dict(matching["head_options"], pred_kernel_size=3))  # does not load
+    with pytest.raises(
+        DyheadError, match=r"the recipe's model.head_options.pred_kernel_size = 3, the weights want 1 .* set the recipe's value"
+    ):
+        convert_state_dict(official, "official", model=narrow)
 
     # the command line: no --approximate needed, the written recipe records the options
     src, dst = tmp_path / "atss_r50_dyhead.pth", tmp_path / "atss_r50_dyhead.safetensors"
