@@ -188,13 +188,30 @@ def _between_records(data: dict[str, Any], bad: set[tuple[str, int]]) -> Iterato
             )
         elif isinstance(name, str):
             names[name] = i
+    broken = {target: _broken_ids(data, target, bad) for target in ("images", "categories")}
     for i, r in good("annotations"):
         for name, target in (("image_id", "images"), ("category_id", "categories")):
-            if r[name] not in ids[target]:
+            if r[name] not in ids[target] and r[name] not in broken[target]:  # a broken record is reported once
                 kind = target[:-1].replace("categorie", "category")
                 yield Problem(
                     "annotations", i, f"annotations[{i}].{name}: unknown {kind} id {shown(r[name])} (not among the {target})"
                 )
+
+
+def _broken_ids(data: dict[str, Any], section: str, bad: set[tuple[str, int]]) -> set[Any]:
+    """The ids the records of ``section`` with a problem meant (an id written as "9" means 9): annotations
+    that refer to them are not reported again as referring to unknown ids."""
+    meant: set[Any] = set()
+    records = data.get(section)
+    for i, r in enumerate(records if isinstance(records, list) else []):
+        if (section, i) not in bad or not isinstance(r, dict) or "id" not in r:
+            continue
+        value = r["id"]
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, (int, float, str)):
+            meant.add(value)
+    return meant
 
 
 def check_results(rows: Any, path: Path) -> list[dict[str, Any]]:

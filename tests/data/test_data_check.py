@@ -108,3 +108,18 @@ def test_unreadable_annotation_files_are_errors(tmp_path: Path) -> None:
     assert "'images' must be a list" in messages["badtype.json"][0]
     missing = check_dataset(tmp_path / "absent.json", tmp_path)
     assert not missing.ok and "not found" in missing.errors[0]
+
+
+def test_a_broken_image_record_is_one_error_not_one_per_annotation(tmp_path: Path) -> None:
+    """An image whose id is written "9" (or that lacks its file name) is one error; its annotations are not
+    each reported again as referring to an unknown image (9 errors for one record before)."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.jpg")
+    anns = [{"id": k, "image_id": 9, "category_id": 1, "bbox": [1, 1, 8, 8], "area": 64, "iscrowd": 0} for k in range(1, 5)]
+    for broken in ({"id": "9", "file_name": "a.jpg", "width": 32, "height": 32}, {"id": 9, "width": 32, "height": 32}):
+        path = tmp_path / "ann.json"
+        path.write_text(json.dumps({"images": [broken], "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+        report = check_dataset(path, tmp_path)
+        assert len(report.errors) == 1 and report.errors[0].startswith("images[0]"), report.errors
+    anns[0]["image_id"] = 10  # a real unknown id is still one
+    path.write_text(json.dumps({"images": [broken], "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+    assert check_dataset(path, tmp_path).errors[1:] == ["annotations[0].image_id: unknown image id 10 (not among the images)"]
