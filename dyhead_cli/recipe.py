@@ -468,6 +468,11 @@ CHOICES = {
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
+def field_range(cls: type, name: str) -> Range:
+    """The ``ranged`` bounds of ``cls``'s field ``name``: for options that set it from the command line."""
+    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["range"]
+
+
 def check_ranges(obj: Any, where: str = "") -> None:
     """Check every field declared with ``ranged`` (recursively); one line naming the key, value and range."""
     for f in dataclasses.fields(obj):

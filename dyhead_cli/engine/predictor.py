@@ -31,6 +31,7 @@ from dyhead_cli.engine.inference import (
 )
 from dyhead_cli.engine.tiling import check_tiling, merge_tiles, tile_windows
 from dyhead_cli.errors import DyheadError, suggest
+from dyhead_cli.recipe import HeadOptions, field_range
 
 
 def head_overrides(iou: float | None = None, max_det: int | None = None) -> list[str]:
@@ -41,8 +42,9 @@ def head_overrides(iou: float | None = None, max_det: int | None = None) -> list
             raise DyheadError(f"--iou must be within (0, 1], got {iou}")
         out.append(f"model.head_options.nms_thresh={float(iou)!r}")
     if max_det is not None:
-        if max_det < 1:
-            raise DyheadError(f"--max-det must be at least 1, got {max_det}")
+        limit = field_range(HeadOptions, "detections_per_img")
+        if not limit.allows(max_det):
+            raise DyheadError(f"--max-det must be {limit.describe()}, got {max_det}")
         out.append(f"model.head_options.detections_per_img={int(max_det)}")
     return out
 

@@ -125,7 +125,8 @@ def test_api_options_and_mistakes(run):
     )
     # the engine's messages name the command line's flags; through the API, the keyword arguments
     for option, value, message in (
-        ("max_det", 0, "max_det must be at least 1, got 0"),
+        ("max_det", 0, "max_det must be >= 1 and <= 100000, got 0"),
+        ("max_det", 100_001, "max_det must be >= 1 and <= 100000, got 100001"),
         ("tile_overlap", 1.5, "tile_overlap must be in [0, 1), got 1.5"),
         ("score_thr", 2.0, "score_thr must be within 0..1, got 2.0"),
     ):
