@@ -123,6 +123,8 @@ def _read_head(state: dict[str, Tensor], source: str, config: str, requires: dic
             "MMDetection RetinaNet heads are not supported (their anchors are ordered ratio-major, ours "
             "size-major like detectron2's); only ATSS + DyHead checkpoints convert"
         )
+    elif any(k.startswith(("bbox_head.atss_reg.", "bbox_head.atss_centerness.")) for k in state):
+        raise DyheadError("an MMDetection ATSS head without bbox_head.atss_cls.weight: the checkpoint is incomplete")
     else:
         heads = sorted({k.split(".")[1] for k in state if k.startswith("bbox_head.")})
         raise DyheadError(f"unsupported MMDetection head ({', '.join(heads[:3])} under bbox_head.); only ATSSHead converts")

@@ -266,6 +266,10 @@ def test_missing_key_is_listed():
     del state["head.scales.4.scale"]
     with pytest.raises(DyheadError, match=r"no source for our keys: head\.scales\.4\.scale"):
         convert_state_dict(state, "official")
+    state = small_state("mmdet")
+    del state["bbox_head.atss_cls.weight"]  # an ATSS head missing its classifier: not "an unsupported head"
+    with pytest.raises(DyheadError, match=r"an MMDetection ATSS head without bbox_head\.atss_cls\.weight"):
+        convert_state_dict(state, "mmdet")
 
 
 def test_wrong_source_and_two_stage_are_refused():
