@@ -14,10 +14,11 @@ fp16 autocast. Variants:
                     (float32 under autocast: torchvision's autocast rule);
   fused             impl "fast" without autograd, CUDA graphs off: one Triton kernel per deformable conv,
                     bilinear sampling inside the GEMM (models/deform_triton.py), in the autocast dtype;
-  fused-graph       the same through ``DyHead``'s own CUDA-graph cache (what ``dyhead predict/benchmark`` run);
+  fused-graph       the same through ``DyHead``'s own CUDA-graph cache;
   fused-folded(-graph)  fused with the block's end folded into two Triton passes per conv output
                     (``dyhead_cuda.EPILOGUE = "folded"``, models/fold_triton.py);
-  fused-inline(-graph)  the same with the "high" map upsampled inside those passes (EPILOGUE "inline");
+  fused-inline(-graph)  the same with the "high" map upsampled inside those passes (EPILOGUE "inline", the
+                    default: fused-inline-graph is what ``dyhead predict/benchmark`` run);
                     "fused" alone runs the GroupNorm modules' end (EPILOGUE "modules");
   sampled           one grid_sample + one GEMM per conv (``deform_conv2d_sampled``, the autograd path from
                     batch 8);
