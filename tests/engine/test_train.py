@@ -215,6 +215,18 @@ def test_lr_schedule_warmup_steps_and_cosine():
     assert lr_factor(50, 100, cos) == pytest.approx(0.5) and lr_factor(100, 100, cos) == pytest.approx(0.0)
 
 
+def signal_group_when(cmd: list[str], sig: int, ready) -> tuple[subprocess.Popen, str]:
+    """Start ``cmd`` in its own process group, send ``sig`` to the whole group (as a terminal's Ctrl-C or
+    Slurm does, so DataLoader workers get it too) once ``ready()`` or the process ended; (process, stderr)."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ready() and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=240)
+    return proc, err
+
+
 def test_sigterm_and_ctrl_c_stop_after_the_step_with_a_checkpoint(tmp_path, data_root):
     """The first SIGTERM / Ctrl-C ends training after its step with a checkpoint there (it lost everything
     since the last periodic one); --resume then continues as if nothing had happened. Sent to the whole
@@ -233,19 +245,8 @@ def test_sigterm_and_ctrl_c_stop_after_the_step_with_a_checkpoint(tmp_path, data
         ("ctrl_c", signal.SIGINT, 2, 130, "error: interrupted"),
     ):
         run = tmp_path / name
-        proc = subprocess.Popen(
-            DYHEAD + ["train", str(recipe), "--out", str(run), *steps, "--set", f"data.num_workers={workers}"],
-            env=ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        deadline = time.time() + 240
-        while time.time() < deadline and not any(e["step"] >= 2 for e in events(run, "train")):
-            time.sleep(0.05)
-        os.killpg(proc.pid, sig)
-        _, err = proc.communicate(timeout=240)
+        cmd = DYHEAD + ["train", str(recipe), "--out", str(run), *steps, "--set", f"data.num_workers={workers}"]
+        proc, err = signal_group_when(cmd, sig, lambda run=run: any(e["step"] >= 2 for e in events(run, "train")))
         assert proc.returncode == code and err.strip().splitlines()[-1] == line, (name, proc.returncode, err[-2000:])
         assert err.count("stopping after this step") == 1, err  # the main process decides; workers stay quiet
         (stopped,) = events(run, "interrupted")
@@ -292,19 +293,7 @@ def test_sigterm_mid_step_with_workers_still_checkpoints_at_the_step(tmp_path, d
     run, marker = tmp_path / "run", tmp_path / "in_step_3"
     args = ["train", str(recipe), "--out", str(run), "--set", "train.max_steps=20", "--set", "train.eval_every=0"]
     args += ["--set", "train.checkpoint_every=0", "--set", "data.num_workers=2"]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_STEP, str(marker), *args],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and not marker.exists() and proc.poll() is None:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
+    proc, err = signal_group_when([sys.executable, "-c", SLOW_STEP, str(marker), *args], signal.SIGTERM, marker.exists)
     assert proc.returncode == 143 and "without a checkpoint" not in err, err[-2000:]
     stopped = events(run, "interrupted")
     assert stopped, err[-3000:]
