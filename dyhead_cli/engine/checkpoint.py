@@ -71,6 +71,18 @@ def _discard(tmp: Path) -> None:
         pass
 
 
+def read_metadata(path: str | Path) -> dict[str, str] | None:
+    """A safetensors file's metadata, read from its header alone (no tensors); None when the file is missing
+    or not a readable safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     path = Path(path)
     if not path.is_file():

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dyhead_cli.engine.checkpoint import read_metadata
 from dyhead_cli.engine.inference import LoadedDetector, category_ids, load_detector
 from dyhead_cli.errors import DyheadError, check_choice
 from dyhead_cli.models.heads import HEADS
@@ -200,7 +201,8 @@ def default_out(weights: Path, fmt: str) -> Path:
 def prepare(weights: Path, opts: ExportOptions) -> tuple[LoadedDetector, ExportWrapper]:
     """Load the checkpoint's detector and wrap it for tracing (float16 weights with ``half``)."""
     opts.check()
-    if metadata_keys(Path(weights)) is not None and "recipe" not in metadata_keys(Path(weights)):
+    metadata = read_metadata(weights)
+    if metadata is not None and "recipe" not in metadata:
         raise DyheadError(
             f"{weights} carries no recipe in its metadata: export takes a model checkpoint of 'dyhead train' "
             "(RUN/last.safetensors or best.safetensors; state.safetensors is the training state) or 'dyhead convert'"
@@ -217,17 +219,6 @@ def prepare(weights: Path, opts: ExportOptions) -> tuple[LoadedDetector, ExportW
         model.half()
         model.pixel_mean, model.pixel_std = model.pixel_mean.float(), model.pixel_std.float()
     return det, ExportWrapper(model, opts.postprocess, opts.half).eval()
-
-
-def metadata_keys(path: Path) -> set[str] | None:
-    """The keys of a safetensors file's metadata, from its header alone; None when it is not one."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "np") as f:
-            return set(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError):
-        return None
 
 
 def trace(wrapper: ExportWrapper, opts: ExportOptions) -> torch.export.ExportedProgram:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dyhead_cli.engine import recipes
+from dyhead_cli.engine.checkpoint import read_metadata
 from dyhead_cli.engine.run_log import read_events
 from dyhead_cli.errors import DyheadError
 from dyhead_cli.recipe import Recipe, apply_overrides, to_dict
@@ -292,16 +293,11 @@ def resume_changes(run: Path) -> list[dict[str, list[Any]]]:
 
 
 def checkpoint_recipe(path: Path) -> dict[str, Any] | None:
-    """The recipe in a checkpoint's safetensors metadata, read from its header alone (``safe_open`` reads no
-    tensors); None when the file is missing or not such a checkpoint."""
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        return None
+    """The recipe in a checkpoint's safetensors metadata, read from its header alone; None when the file is
+    missing or not such a checkpoint."""
     try:
-        with safe_open(str(path), "np") as f:
-            recipe = json.loads((f.metadata() or {}).get("recipe", "null"))
-    except (SafetensorError, OSError, ValueError, TypeError):
+        recipe = json.loads((read_metadata(path) or {}).get("recipe", "null"))
+    except (ValueError, TypeError):
         return None
     return recipe if isinstance(recipe, dict) else None
 
