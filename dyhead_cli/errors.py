@@ -34,3 +34,9 @@ def check_choice(what: str, value: object, choices: Iterable[str]) -> None:
     if not isinstance(value, str) or value not in choices:
         hint = suggest(value, choices) if isinstance(value, str) else ""
         raise DyheadError(f"{what} must be one of {', '.join(choices)}, got {value!r}{hint}")
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none): for one-line messages."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -21,6 +21,7 @@ from dyhead_cli.convert.capabilities import (
     default_model_section,
     find_gaps,
     gaps_advice,
+    get_dotted,
 )
 from dyhead_cli.convert.mapping import check_complete, map_state_dict
 from dyhead_cli.convert.reading import read_reference_checkpoint
@@ -32,7 +33,8 @@ from dyhead_cli.errors import DyheadError
 
 
 # [model] fields a --recipe may set otherwise than the weights were trained with (input handling and the DyHead
-# offsets: the weights load either way, and give other numbers)
+# offsets: the weights load either way, and give other numbers); each is the ReferenceModel attribute of its
+# last part
 RECIPE_INPUTS = {
     "input_format": "the channel order the weights expect",
     "pixel_mean": "the normalisation the weights were trained with",
@@ -70,8 +72,7 @@ def convert_state_dict(
             model["dyhead"]["offset_mode"] = offset_mode
         gaps = find_gaps(ref, model, set_fields=False)
         for key, what in RECIPE_INPUTS.items():  # what the weights were trained with, set otherwise: other numbers
-            ours = model["dyhead"]["offset_mode"] if key == "dyhead.offset_mode" else model[key]
-            wanted = ref.offset_mode if key == "dyhead.offset_mode" else getattr(ref, key)
+            ours, wanted = get_dotted(model, key), getattr(ref, key.rsplit(".", 1)[-1])
             if ours != wanted:
                 gaps.append(Gap(key, wanted, ours, what, approximable=True, in_recipe=True))
         if not model.get("class_names") and model.get("num_classes") == len(ref.class_names):

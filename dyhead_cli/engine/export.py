@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from dyhead_cli.engine.checkpoint import read_metadata
 from dyhead_cli.engine.inference import LoadedDetector, category_ids, load_detector
-from dyhead_cli.errors import DyheadError, check_choice
+from dyhead_cli.errors import DyheadError, check_choice, first_line
 from dyhead_cli.models.heads import HEADS
 from dyhead_cli.recipe import to_dict
 
@@ -230,7 +230,7 @@ def trace(wrapper: ExportWrapper, opts: ExportOptions) -> torch.export.ExportedP
     except DyheadError:
         raise
     except Exception as e:  # noqa: BLE001 - torch.export raises many types; the first line says what failed
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         hint = " (try without --dynamic: this backbone may need a fixed input size)" if opts.dynamic else ""
         raise DyheadError(f"torch.export could not trace this model{hint}: {first[:300]}") from None
 
@@ -283,7 +283,7 @@ def save_onnx(
     except DyheadError:
         raise
     except Exception as e:  # noqa: BLE001 - the exporter and onnx raise many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DyheadError(f"ONNX export failed: {first[:300]}") from None
     finally:
         tmp.unlink(missing_ok=True)

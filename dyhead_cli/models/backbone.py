@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from dyhead_cli.errors import DyheadError, suggest
+from dyhead_cli.errors import DyheadError, first_line, suggest
 
 STRIDES = (8, 16, 32)
 
@@ -104,11 +104,6 @@ def not_weights(path: str, error: BaseException) -> DyheadError:
     return DyheadError(
         f"backbone.pretrained_file {path} is not a weights file timm can read ({type(error).__name__}: {first_line(error)[:200]})"
     )
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 class WeightLoadReport(logging.Handler):
